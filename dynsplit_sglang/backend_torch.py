@@ -1,0 +1,223 @@
+"""`--kv dynsplit` on the torch path: SGLang's torch-native attention plus a KV policy.
+
+Prefill stays dense (SGLang's own SDPA path). The policy sees band logits and row lse of its
+score layers, and commits its per-request state after the last layer. At decode, a request whose
+sequence fits the budget takes SGLang's dense path unchanged (bit-identical to `--kv full`); a
+longer one attends only to the positions the policy selects, per KV head, with the original
+positions (the `req_to_token` row is never compacted, so RoPE and the radix cache are untouched).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool
+
+from dynsplit_sglang.block_table import ModelShape
+from dynsplit_sglang.config import KVConfig
+from dynsplit_sglang.delimiters import candidate_token_mask
+from dynsplit_sglang.kernels.dd_select import band_logits_and_lse
+from dynsplit_sglang.policies import POLICY_CLASSES, RequestView
+
+logger = logging.getLogger(__name__)
+
+
+class SparseTorchAttnBackend(TorchNativeAttnBackend):
+    def __init__(self, model_runner, kv: KVConfig):
+        super().__init__(model_runner)
+        pool = self.token_to_kv_pool
+        if type(pool) is not MHATokenToKVPool or self.use_sliding_window_kv_pool:
+            raise ValueError(
+                f"--kv {kv.policy} supports models with plain multi-head/grouped-query attention "
+                f"only; this model uses {type(pool).__name__}"
+            )
+        mc = model_runner.model_config
+        keys0 = pool.get_key_buffer(0)
+        self.shape = ModelShape(
+            num_layers=pool.layer_num,
+            num_heads=pool.head_num * _query_heads_per_kv_head(mc.hf_text_config),
+            num_kv_heads=pool.head_num,
+            head_dim=pool.head_dim,
+        )
+        candidates = candidate_token_mask(
+            model_runner.server_args.tokenizer_path, mc.vocab_size, kv.dynsplit.candidates
+        )
+        self.kv = kv
+        self.policy = POLICY_CLASSES[kv.policy](kv, self.shape, keys0.shape[0], keys0.dtype, self.device, candidates)
+        self._score_layers = self.policy.score_layers()
+        self._lock = threading.Lock()
+        self._reqs: list[RequestView] = []
+        self._allocator = model_runner.token_to_kv_pool_allocator
+        self._kv_available_at_start = self._allocator.available_size()
+        self._hook_allocator(self._allocator)
+        self.policy.trace({"event": "init", "kv_available": self._kv_available_at_start, **self.policy.stats()})
+        logger.info("dynsplit-sglang: --kv %s, budget %d, score layers %s", kv.policy, kv.budget, sorted(self._score_layers))
+
+    # --- slot lifetime: policy state lives and dies with the KV slots -------------------------
+    def _hook_allocator(self, allocator) -> None:
+        free, clear = allocator.free, allocator.clear
+
+        def free_and_release(free_index):
+            with self._lock:
+                self.policy.release_slots(free_index)
+            return free(free_index)
+
+        def clear_and_reset():
+            before = self.policy.stats()
+            result = clear()
+            with self._lock:
+                self.policy.reset()
+            self.policy.trace(
+                {
+                    "event": "flush",
+                    "kv_available": allocator.available_size(),
+                    "kv_available_at_start": self._kv_available_at_start,
+                    "before": before,
+                    "after": self.policy.stats(),
+                }
+            )
+            return result
+
+        allocator.free = free_and_release
+        allocator.clear = clear_and_reset
+
+    # --- per-batch metadata -------------------------------------------------------------------
+    def init_forward_metadata(self, forward_batch):
+        super().init_forward_metadata(forward_batch)
+        mode = forward_batch.forward_mode
+        if mode.is_idle():
+            self._reqs = []
+            return
+        if not (mode.is_decode() or mode.is_extend_without_speculative()) or mode.is_mixed():
+            raise ValueError(f"--kv {self.kv.policy} does not support forward mode {mode.name}")
+        is_decode = mode.is_decode()
+        req_to_token = self.req_to_token_pool.req_to_token
+        seq_lens = forward_batch.seq_lens.tolist()
+        rows = forward_batch.req_pool_indices.tolist()
+        if is_decode:
+            starts = [n - 1 for n in seq_lens]
+        else:
+            starts = forward_batch.extend_prefix_lens.tolist()
+        ids = forward_batch.input_ids
+        rids = forward_batch.rids or [None] * len(rows)
+        reqs, offset = [], 0
+        for row, n, s, rid in zip(rows, seq_lens, starts, rids):
+            new = n - s
+            reqs.append(RequestView(req_to_token[row, :n].to(torch.int64), s, ids[offset : offset + new], rid))
+            offset += new
+        self._reqs = reqs
+        self.policy.begin_forward(reqs, is_decode)
+
+    def _check_layer(self, layer) -> None:
+        if layer.is_cross_attention or layer.qk_head_dim != layer.v_head_dim:
+            raise ValueError(f"--kv {self.kv.policy} does not support cross attention or MLA-style heads")
+
+    def _finish_layer(self, layer) -> None:
+        if layer.layer_id == self.shape.num_layers - 1:
+            key_buffers = [self.token_to_kv_pool.get_key_buffer(i) for i in range(self.shape.num_layers)]
+            with self._lock:
+                self.policy.end_forward(self._reqs, key_buffers)
+
+    # --- prefill ------------------------------------------------------------------------------
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        self._check_layer(layer)
+        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        if layer.layer_id in self._score_layers:
+            keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+            q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+            offset = 0
+            for i, r in enumerate(self._reqs):
+                n = r.seq_len - r.new_start
+                band, lse = band_logits_and_lse(
+                    q3[offset : offset + n], keys[r.row_slots], r.new_start, layer.scaling,
+                    self.policy.band_width(), self.policy.score_heads(),
+                )
+                self.policy.observe(layer.layer_id, i, band, lse)
+                offset += n
+        self._finish_layer(layer)
+        return o
+
+    # --- decode -------------------------------------------------------------------------------
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        self._check_layer(layer)
+        H, D = layer.tp_q_head_num, layer.qk_head_dim
+        q3 = q.reshape(-1, H, D)
+        sparse = [i for i, r in enumerate(self._reqs) if r.seq_len > self.kv.budget]
+        if not sparse:
+            o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        else:
+            o = self._forward_decode_mixed(q3, k, v, layer, forward_batch, save_kv_cache, set(sparse))
+        if layer.layer_id in self._score_layers:
+            self._observe_decode(q3, layer, set(sparse))
+        self._finish_layer(layer)
+        return o
+
+    def _forward_decode_mixed(self, q3, k, v, layer, fb, save_kv_cache, sparse: set[int]):
+        if save_kv_cache and k is not None and v is not None:
+            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc, self.swa_out_cache_loc), k, v)
+        o3 = torch.empty_like(q3)
+        keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        values = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        dense = [i for i in range(len(self._reqs)) if i not in sparse]
+        if dense:
+            idx = torch.tensor(dense, device=q3.device)
+            o_dense = torch.empty_like(q3[idx])
+            self._run_sdpa_forward_decode(
+                q3[idx], o_dense, keys, values, self.req_to_token_pool.req_to_token,
+                fb.req_pool_indices[idx], fb.seq_lens[idx], None,
+                scaling=layer.scaling, enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num,
+            )
+            o3[idx] = o_dense
+        self._last_lse = {}
+        for i in sparse:
+            r = self._reqs[i]
+            positions, valid = self.policy.select(layer.layer_id, i, q3[i])
+            o3[i], self._last_lse[i] = sparse_decode_attention(
+                q3[i], keys, values, r.row_slots[positions], valid, layer.scaling
+            )
+        return o3.view(q3.shape[0], -1)
+
+    def _observe_decode(self, q3, layer, sparse: set[int]) -> None:
+        keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        heads = self.policy.score_heads()
+        width = self.policy.band_width()
+        for i, r in enumerate(self._reqs):
+            p = r.seq_len - 1
+            if i in sparse:  # mass relative to what this step attended (the full row was not read)
+                lse = self._last_lse[i]
+                band, _ = band_logits_and_lse(q3[i : i + 1], keys[r.row_slots[max(0, p - width + 1) :]], min(p, width - 1), layer.scaling, width)
+            else:
+                band, lse = band_logits_and_lse(q3[i : i + 1], keys[r.row_slots], p, layer.scaling, width)
+                lse = lse[:, 0]
+            if heads is not None:
+                band, lse = band[heads], lse[heads]
+            self.policy.observe(layer.layer_id, i, band, lse.view(-1, 1))
+
+
+def sparse_decode_attention(q, keys, values, slots, valid, scale):
+    """Attention of one decode query over a different set of KV slots per KV head.
+
+    q:      [H, D] query; keys, values: [num_slots, KvH, D] one layer's KV buffers.
+    slots:  [KvH, B] int64 KV slots each KV head attends to; valid: [KvH, B] bool.
+    returns output [H, D] (dtype of q) and the log-sum-exp [H] fp32 of the attended logits.
+    """
+    num_heads, dim = q.shape
+    num_kv_heads = slots.shape[0]
+    head = torch.arange(num_kv_heads, device=q.device)[:, None]
+    k = keys[slots, head].float()  # [KvH, B, D]
+    v = values[slots, head].float()
+    qg = q.float().view(num_kv_heads, num_heads // num_kv_heads, dim)
+    logits = torch.einsum("kgd,kbd->kgb", qg, k) * scale
+    logits.masked_fill_(~valid[:, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    out = torch.einsum("kgb,kbd->kgd", torch.exp(logits - lse[..., None]), v)
+    return out.reshape(num_heads, dim).to(q.dtype), lse.reshape(num_heads)
+
+
+def _query_heads_per_kv_head(hf_config) -> int:
+    heads = hf_config.num_attention_heads
+    return heads // (getattr(hf_config, "num_key_value_heads", None) or heads)

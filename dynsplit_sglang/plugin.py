@@ -1,0 +1,39 @@
+"""SGLang plugin entry point (`[project.entry-points."sglang.srt.plugins"] dynsplit`).
+
+SGLang calls `register()` in every process (server, scheduler, detokenizer) before it parses
+arguments or builds a model. It registers the `dynsplit` attention backend and applies the named
+hooks of `dynsplit_sglang.patches`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_SGLANG = "0.5.23"
+
+
+def create_backend(model_runner):
+    """Attention-backend factory for `--attention-backend dynsplit` (set by `--kv dynsplit`)."""
+    from dynsplit_sglang.backend_torch import SparseTorchAttnBackend
+    from dynsplit_sglang.config import KVConfig
+
+    data = getattr(model_runner.server_args, "_kv_config", None)
+    kv = KVConfig.from_dict(data) if data else KVConfig(policy="dynsplit")
+    return SparseTorchAttnBackend(model_runner, kv)
+
+
+def register() -> None:
+    import sglang
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+
+    from dynsplit_sglang import patches
+
+    if sglang.__version__ != SUPPORTED_SGLANG:
+        logger.warning("dynsplit-sglang is tested with sglang==%s, found %s", SUPPORTED_SGLANG, sglang.__version__)
+    if "dynsplit" not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices(["dynsplit"])
+    register_attention_backend("dynsplit")(create_backend)
+    patches.apply()

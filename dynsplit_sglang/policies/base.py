@@ -1,0 +1,96 @@
+"""The interface every KV policy implements, shared by the server backend, scripts and tests.
+
+A policy never touches attention itself. The backend runs dense prefill, shows the policy the
+attention statistics of the layers it asks for, lets it commit per-request state after the last
+layer, and at decode asks it which positions each KV head attends to (then runs the attention).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+
+from dynsplit_sglang.block_table import ModelShape
+from dynsplit_sglang.config import KVConfig
+
+
+@dataclass
+class RequestView:
+    """One request of a batch, as the policy sees it.
+
+    row_slots: [seq_len] int64 KV slots of positions 0 .. seq_len-1 (its `req_to_token` row).
+    new_start: first position computed in this forward (cached prefix length at prefill,
+               seq_len - 1 at decode).
+    token_ids: [seq_len - new_start] int64 ids of the tokens computed in this forward.
+    rid:       SGLang request id (for traces).
+    """
+
+    row_slots: torch.Tensor
+    new_start: int
+    token_ids: torch.Tensor
+    rid: Optional[str] = None
+
+    @property
+    def seq_len(self) -> int:
+        return self.row_slots.numel()
+
+
+class KVPolicy(abc.ABC):
+    """Base class of the KV policies behind `--kv`."""
+
+    name: ClassVar[str]
+
+    def __init__(self, kv: KVConfig, shape: ModelShape, num_slots: int, dtype: torch.dtype, device):
+        self.kv = kv
+        self.shape = shape
+        self.budget = kv.budget
+
+    # --- prefill and decode: attention statistics ---------------------------------------------
+    def score_layers(self) -> frozenset[int]:
+        """Layers whose attention statistics `observe` wants (band logits and row lse)."""
+        return frozenset()
+
+    def band_width(self) -> int:
+        """How many keys before each query (the query's own key first) `observe` wants."""
+        return 0
+
+    def score_heads(self) -> Optional[torch.Tensor]:
+        """Query heads `observe` wants; None for all."""
+        return None
+
+    def begin_forward(self, reqs: list[RequestView], is_decode: bool) -> None:
+        """A forward pass over these requests starts."""
+
+    def observe(self, layer_id: int, req_index: int, band_logits: torch.Tensor, lse: torch.Tensor) -> None:
+        """Attention statistics of one request's new queries in one score layer.
+
+        band_logits: [h, n, W] fp32 logits of key q-b for b = 0 .. W-1 (-inf before position 0).
+        lse:         [h, n] fp32 log-sum-exp of each query's logits over the keys it attended.
+        """
+
+    @abc.abstractmethod
+    def end_forward(self, reqs: list[RequestView], key_buffers: list[torch.Tensor]) -> None:
+        """All layers ran: commit per-request state (key_buffers: per layer [slots, KvH, D])."""
+
+    # --- decode: selection --------------------------------------------------------------------
+    @abc.abstractmethod
+    def select(self, layer_id: int, req_index: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions the decode query q [H, D] of request `req_index` attends to in this layer.
+
+        Only called when the sequence is longer than the budget.
+        returns positions [KvH, B] int64 and valid [KvH, B] bool, B <= budget.
+        """
+
+    # --- slot lifetime ------------------------------------------------------------------------
+    def release_slots(self, slots: torch.Tensor) -> None:
+        """The KV allocator freed these slots."""
+
+    def reset(self) -> None:
+        """The KV pool was cleared (cache flush)."""
+
+    def stats(self) -> dict:
+        """Counters for leak checks and traces."""
+        return {}

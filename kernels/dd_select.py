@@ -1,0 +1,114 @@
+"""DD-Select: how good a block boundary each token position would be, from attention statistics.
+
+For a candidate boundary after position i, the next `L` queries q = i+1 .. i+L look at three
+regions of keys:
+    retained O_i = [i+1, q]          the new block the query belongs to
+    local    M_i = [i-R+1, i]        the block that just closed (neither rewarded nor penalised)
+    distant  D_i = [0, i-R]          everything further back
+and the score is  s_i = mean over layers, heads and q of ( A(q, O_i) - alpha * A(q, D_i) ),
+with A(q, X) the softmax attention mass that q puts on X. A high score means the following
+tokens form a self-contained unit that needs little of the distant past: a semantic boundary.
+
+Everything the score needs from query q is its attention mass on the `L + R` keys right before
+it (a band) plus its row log-sum-exp, so we keep, per token q, one row of L numbers:
+    c[q, j-1] = A(q, O_{q-j}) - alpha * A(q, D_{q-j})      for j = 1 .. L
+and s_i = mean_j c[i+j, j-1]. Rows depend only on tokens <= q, which makes them safe to key by
+KV slot and share through the radix cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Scores are compared after rounding to this grid, and ties are broken by a fixed rule, so float
+# noise from different chunkings of the same prompt cannot flip a boundary.
+SCORE_QUANTUM = 1.0 / 1024
+
+
+def band_rows_from_logits(
+    band_logits: torch.Tensor, lse: torch.Tensor, lookahead: int, local_window: int, alpha: float
+) -> torch.Tensor:
+    """Per-query DD-Select rows from band logits.
+
+    band_logits: [..., W] fp32, W = lookahead + local_window; entry b is the logit of key q-b
+                 (b = 0 is the query's own key); -inf where q-b < 0.
+    lse:         [...] fp32, log-sum-exp of the query's logits over all keys it attends to.
+    returns:     [..., lookahead] fp32 rows c[q, j-1], j = 1 .. lookahead.
+    """
+    probs = torch.exp(band_logits - lse.unsqueeze(-1))
+    csum = torch.cumsum(probs, dim=-1)  # csum[b] = mass on keys q-b .. q
+    j = torch.arange(1, lookahead + 1, device=band_logits.device)
+    retained = csum[..., j - 1]  # keys q-j+1 .. q
+    local = csum[..., j - 1 + local_window] - retained if local_window > 0 else torch.zeros_like(retained)
+    distant = (1.0 - retained - local).clamp_min(0.0)
+    return retained - alpha * distant
+
+
+def band_logits_and_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_start: int,
+    scale: float,
+    width: int,
+    heads: torch.Tensor | None = None,
+    query_chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Band logits and row log-sum-exp of one request's new queries (causal attention).
+
+    q:       [n, H, D] queries at positions q_start .. q_start+n-1.
+    k:       [T, KvH, D] keys at positions 0 .. T-1, T = q_start + n.
+    width:   W, keys q-W+1 .. q of each query go into the band.
+    heads:   optional [h] query-head indices (all H heads if None).
+    returns: band [h, n, W] fp32 (entry b is the logit of key q-b, -inf before position 0)
+             and lse [h, n] fp32 over keys 0 .. q.
+    """
+    n, num_heads, _ = q.shape
+    total, num_kv_heads, _ = k.shape
+    group = num_heads // num_kv_heads
+    head_ids = torch.arange(num_heads, device=q.device) if heads is None else heads
+    kh = k.float().transpose(0, 1)[head_ids // group]  # [h, T, D]
+    key_pos = torch.arange(total, device=q.device)
+    band_off = torch.arange(width, device=q.device)
+    bands, lses = [], []
+    # Chunk the queries so the [h, chunk, T] logits stay small on long prompts.
+    for c0 in range(0, n, query_chunk):
+        c1 = min(n, c0 + query_chunk)
+        pos = q_start + torch.arange(c0, c1, device=q.device)  # [c]
+        logits = torch.einsum("chd,htd->hct", q[c0:c1, head_ids].float(), kh) * scale
+        logits.masked_fill_(key_pos[None, None, :] > pos[None, :, None], float("-inf"))
+        lses.append(torch.logsumexp(logits, dim=-1))
+        band_pos = pos[:, None] - band_off[None, :]  # [c, W]
+        band = logits.gather(-1, band_pos.clamp_min(0)[None].expand(len(head_ids), -1, -1))
+        bands.append(band.masked_fill(band_pos[None] < 0, float("-inf")))
+    return torch.cat(bands, dim=1), torch.cat(lses, dim=1)
+
+
+def dd_band_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_start: int,
+    scale: float,
+    lookahead: int,
+    local_window: int,
+    alpha: float,
+    heads: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DD-Select rows of one request's new queries in one layer, averaged over heads.
+
+    q: [n, H, D], k: [T, KvH, D] as in `band_logits_and_lse`; returns [n, lookahead] fp32.
+    """
+    band, lse = band_logits_and_lse(q, k, q_start, scale, lookahead + local_window, heads)
+    return band_rows_from_logits(band, lse, lookahead, local_window, alpha).mean(dim=0)
+
+
+def candidate_scores(rows: torch.Tensor, lookahead: int) -> torch.Tensor:
+    """Scores s_i of consecutive candidate positions from the rows of the queries after them.
+
+    rows:    [m + lookahead - 1, lookahead] fp32, rows of positions i0+1 .. i0+m+lookahead-1.
+    returns: [m] fp32, s_i for i = i0 .. i0+m-1: mean_j row(i+j)[j-1], rounded to SCORE_QUANTUM.
+    """
+    m = rows.shape[0] - lookahead + 1
+    j = torch.arange(1, lookahead + 1, device=rows.device)
+    i = torch.arange(m, device=rows.device)
+    picked = rows[i[:, None] + j[None, :] - 1, j[None, :] - 1]  # [m, L]
+    return torch.round(picked.mean(dim=1) / SCORE_QUANTUM) * SCORE_QUANTUM

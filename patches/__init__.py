@@ -1,0 +1,45 @@
+"""The named hooks dynsplit-sglang applies to SGLang 0.5.23 (installed as `dynsplit_sglang.patches`).
+
+Each hook is a (target, kind, function) triple registered with SGLang's own `HookRegistry`; no
+SGLang source is copied. `check_targets()` runs at plugin load and names any target that no longer
+resolves, so an SGLang upgrade fails loudly instead of silently serving without `--kv`.
+
+| module            | target                                                        | why |
+| kv_cli            | ServerArgs.add_cli_args (after)                               | add --kv, --kv-budget, --dynsplit-config |
+| kv_cli            | ServerArgs.from_cli_args (around)                             | validate them, pick the attention backend, carry the config to the scheduler |
+| kv_cli            | Engine.server_args_class (attribute)                          | the same for `sgl.Engine(kv=..., kv_budget=..., dynsplit_config=...)` |
+| cuda_graph        | attention_hook.handle_attention_backend_compatibility (after) | the torch path has no CUDA-graph support: disable graphs for it, as SGLang does for torch_native |
+| cpu_rotary_import | (import system, only without CUDA and without vllm)           | SGLang's RotaryEmbedding imports vllm._custom_ops on a plain CPU, then never calls it |
+"""
+
+from __future__ import annotations
+
+import pkgutil
+
+from dynsplit_sglang.patches import cpu_rotary_import, cuda_graph, kv_cli
+
+HOOKS = kv_cli.HOOKS + cuda_graph.HOOKS
+ATTRIBUTES = ["sglang.srt.entrypoints.engine.Engine.server_args_class"]
+
+
+def check_targets() -> None:
+    missing = []
+    for target in [t for t, _, _ in HOOKS] + ATTRIBUTES:
+        try:
+            pkgutil.resolve_name(target)
+        except (ImportError, AttributeError):
+            missing.append(target)
+    if missing:
+        raise RuntimeError(
+            "dynsplit-sglang: SGLang hook targets not found (is sglang==0.5.23 installed?): " + ", ".join(missing)
+        )
+
+
+def apply() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    check_targets()
+    for target, kind, fn in HOOKS:
+        HookRegistry.register(target, fn, kind)
+    kv_cli.install_engine_kwargs()
+    cpu_rotary_import.install()

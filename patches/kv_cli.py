@@ -1,0 +1,162 @@
+"""`--kv`, `--kv-budget` and `--dynsplit-config` for `python -m sglang.launch_server` and
+`sgl.Engine(kv=..., kv_budget=..., dynsplit_config=...)`.
+
+The chosen KVConfig travels to the scheduler processes as the bookkeeping attribute
+`ServerArgs._kv_config` (underscore attributes are exempt from ServerArgs sealing and pickled with
+it). A wrong value stops startup with one line that names the problem and the valid choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from sglang.srt.plugins.hook_registry import HookType
+
+from dynsplit_sglang.config import DEFAULT_BUDGET, POLICIES, DynSplitConfig, KVConfig, KVConfigError
+
+ATTENTION_BACKEND = {"dynsplit": "dynsplit"}  # policy -> attention backend it runs on; full: untouched
+KV_ARGS = ("kv", "kv_budget", "dynsplit_config")
+
+
+def _budget_type(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number of tokens, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of tokens, got {value}")
+    return value
+
+
+def _dynsplit_config_type(text: str) -> DynSplitConfig:
+    try:
+        return DynSplitConfig.from_json(text)
+    except KVConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--dynsplit-config").lstrip(": ")) from None
+
+
+def add_kv_args(result, parser: argparse.ArgumentParser):
+    group = parser.add_argument_group("dynsplit-sglang KV policies")
+    group.add_argument(
+        "--kv", choices=POLICIES, default=None,
+        help="KV policy: 'full' is dense attention (the reference); 'dynsplit' attends, per decode "
+        "step, only to the top semantic blocks within --kv-budget (DynSplit-KV).",
+    )
+    group.add_argument(
+        "--kv-budget", type=_budget_type, default=None,
+        help=f"KV tokens one request attends to per decode step, sink and recent window included "
+        f"(default {DEFAULT_BUDGET}). Shorter sequences use dense attention.",
+    )
+    group.add_argument(
+        "--dynsplit-config", type=_dynsplit_config_type, default=None,
+        help="DynSplit-KV parameters as a JSON object, e.g. '{\"block_size\": 16, \"delta\": 4}'. "
+        "Keys: " + ", ".join(DynSplitConfig.__dataclass_fields__) + ". See docs/configuration.md.",
+    )
+
+
+def kv_config_from(kv, kv_budget, dynsplit_config) -> KVConfig | None:
+    """KVConfig from the three user-facing values; None when none was given."""
+    if kv is None and kv_budget is None and dynsplit_config is None:
+        return None
+    policy = kv or "full"
+    if policy == "full" and (kv_budget is not None or dynsplit_config is not None):
+        flag = "--kv-budget" if kv_budget is not None else "--dynsplit-config"
+        raise KVConfigError(f"{flag} applies to a compressing policy; add --kv dynsplit (valid --kv choices: {', '.join(POLICIES)})")
+    if not isinstance(dynsplit_config, DynSplitConfig):
+        dynsplit_config = DynSplitConfig.from_json(dynsplit_config)
+    config = KVConfig(policy=policy, budget=DEFAULT_BUDGET if kv_budget is None else kv_budget, dynsplit=dynsplit_config)
+    config.validate()
+    return config
+
+
+def model_context_length(server_args) -> int | None:
+    if getattr(server_args, "context_length", None):
+        return int(server_args.context_length)
+    path = os.path.join(str(server_args.model_path), "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)
+    return config.get("max_position_embeddings")
+
+
+def check_server_args(server_args, kv: KVConfig) -> None:
+    """Refuse option combinations the policy cannot serve correctly."""
+    kv.validate(model_context_length(server_args))
+    if kv.policy == "full":
+        return
+    unsupported = {
+        "speculative_algorithm": "speculative decoding",
+        "enable_hierarchical_cache": "the hierarchical cache (HiCache)",
+        "enable_mixed_chunk": "mixed chunked prefill (--enable-mixed-chunk)",
+    }
+    for field, what in unsupported.items():
+        if getattr(server_args, field, None):
+            raise KVConfigError(f"--kv {kv.policy} does not support {what} yet; drop that option or use --kv full")
+    for field in ("prefill_attention_backend", "decode_attention_backend"):
+        value = getattr(server_args, field, None)
+        if value not in (None, ATTENTION_BACKEND[kv.policy]):
+            raise KVConfigError(
+                f"--kv {kv.policy} chooses the attention backend itself; drop --{field.replace('_', '-')} {value}"
+            )
+    if (getattr(server_args, "pp_size", 1) or 1) > 1:
+        raise KVConfigError(f"--kv {kv.policy} does not support pipeline parallelism (--pp-size) yet")
+
+
+def _pick_backend(kv: KVConfig | None, current):
+    if kv is None or kv.policy == "full":
+        return current
+    wanted = ATTENTION_BACKEND[kv.policy]
+    if current not in (None, wanted):
+        raise KVConfigError(f"--kv {kv.policy} chooses the attention backend itself; drop --attention-backend {current}")
+    return wanted
+
+
+def from_cli_args_with_kv(original, cls, args: argparse.Namespace):
+    try:
+        kv = kv_config_from(getattr(args, "kv", None), getattr(args, "kv_budget", None), getattr(args, "dynsplit_config", None))
+        if kv is not None:
+            args.attention_backend = _pick_backend(kv, getattr(args, "attention_backend", None))
+        server_args = original(cls, args)
+        if kv is not None:
+            check_server_args(server_args, kv)
+            setattr(server_args, "_kv_config", kv.to_dict())
+        return server_args
+    except KVConfigError as e:
+        # The same shape as argparse's own errors: one line, exit status 2.
+        print(f"sglang serve: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def engine_server_args(**kwargs):
+    """Stands in for `Engine.server_args_class`: accepts kv=, kv_budget=, dynsplit_config=."""
+    from sglang.srt.server_args import ServerArgs
+
+    kv = kv_config_from(*(kwargs.pop(name, None) for name in KV_ARGS))
+    if kv is not None:
+        kwargs["attention_backend"] = _pick_backend(kv, kwargs.get("attention_backend"))
+    server_args = ServerArgs(**kwargs)
+    if kv is not None:
+        check_server_args(server_args, kv)
+        setattr(server_args, "_kv_config", kv.to_dict())
+    return server_args
+
+
+def install_engine_kwargs() -> None:
+    """`Engine.__init__` loads plugins itself and only then builds `self.server_args_class(**kwargs)`,
+    so a hook on `__init__` would miss the first Engine of a process; this class attribute is read
+    after the plugins ran. (HookRegistry's REPLACE would also swap every alias of ServerArgs.)"""
+    from sglang.srt.entrypoints.engine import Engine
+
+    Engine.server_args_class = staticmethod(engine_server_args)
+
+
+HOOKS = [
+    ("sglang.srt.server_args.ServerArgs.add_cli_args", HookType.AFTER, add_kv_args),
+    ("sglang.srt.server_args.ServerArgs.from_cli_args", HookType.AROUND, from_cli_args_with_kv),
+]
