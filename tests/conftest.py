@@ -1,0 +1,34 @@
+import os
+
+import pytest
+import torch
+
+# Triton kernels run in the interpreter on CPU; must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("DYNSPLIT_CACHE", os.path.join(REPO, ".cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from dynsplit_sglang.default_model import tiny_model_path
+
+    return str(tiny_model_path())
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from dynsplit_sglang.default_model import smollm2_path
+
+    return str(smollm2_path())

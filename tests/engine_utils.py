@@ -1,0 +1,60 @@
+"""Starting in-process SGLang engines on CPU for the tests, and reading the dynsplit trace."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import defaultdict
+
+CPU_ENGINE = dict(
+    device="cpu",
+    dtype="float32",  # exact comparisons; bf16 matmuls are also far slower on CPUs without AMX
+    max_total_tokens=16384,
+    skip_server_warmup=True,
+    disable_overlap_schedule=True,
+    log_level="error",
+)
+
+
+@contextlib.contextmanager
+def engine(model_path, **kwargs):
+    import sglang as sgl
+
+    args = {**CPU_ENGINE, **kwargs}
+    if args.get("kv") in (None, "full"):
+        args.setdefault("attention_backend", "torch_native")
+    eng = sgl.Engine(model_path=model_path, **args)
+    try:
+        yield eng
+    finally:
+        eng.shutdown()
+
+
+def generate(eng, prompts, max_new_tokens=12):
+    """Greedy generation; returns (output token ids, meta_info) per prompt."""
+    out = eng.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True})
+    return [o["output_ids"] for o in out], [o["meta_info"] for o in out]
+
+
+def read_trace(path):
+    """Last block list per request id, and the flush events."""
+    blocks, flushes = {}, []
+    with open(path) as f:
+        for line in f:
+            event = json.loads(line)
+            if event["event"] == "blocks":
+                blocks[event["rid"]] = event
+            elif event["event"] == "flush":
+                flushes.append(event)
+    return blocks, flushes
+
+
+def prefill_blocks(path):
+    """Per request id, the blocks right after its prompt was prefilled (before any decode)."""
+    per_rid = defaultdict(list)
+    with open(path) as f:
+        for line in f:
+            event = json.loads(line)
+            if event["event"] == "blocks":
+                per_rid[event["rid"]].append(event)
+    return per_rid

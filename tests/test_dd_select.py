@@ -1,0 +1,61 @@
+import torch
+
+from dynsplit_sglang.kernels.dd_select import SCORE_QUANTUM, band_rows_from_logits, candidate_scores, dd_band_rows
+
+
+def brute_force_rows(q, k, scale, L, R, alpha):
+    """c[q, j-1] straight from the definition, with the full causal attention matrix."""
+    n, H, D = q.shape
+    group = H // k.shape[1]
+    kk = k.repeat_interleave(group, dim=1)
+    logits = torch.einsum("qhd,khd->hqk", q.double(), kk.double()) * scale
+    logits.masked_fill_(torch.ones(n, n).triu(1).bool(), float("-inf"))
+    A = logits.softmax(-1)  # [H, n, n]
+    rows = torch.zeros(n, L, dtype=torch.double)
+    for p in range(n):
+        for j in range(1, L + 1):
+            i = p - j
+            if i < 0:
+                continue
+            retained = A[:, p, i + 1 : p + 1].sum(-1)
+            distant = A[:, p, : max(0, i - R + 1)].sum(-1)
+            rows[p, j - 1] = (retained - alpha * distant).mean()
+    return rows
+
+
+def test_rows_match_the_definition():
+    torch.manual_seed(0)
+    n, H, KvH, D, L, R = 40, 4, 2, 8, 5, 6
+    q, k = torch.randn(n, H, D), torch.randn(n, KvH, D)
+    got = dd_band_rows(q, k, 0, D**-0.5, L, R, alpha=0.7)
+    want = brute_force_rows(q, k, D**-0.5, L, R, 0.7)
+    valid = torch.arange(n)[:, None] - torch.arange(1, L + 1)[None, :] >= 0
+    torch.testing.assert_close(got[valid].double(), want[valid], atol=1e-5, rtol=0)
+
+
+def test_rows_do_not_depend_on_chunking():
+    torch.manual_seed(1)
+    n, H, KvH, D = 100, 4, 2, 8
+    q, k = torch.randn(n, H, D), torch.randn(n, KvH, D)
+    whole = dd_band_rows(q, k, 0, D**-0.5, 6, 6, 1.0)
+    first = dd_band_rows(q[:37], k[:37], 0, D**-0.5, 6, 6, 1.0)
+    second = dd_band_rows(q[37:], k, 37, D**-0.5, 6, 6, 1.0)
+    torch.testing.assert_close(torch.cat([first, second]), whole, atol=1e-6, rtol=0)
+
+
+def test_retained_local_distant_partition_the_mass():
+    # alpha = 0 gives the retained mass alone, which grows with j.
+    band = torch.randn(3, 10, 7)
+    lse = torch.logsumexp(torch.cat([band, torch.randn(3, 10, 20)], -1), -1)
+    rows = band_rows_from_logits(band, lse, lookahead=4, local_window=3, alpha=0.0)
+    assert (rows[..., 1:] >= rows[..., :-1]).all()
+    assert ((rows >= 0) & (rows <= 1)).all()
+
+
+def test_candidate_scores_average_the_diagonal_and_are_quantized():
+    L = 3
+    rows = torch.arange(5 * L, dtype=torch.float32).view(5, L) / 100  # rows of positions i0+1 .. i0+5
+    scores = candidate_scores(rows, L)  # m = 5 - 3 + 1 = 3 candidates
+    expect = torch.tensor([(rows[0, 0] + rows[1, 1] + rows[2, 2]) / 3, (rows[1, 0] + rows[2, 1] + rows[3, 2]) / 3,
+                           (rows[2, 0] + rows[3, 1] + rows[4, 2]) / 3])
+    torch.testing.assert_close(scores, torch.round(expect / SCORE_QUANTUM) * SCORE_QUANTUM)

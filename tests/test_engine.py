@@ -1,0 +1,117 @@
+"""DynSplit-KV inside a real SGLang engine (tiny random Llama, fp32, CPU).
+
+The invariants of the design: dense equivalence when the budget covers the sequence; identical
+block boundaries and greedy output whether a prompt is prefilled at once, in small chunks, or
+partly from the radix cache (also after another request shared and then left its prefix); no KV
+slot or block record leaks.
+"""
+
+import pytest
+from transformers import AutoTokenizer
+
+from tests.engine_utils import engine, generate, read_trace
+
+pytestmark = pytest.mark.server
+
+TEXT = (
+    "def area(radius):\n    return 3.14159 * radius ** 2\n\n"
+    "The committee met on Tuesday; its members argued, voted, and adjourned. "
+    "Records: {id: 17, name: 'Ada', role: 'admin'}, {id: 18, name: 'Lin', role: 'user'}.\n"
+    "Why does the river bend? Because water follows the softest ground! "
+    "In short, the plan works (mostly), though costs rose by 12% in the third quarter.\n"
+)
+LENGTHS = (300, 517, 950)
+BUDGET = 128
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids = tok(TEXT * 60, add_special_tokens=False).input_ids
+    # Different lengths and different starting points, so the requests are not prefixes of each other.
+    return [ids[7 * i : 7 * i + n] for i, n in enumerate(LENGTHS)]
+
+
+def test_budget_covering_the_sequence_is_identical_to_full(tiny_model, prompts):
+    with engine(tiny_model, kv="full") as eng:
+        full, _ = generate(eng, prompts, max_new_tokens=16)
+    with engine(tiny_model, kv="dynsplit", kv_budget=2048) as eng:
+        dyn, _ = generate(eng, prompts, max_new_tokens=16)
+    assert dyn == full
+
+
+@pytest.fixture(scope="module")
+def uncached(tiny_model, prompts, tmp_path_factory):
+    """Reference: each prompt prefilled at once, no radix cache, sparse decode (budget 128)."""
+    trace = tmp_path_factory.mktemp("uncached") / "trace.jsonl"
+    with engine(tiny_model, kv="dynsplit", kv_budget=BUDGET, disable_radix_cache=True,
+                dynsplit_config={"trace_path": str(trace)}) as eng:
+        outputs, metas = generate(eng, prompts)
+        eng.flush_cache()
+    blocks, flushes = read_trace(trace)
+    return outputs, [blocks[m["id"]]["blocks"] for m in metas], flushes
+
+
+def test_blocks_have_bounded_lengths(uncached, prompts):
+    _, blocks, _ = uncached
+    for prompt, bl in zip(prompts, blocks):
+        assert bl[0][0] == 0
+        for (s0, e0), (s1, e1) in zip(bl, bl[1:]):
+            assert s1 == e0 + 1
+        assert all(12 <= e - s + 1 <= 20 for s, e in bl)
+        assert len(prompt) + 12 - (bl[-1][1] + 1) <= 28  # the open tail is at most C+Δ+lookahead
+
+
+def test_no_leak_without_radix_cache(uncached):
+    _, _, flushes = uncached
+    (flush,) = flushes
+    assert flush["before"]["records_in_use"] == 0 == flush["before"]["records_owned"]
+    assert flush["kv_available"] == flush["kv_available_at_start"]
+
+
+def test_chunked_prefill_and_radix_hits_match_one_uncached_run(tiny_model, prompts, uncached, tmp_path):
+    ref_out, ref_blocks, _ = uncached
+    trace = tmp_path / "trace.jsonl"
+    with engine(tiny_model, kv="dynsplit", kv_budget=BUDGET, chunked_prefill_size=64,
+                dynsplit_config={"trace_path": str(trace)}) as eng:
+        # 1) chunked prefill, all prompts in one batch of mixed lengths
+        out, metas = generate(eng, prompts)
+        assert out == ref_out
+        blocks, _ = read_trace(trace)
+        assert [blocks[m["id"]]["blocks"] for m in metas] == ref_blocks
+
+        # 2) exact resend: the whole prompt comes from the radix cache
+        out, metas = generate(eng, prompts)
+        assert all(m["cached_tokens"] >= len(p) - 1 - 64 for m, p in zip(metas, prompts))
+        assert out == ref_out
+        blocks, _ = read_trace(trace)
+        assert [blocks[m["id"]]["blocks"] for m in metas] == ref_blocks
+
+        # 3) shared prefix that diverges: another request caches prompt[:cut] + its own tail,
+        #    then the prompt reuses the prefix and must not see the other tail's boundaries.
+        eng.flush_cache()
+        for prompt, want_out, want_blocks in zip(prompts, ref_out, ref_blocks):
+            cut = len(prompt) * 2 // 3 + 5
+            other = prompt[:cut] + prompt[:cut][::-1][:120]
+            generate(eng, [other], max_new_tokens=4)
+            (got,), (meta,) = generate(eng, [prompt])
+            assert meta["cached_tokens"] >= cut - 64
+            assert got == want_out
+            blocks, _ = read_trace(trace)
+            assert blocks[meta["id"]]["blocks"] == want_blocks
+
+        eng.flush_cache()
+    _, flushes = read_trace(trace)
+    for flush in flushes:
+        assert flush["before"]["records_in_use"] == flush["before"]["records_owned"]
+        assert flush["after"]["records_in_use"] == 0
+        assert flush["kv_available"] == flush["kv_available_at_start"]
+
+
+def test_engine_rejects_bad_kv_arguments(tiny_model):
+    import sglang as sgl
+
+    with pytest.raises(ValueError, match="unknown policy 'sparse'; valid choices: full, dynsplit"):
+        sgl.Engine(model_path=tiny_model, device="cpu", kv="sparse")
+    with pytest.raises(ValueError, match="--kv-budget must be a positive number of tokens"):
+        sgl.Engine(model_path=tiny_model, device="cpu", kv="dynsplit", kv_budget=0)

@@ -1,0 +1,60 @@
+import torch
+
+from dynsplit_sglang.kernels.block_select import score_blocks, select_positions
+from dynsplit_sglang.kernels.block_summary import block_min_max
+
+
+def make_blocks(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(12, 21, (n,), generator=g)
+    starts = torch.cumsum(lengths, 0) - lengths
+    return starts, starts + lengths - 1
+
+
+def test_score_is_an_upper_bound_of_every_key_in_the_block():
+    torch.manual_seed(0)
+    keys = torch.randn(200, 2, 8)
+    starts, ends = make_blocks(8, 0)
+    lengths = ends - starts + 1
+    slots = (starts[:, None] + torch.arange(int(lengths.max()))[None]).minimum(ends[:, None])
+    kmin, kmax = block_min_max(keys, slots, lengths)
+    q = torch.randn(4, 8)
+    scores = score_blocks(q, kmin, kmax)  # [KvH, nb]
+    qg = q.view(2, 2, 8)
+    for b in range(8):
+        k = keys[starts[b] : ends[b] + 1]  # [len, KvH, D]
+        exact = torch.einsum("kgd,lkd->klg", qg, k).sum(-1).amax(dim=1)  # best key per KV head
+        assert (scores[:, b] >= exact - 1e-5).all()
+
+
+def test_selection_keeps_sink_tail_recent_and_respects_budget():
+    starts, ends = make_blocks(30, 1)
+    seq_len = int(ends[-1]) + 25  # 24 open tokens after the last closed block
+    tail = int(ends[-1]) + 1
+    for budget in (80, 128, 200, 333):
+        for seed in range(5):
+            scores = torch.randn(3, 30, generator=torch.Generator().manual_seed(seed))
+            keep_tail_from = min(tail, seq_len - 32)
+            pos, valid = select_positions(scores, starts, ends, seq_len, 4, keep_tail_from, budget)
+            for h in range(3):
+                p = pos[h][valid[h]]
+                assert p.numel() <= budget
+                assert p.unique().numel() == p.numel() and (p[1:] > p[:-1]).all()
+                assert set(range(4)) <= set(p.tolist())
+                assert set(range(keep_tail_from, seq_len)) <= set(p.tolist())
+                assert int(p.max()) < seq_len
+
+
+def test_selection_takes_blocks_in_score_order_whole():
+    starts = torch.tensor([0, 16, 32, 48, 64])
+    ends = starts + 15
+    scores = torch.tensor([[0.0, 5.0, 1.0, 9.0, 2.0]])
+    # sink 4 (inside block 0), tail from 80; budget leaves room for 32 more tokens: blocks 3 and 1.
+    pos, valid = select_positions(scores, starts, ends, 90, 4, 80, 4 + 10 + 32)
+    p = set(pos[0][valid[0]].tolist())
+    assert p == set(range(4)) | set(range(80, 90)) | set(range(48, 64)) | set(range(16, 32))
+
+
+def test_selection_with_no_closed_block():
+    pos, valid = select_positions(torch.zeros(2, 0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 50, 4, 10, 64)
+    assert pos[0][valid[0]].tolist() == list(range(4)) + list(range(10, 50))
