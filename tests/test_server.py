@@ -1,0 +1,106 @@
+"""The HTTP server with `--kv dynsplit` on the embedded SmolLM2-135M-Instruct: OpenAI chat API on
+a long passkey prompt, the frontend language, and clean one-line startup errors."""
+
+import subprocess
+import sys
+
+import pytest
+import requests
+from transformers import AutoTokenizer
+
+from dynsplit_sglang.passkey import is_correct, make_sample
+from tests.server_utils import launch_server
+
+pytestmark = pytest.mark.server
+
+PROMPT_TOKENS = 2048
+
+
+@pytest.fixture(scope="module")
+def samples(smollm2):
+    """Two fixed ~2k-token passkey prompts (key at depth 0.56 and 0.7). This checks the whole path
+    (HTTP, chat template, dense prefill, DD-Select, sparse decode at 1/4 of the prompt) on
+    prompts that the default configuration answers; the accuracy over many prompts and depths is
+    what benchmarks/passkey.py reports (about 3 in 4 at this budget, see README)."""
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    return [make_sample(tok, PROMPT_TOKENS, seed, depth) for seed, depth in ((1, None), (12, 0.7))]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2, samples, tmp_path_factory):
+    budget = min(s.num_tokens for s in samples) // 4
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with launch_server(smollm2, "--kv", "dynsplit", "--kv-budget", str(budget), log_path=str(log)) as url:
+        yield url, budget
+
+
+def test_long_passkey_prompt_through_openai_chat_api(server, samples):
+    from openai import OpenAI
+
+    url, budget = server
+    client = OpenAI(base_url=url + "/v1", api_key="none")
+    for sample in samples:
+        assert sample.num_tokens >= 2000 and budget <= sample.num_tokens / 4
+        reply = client.chat.completions.create(model="default", messages=sample.messages, temperature=0, max_tokens=16)
+        answer = reply.choices[0].message.content
+        assert is_correct(sample, answer), (sample.answer, answer)
+        assert reply.usage.prompt_tokens == sample.num_tokens
+
+
+def test_server_reports_the_dynsplit_backend(server):
+    url, _ = server
+    info = requests.get(url + "/server_info", timeout=30).json()
+    assert info["attention_backend"] == "dynsplit"
+
+
+def test_frontend_language_fork_shares_the_prefix(server):
+    import sglang as sgl
+
+    url, _ = server
+
+    @sgl.function
+    def two_answers(s, context):
+        s += sgl.user(context + "\nName one colour mentioned above.")
+        forks = s.fork(2)
+        for i, f in enumerate(forks):
+            f += sgl.assistant(sgl.gen("answer", max_tokens=8, temperature=0))
+        s["answers"] = [f["answer"] for f in forks]
+
+    sgl.set_default_backend(sgl.RuntimeEndpoint(url))
+    state = two_answers.run(context="The grass is green. The sky is blue. " * 60)
+    first, second = state["answers"]
+    assert first == second and first.strip()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--kv", "foo"], "argument --kv: invalid choice: 'foo' (choose from 'full', 'dynsplit')"),
+        (["--kv", "dynsplit", "--kv-budget", "0"], "argument --kv-budget: must be a positive number of tokens, got 0"),
+        (["--kv", "dynsplit", "--kv-budget", "9000"], "--kv-budget 9000 is larger than the model's context length (8192)"),
+        (["--kv", "dynsplit", "--dynsplit-config", '{"block_size": 4, "delta": 4}'], "'block_size' (C=4) must be larger than 'delta'"),
+        (["--kv", "dynsplit", "--dynsplit-config", "{oops"], "argument --dynsplit-config: is not valid JSON"),
+        (["--kv", "dynsplit", "--speculative-algorithm", "EAGLE"], "--kv dynsplit does not support speculative decoding"),
+        (["--kv", "dynsplit", "--attention-backend", "triton"], "--kv dynsplit chooses the attention backend itself"),
+    ],
+)
+def test_bad_flags_stop_startup_with_one_clear_line(smollm2, flags, message, capsys):
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+
+    load_plugins()
+    args = ["--model-path", smollm2, "--device", "cpu", *flags]
+    with pytest.raises(SystemExit) as e:
+        prepare_server_args(args)
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("sglang serve: error: ") and message in last
+
+
+def test_bad_flag_through_the_real_command(smollm2):
+    proc = subprocess.run(
+        [sys.executable, "-m", "sglang.launch_server", "--model-path", smollm2, "--device", "cpu", "--kv", "dynsplit", "--kv-budget", "-3"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "sglang serve: error: argument --kv-budget: must be a positive number of tokens, got -3"
