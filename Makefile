@@ -4,7 +4,7 @@
 # On a machine with an NVIDIA GPU (nvidia-smi works) the install is SGLang's own CUDA stack
 # (`pip install sglang==0.5.23`) and the server runs on the GPU. Without one, SGLang is installed
 # with --no-deps on torch 2.14.1 plus the light CPU dependency list, and runs on the CPU in fp32
-# (bf16 matmuls are ~8x slower than fp32 on CPUs without AMX).
+# (bf16 matmuls are several times slower than fp32 on CPUs without AMX: benchmarks/cpu_dtype.py).
 
 PYTHON ?= python3
 VENV := .venv

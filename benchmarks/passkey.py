@@ -53,11 +53,21 @@ def main(argv=None):
     p.add_argument("--decode-steps", type=int, default=32, help="decode steps timed at the longest length")
     p.add_argument("--quick", action="store_true", help="tiny random model, 2 short samples: checks the pipeline only")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/passkey[_quick].json)")
+    p.add_argument("--replot", action="store_true", help="only redraw the plot and table from the JSON at --out")
     args = p.parse_args(argv)
+    if args.replot:
+        out = args.out or os.path.join(RESULTS, "passkey.json")
+        with open(out) as fh:
+            result = json.load(fh)
+        plot(result, out.removesuffix(".json") + ".png")
+        print(markdown(result))
+        return result
 
     from transformers import AutoTokenizer
 
     from dynsplit_sglang.default_model import smollm2_path, tiny_model_path
+
+    info = run_info()  # the commit that runs, taken before anything can change
 
     if args.quick:
         model, lengths, fractions, samples, steps = tiny_model_path(), [512], [0.25], 2, 4
@@ -120,14 +130,39 @@ def main(argv=None):
     full_ms = timings.get(("full", None))
     speed = [{"kv": kv, "budget": b or longest, "length": longest, "decode_step_ms": round(ms, 2),
               "ratio_to_full": round(ms / full_ms, 3) if full_ms else None} for (kv, b), ms in timings.items()]
-    result = {**run_info(), "model": os.path.basename(str(model)), "dtype": "float32", "accuracy": rows, "decode_speed": speed,
+    result = {**info, "model": os.path.basename(str(model)), "dtype": "float32", "accuracy": rows, "decode_speed": speed,
               "samples": sorted(done.values(), key=lambda r: (r["kv"], r["budget"] or 0, r["length"], r["seed"]))}
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as fh:
         json.dump(result, fh, indent=1)
+    plot(result, out.removesuffix(".json") + ".png")
     print(markdown(result))
     os.remove(partial)
     return result
+
+
+def plot(result: dict, path: str) -> None:
+    """Accuracy against KV budget (fraction of the prompt), one line per prompt length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    lengths = sorted({r["length"] for r in result["accuracy"]})
+    for i, n in enumerate(lengths):
+        rows = sorted((r for r in result["accuracy"] if r["length"] == n), key=lambda r: r["fraction"])
+        ax.plot([r["fraction"] for r in rows], [r["accuracy"] for r in rows], "o-", color=f"C{i}", label=f"{n} tokens")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("KV budget / prompt length (1 = full attention)")
+    ax.set_ylabel("passkey accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{result['model']}: --kv dynsplit vs full", fontsize=10)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def markdown(result: dict) -> str:

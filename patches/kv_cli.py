@@ -72,17 +72,30 @@ def kv_config_from(kv, kv_budget, dynsplit_config) -> KVConfig | None:
     return config
 
 
+def _hf_config(server_args) -> dict:
+    """The model's config.json when the model path is a local folder ({} otherwise)."""
+    try:
+        with open(os.path.join(str(server_args.model_path), "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return config.get("text_config", config)
+
+
 def model_context_length(server_args) -> int | None:
     if getattr(server_args, "context_length", None):
         return int(server_args.context_length)
-    path = os.path.join(str(server_args.model_path), "config.json")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return None
-    config = config.get("text_config", config)
-    return config.get("max_position_embeddings")
+    return _hf_config(server_args).get("max_position_embeddings")
+
+
+def _check_model_indices(server_args, kv: KVConfig) -> None:
+    config = _hf_config(server_args)
+    for key, field in (("num_hidden_layers", "score_layers"), ("num_attention_heads", "score_heads")):
+        limit, chosen = config.get(key), getattr(kv.dynsplit, field)
+        if limit and chosen and max(chosen) >= limit:
+            raise KVConfigError(
+                f"--dynsplit-config: '{field}' {list(chosen)} out of range; the model has {limit} ({key})"
+            )
 
 
 def check_server_args(server_args, kv: KVConfig) -> None:
@@ -90,6 +103,7 @@ def check_server_args(server_args, kv: KVConfig) -> None:
     kv.validate(model_context_length(server_args))
     if kv.policy == "full":
         return
+    _check_model_indices(server_args, kv)
     unsupported = {
         "speculative_algorithm": "speculative decoding",
         "enable_hierarchical_cache": "the hierarchical cache (HiCache)",

@@ -82,6 +82,7 @@ def test_frontend_language_fork_shares_the_prefix(server):
         (["--kv", "dynsplit", "--dynsplit-config", "{oops"], "argument --dynsplit-config: is not valid JSON"),
         (["--kv", "dynsplit", "--speculative-algorithm", "EAGLE"], "--kv dynsplit does not support speculative decoding"),
         (["--kv", "dynsplit", "--attention-backend", "triton"], "--kv dynsplit chooses the attention backend itself"),
+        (["--kv", "dynsplit", "--dynsplit-config", '{"score_layers": [3, 30]}'], "'score_layers' [3, 30] out of range; the model has 30"),
     ],
 )
 def test_bad_flags_stop_startup_with_one_clear_line(smollm2, flags, message, capsys):
