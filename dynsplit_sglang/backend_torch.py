@@ -51,6 +51,7 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
         self._score_layers = self.policy.score_layers()
         self._lock = threading.Lock()
         self._reqs: list[RequestView] = []
+        self._last_lse: dict[int, torch.Tensor] = {}  # request index -> [H] lse of its sparse step
         self._allocator = model_runner.token_to_kv_pool_allocator
         self._kv_available_at_start = self._allocator.available_size()
         self._hook_allocator(self._allocator)

@@ -94,3 +94,6 @@ class KVPolicy(abc.ABC):
     def stats(self) -> dict:
         """Counters for leak checks and traces."""
         return {}
+
+    def trace(self, event: dict) -> None:
+        """Record a debugging event (a no-op unless the policy was configured to trace)."""
