@@ -53,7 +53,7 @@ def add_kv_args(result, parser: argparse.ArgumentParser):
     group.add_argument(
         "--dynsplit-config", type=_dynsplit_config_type, default=None,
         help="DynSplit-KV parameters as a JSON object, e.g. '{\"block_size\": 16, \"delta\": 4}'. "
-        "Keys: " + ", ".join(DynSplitConfig.__dataclass_fields__) + ". See docs/configuration.md.",
+        "Keys: " + ", ".join(DynSplitConfig.__dataclass_fields__) + ". Defaults and meanings: README.md (Options).",
     )
 
 
