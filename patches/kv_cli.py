@@ -82,14 +82,7 @@ def _hf_config(server_args) -> dict:
     return config.get("text_config", config)
 
 
-def model_context_length(server_args) -> int | None:
-    if getattr(server_args, "context_length", None):
-        return int(server_args.context_length)
-    return _hf_config(server_args).get("max_position_embeddings")
-
-
-def _check_model_indices(server_args, kv: KVConfig) -> None:
-    config = _hf_config(server_args)
+def _check_model_indices(config: dict, kv: KVConfig) -> None:
     for key, field in (("num_hidden_layers", "score_layers"), ("num_attention_heads", "score_heads")):
         limit, chosen = config.get(key), getattr(kv.dynsplit, field)
         if limit and chosen and max(chosen) >= limit:
@@ -100,10 +93,12 @@ def _check_model_indices(server_args, kv: KVConfig) -> None:
 
 def check_server_args(server_args, kv: KVConfig) -> None:
     """Refuse option combinations the policy cannot serve correctly."""
-    kv.validate(model_context_length(server_args))
+    config = _hf_config(server_args)
+    context_length = getattr(server_args, "context_length", None) or config.get("max_position_embeddings")
+    kv.validate(None if context_length is None else int(context_length))
     if kv.policy == "full":
         return
-    _check_model_indices(server_args, kv)
+    _check_model_indices(config, kv)
     unsupported = {
         "speculative_algorithm": "speculative decoding",
         "enable_hierarchical_cache": "the hierarchical cache (HiCache)",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections import defaultdict
 
 CPU_ENGINE = dict(
     device="cpu",
@@ -48,13 +47,3 @@ def read_trace(path):
                 flushes.append(event)
     return blocks, flushes
 
-
-def prefill_blocks(path):
-    """Per request id, the blocks right after its prompt was prefilled (before any decode)."""
-    per_rid = defaultdict(list)
-    with open(path) as f:
-        for line in f:
-            event = json.loads(line)
-            if event["event"] == "blocks":
-                per_rid[event["rid"]].append(event)
-    return per_rid
