@@ -1,5 +1,5 @@
-"""`--kv`, `--kv-budget` and `--dynsplit-config` for `python -m sglang.launch_server` and
-`sgl.Engine(kv=..., kv_budget=..., dynsplit_config=...)`.
+"""`--kv`, `--kv-budget` and `--kv-config` for `python -m sglang.launch_server` and
+`sgl.Engine(kv=..., kv_budget=..., kv_config=...)`.
 
 The chosen KVConfig travels to the scheduler processes as the bookkeeping attribute
 `ServerArgs._kv_config` (underscore attributes are exempt from ServerArgs sealing and pickled with
@@ -15,10 +15,13 @@ import sys
 
 from sglang.srt.plugins.hook_registry import HookType
 
-from dynsplit_sglang.config import DEFAULT_BUDGET, POLICIES, DynSplitConfig, KVConfig, KVConfigError
+from dynsplit_sglang import request_options
+from dynsplit_sglang.config import (
+    DEFAULT_BUDGET, POLICIES, POLICY_OPTIONS, DynSplitConfig, KVConfig, KVConfigError, PolicyOptions, parse_json_object,
+)
 
-ATTENTION_BACKEND = {"dynsplit": "dynsplit"}  # policy -> attention backend it runs on; full: untouched
-KV_ARGS = ("kv", "kv_budget", "dynsplit_config")
+BACKEND = "dynsplit"  # the attention backend every compressing policy runs on; full: untouched
+KV_ARGS = ("kv", "kv_budget", "kv_config")
 
 
 def _budget_type(text: str) -> int:
@@ -31,11 +34,11 @@ def _budget_type(text: str) -> int:
     return value
 
 
-def _dynsplit_config_type(text: str) -> DynSplitConfig:
+def _json_object_type(text: str) -> dict:
     try:
-        return DynSplitConfig.from_json(text)
+        return parse_json_object(text)
     except KVConfigError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--dynsplit-config").lstrip(": ")) from None
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--kv-config").lstrip(": ")) from None
 
 
 def add_kv_args(result, parser: argparse.ArgumentParser):
@@ -43,7 +46,8 @@ def add_kv_args(result, parser: argparse.ArgumentParser):
     group.add_argument(
         "--kv", choices=POLICIES, default=None,
         help="KV policy: 'full' is dense attention (the reference); 'dynsplit' attends, per decode "
-        "step, only to the top semantic blocks within --kv-budget (DynSplit-KV).",
+        "step, only to the top semantic blocks within --kv-budget (DynSplit-KV); the others are "
+        "the seed methods and baselines (README.md, Policies).",
     )
     group.add_argument(
         "--kv-budget", type=_budget_type, default=None,
@@ -51,23 +55,24 @@ def add_kv_args(result, parser: argparse.ArgumentParser):
         f"(default {DEFAULT_BUDGET}). Shorter sequences use dense attention.",
     )
     group.add_argument(
-        "--dynsplit-config", type=_dynsplit_config_type, default=None,
-        help="DynSplit-KV parameters as a JSON object, e.g. '{\"block_size\": 16, \"delta\": 4}'. "
-        "Keys: " + ", ".join(DynSplitConfig.__dataclass_fields__) + ". Defaults and meanings: README.md (Options).",
+        "--kv-config", type=_json_object_type, default=None,
+        help="Options of the --kv policy as a JSON object, e.g. '{\"block_size\": 16, \"delta\": 4}' "
+        "for dynsplit. Keys, defaults and meanings: README.md (Options).",
     )
 
 
-def kv_config_from(kv, kv_budget, dynsplit_config) -> KVConfig | None:
+def kv_config_from(kv, kv_budget, kv_config) -> KVConfig | None:
     """KVConfig from the three user-facing values; None when none was given."""
-    if kv is None and kv_budget is None and dynsplit_config is None:
+    if kv is None and kv_budget is None and kv_config is None:
         return None
     policy = kv or "full"
-    if policy == "full" and (kv_budget is not None or dynsplit_config is not None):
-        flag = "--kv-budget" if kv_budget is not None else "--dynsplit-config"
-        raise KVConfigError(f"{flag} applies to a compressing policy; add --kv dynsplit (valid --kv choices: {', '.join(POLICIES)})")
-    if not isinstance(dynsplit_config, DynSplitConfig):
-        dynsplit_config = DynSplitConfig.from_json(dynsplit_config)
-    config = KVConfig(policy=policy, budget=DEFAULT_BUDGET if kv_budget is None else kv_budget, dynsplit=dynsplit_config)
+    if policy not in POLICIES:
+        raise KVConfigError(f"--kv: unknown policy {policy!r}; valid choices: {', '.join(POLICIES)}")
+    if policy == "full" and (kv_budget is not None or kv_config is not None):
+        flag = "--kv-budget" if kv_budget is not None else "--kv-config"
+        raise KVConfigError(f"{flag} applies to a compressing policy; add e.g. --kv dynsplit (valid --kv choices: {', '.join(POLICIES)})")
+    options = kv_config if isinstance(kv_config, PolicyOptions) else POLICY_OPTIONS[policy].from_json(kv_config)
+    config = KVConfig(policy=policy, budget=DEFAULT_BUDGET if kv_budget is None else kv_budget, options=options)
     config.validate()
     return config
 
@@ -83,11 +88,13 @@ def _hf_config(server_args) -> dict:
 
 
 def _check_model_indices(config: dict, kv: KVConfig) -> None:
+    if not isinstance(kv.options, DynSplitConfig):
+        return
     for key, field in (("num_hidden_layers", "score_layers"), ("num_attention_heads", "score_heads")):
-        limit, chosen = config.get(key), getattr(kv.dynsplit, field)
+        limit, chosen = config.get(key), getattr(kv.options, field)
         if limit and chosen and max(chosen) >= limit:
             raise KVConfigError(
-                f"--dynsplit-config: '{field}' {list(chosen)} out of range; the model has {limit} ({key})"
+                f"--kv-config: '{field}' {list(chosen)} out of range; the model has {limit} ({key})"
             )
 
 
@@ -95,7 +102,9 @@ def check_server_args(server_args, kv: KVConfig) -> None:
     """Refuse option combinations the policy cannot serve correctly."""
     config = _hf_config(server_args)
     context_length = getattr(server_args, "context_length", None) or config.get("max_position_embeddings")
-    kv.validate(None if context_length is None else int(context_length))
+    context_length = None if context_length is None else int(context_length)
+    kv.validate(context_length)
+    request_options.configure(kv, context_length)
     if kv.policy == "full":
         return
     _check_model_indices(config, kv)
@@ -109,7 +118,7 @@ def check_server_args(server_args, kv: KVConfig) -> None:
             raise KVConfigError(f"--kv {kv.policy} does not support {what} yet; drop that option or use --kv full")
     for field in ("prefill_attention_backend", "decode_attention_backend"):
         value = getattr(server_args, field, None)
-        if value not in (None, ATTENTION_BACKEND[kv.policy]):
+        if value not in (None, BACKEND):
             raise KVConfigError(
                 f"--kv {kv.policy} chooses the attention backend itself; drop --{field.replace('_', '-')} {value}"
             )
@@ -120,15 +129,14 @@ def check_server_args(server_args, kv: KVConfig) -> None:
 def _pick_backend(kv: KVConfig | None, current):
     if kv is None or kv.policy == "full":
         return current
-    wanted = ATTENTION_BACKEND[kv.policy]
-    if current not in (None, wanted):
+    if current not in (None, BACKEND):
         raise KVConfigError(f"--kv {kv.policy} chooses the attention backend itself; drop --attention-backend {current}")
-    return wanted
+    return BACKEND
 
 
 def from_cli_args_with_kv(original, cls, args: argparse.Namespace):
     try:
-        kv = kv_config_from(getattr(args, "kv", None), getattr(args, "kv_budget", None), getattr(args, "dynsplit_config", None))
+        kv = kv_config_from(getattr(args, "kv", None), getattr(args, "kv_budget", None), getattr(args, "kv_config", None))
         if kv is not None:
             args.attention_backend = _pick_backend(kv, getattr(args, "attention_backend", None))
         server_args = original(cls, args)
@@ -143,7 +151,7 @@ def from_cli_args_with_kv(original, cls, args: argparse.Namespace):
 
 
 def engine_server_args(**kwargs):
-    """Stands in for `Engine.server_args_class`: accepts kv=, kv_budget=, dynsplit_config=."""
+    """Stands in for `Engine.server_args_class`: accepts kv=, kv_budget=, kv_config=."""
     from sglang.srt.server_args import ServerArgs
 
     kv = kv_config_from(*(kwargs.pop(name, None) for name in KV_ARGS))

@@ -15,25 +15,25 @@ def test_defaults_are_valid_and_documented_bounds():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(kv="foo"), "unknown policy 'foo'; valid choices: full, dynsplit"),
+        (dict(kv="foo"), "unknown policy 'foo'; valid choices: full, dynsplit, quest"),
         (dict(kv="dynsplit", kv_budget=0), "--kv-budget must be a positive number"),
         (dict(kv="dynsplit", kv_budget=-5), "--kv-budget must be a positive number"),
         (dict(kv="dynsplit", kv_budget=10), "must be at least 64"),
-        (dict(kv="dynsplit", dynsplit_config='{"block_size": 8, "delta": 8}'), "must be larger than 'delta'"),
-        (dict(kv="dynsplit", dynsplit_config="{not json"), "is not valid JSON"),
-        (dict(kv="dynsplit", dynsplit_config="[1, 2]"), "must be a JSON object"),
-        (dict(kv="dynsplit", dynsplit_config='{"C": 16}'), "unknown key(s) C; valid keys: block_size"),
-        (dict(kv="dynsplit", dynsplit_config='{"alpha": -1}'), "'alpha' must be a number >= 0"),
-        (dict(kv="dynsplit", dynsplit_config='{"candidates": "commas"}'), "'candidates' must be one of delimiters, all"),
-        (dict(kv="dynsplit", dynsplit_config='{"score_layers": []}'), "'score_layers' must be a non-empty list"),
-        (dict(kv_budget=512), "--kv-budget applies to a compressing policy; add --kv dynsplit"),
-        (dict(kv="full", dynsplit_config="{}"), "--dynsplit-config applies to a compressing policy"),
+        (dict(kv="dynsplit", kv_config='{"block_size": 8, "delta": 8}'), "must be larger than 'delta'"),
+        (dict(kv="dynsplit", kv_config="{not json"), "is not valid JSON"),
+        (dict(kv="dynsplit", kv_config="[1, 2]"), "must be a JSON object"),
+        (dict(kv="dynsplit", kv_config='{"C": 16}'), "unknown key(s) C for --kv dynsplit; valid keys: block_size"),
+        (dict(kv="dynsplit", kv_config='{"alpha": -1}'), "'alpha' must be a number >= 0"),
+        (dict(kv="dynsplit", kv_config='{"candidates": "commas"}'), "'candidates' must be one of delimiters, all"),
+        (dict(kv="dynsplit", kv_config='{"score_layers": []}'), "'score_layers' must be a non-empty list"),
+        (dict(kv_budget=512), "--kv-budget applies to a compressing policy; add e.g. --kv dynsplit"),
+        (dict(kv="full", kv_config="{}"), "--kv-config applies to a compressing policy"),
     ],
 )
 def test_bad_values_name_the_problem(kwargs, message):
-    args = {"kv": None, "kv_budget": None, "dynsplit_config": None, **kwargs}
+    args = {"kv": None, "kv_budget": None, "kv_config": None, **kwargs}
     with pytest.raises(KVConfigError) as e:
-        kv_config_from(args["kv"], args["kv_budget"], args["dynsplit_config"])
+        kv_config_from(args["kv"], args["kv_budget"], args["kv_config"])
     assert message in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -46,7 +46,7 @@ def test_budget_larger_than_context_is_rejected():
 def test_config_round_trips_through_a_dict():
     kv = kv_config_from("dynsplit", 300, {"block_size": 32, "delta": 8, "score_layers": [1, 2]})
     assert KVConfig.from_dict(kv.to_dict()) == kv
-    assert kv.dynsplit.score_layers == (1, 2)
+    assert kv.options.score_layers == (1, 2)
 
 
 def test_no_kv_flags_means_untouched_sglang():

@@ -45,7 +45,7 @@ def uncached(tiny_model, prompts, tmp_path_factory):
     """Reference: each prompt prefilled at once, no radix cache, sparse decode (budget 128)."""
     trace = tmp_path_factory.mktemp("uncached") / "trace.jsonl"
     with engine(tiny_model, kv="dynsplit", kv_budget=BUDGET, disable_radix_cache=True,
-                dynsplit_config={"trace_path": str(trace)}) as eng:
+                kv_config={"trace_path": str(trace)}) as eng:
         outputs, metas = generate(eng, prompts)
         eng.flush_cache()
     blocks, flushes = read_trace(trace)
@@ -73,7 +73,7 @@ def test_chunked_prefill_and_radix_hits_match_one_uncached_run(tiny_model, promp
     ref_out, ref_blocks, _ = uncached
     trace = tmp_path / "trace.jsonl"
     with engine(tiny_model, kv="dynsplit", kv_budget=BUDGET, chunked_prefill_size=64,
-                dynsplit_config={"trace_path": str(trace)}) as eng:
+                kv_config={"trace_path": str(trace)}) as eng:
         # 1) chunked prefill, all prompts in one batch of mixed lengths
         out, metas = generate(eng, prompts)
         assert out == ref_out

@@ -75,14 +75,16 @@ def test_frontend_language_fork_shares_the_prefix(server):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--kv", "foo"], "argument --kv: invalid choice: 'foo' (choose from 'full', 'dynsplit')"),
+        (["--kv", "foo"], "argument --kv: invalid choice: 'foo' (choose from 'full', 'dynsplit', 'quest'"),
+        (["--kv", "snapkv", "--kv-config", '{"block_size": 8}'], "unknown key(s) block_size for --kv snapkv; valid keys: window"),
+        (["--kv", "windowkv", "--kv-budget", "20"], "--kv-budget 20 is too small for windowkv"),
         (["--kv", "dynsplit", "--kv-budget", "0"], "argument --kv-budget: must be a positive number of tokens, got 0"),
         (["--kv", "dynsplit", "--kv-budget", "9000"], "--kv-budget 9000 is larger than the model's context length (8192)"),
-        (["--kv", "dynsplit", "--dynsplit-config", '{"block_size": 4, "delta": 4}'], "'block_size' (C=4) must be larger than 'delta'"),
-        (["--kv", "dynsplit", "--dynsplit-config", "{oops"], "argument --dynsplit-config: is not valid JSON"),
+        (["--kv", "dynsplit", "--kv-config", '{"block_size": 4, "delta": 4}'], "'block_size' (C=4) must be larger than 'delta'"),
+        (["--kv", "dynsplit", "--kv-config", "{oops"], "argument --kv-config: is not valid JSON"),
         (["--kv", "dynsplit", "--speculative-algorithm", "EAGLE"], "--kv dynsplit does not support speculative decoding"),
         (["--kv", "dynsplit", "--attention-backend", "triton"], "--kv dynsplit chooses the attention backend itself"),
-        (["--kv", "dynsplit", "--dynsplit-config", '{"score_layers": [3, 30]}'], "'score_layers' [3, 30] out of range; the model has 30"),
+        (["--kv", "dynsplit", "--kv-config", '{"score_layers": [3, 30]}'], "'score_layers' [3, 30] out of range; the model has 30"),
     ],
 )
 def test_bad_flags_stop_startup_with_one_clear_line(smollm2, flags, message, capsys):
