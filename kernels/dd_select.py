@@ -111,4 +111,11 @@ def candidate_scores(rows: torch.Tensor, lookahead: int) -> torch.Tensor:
     j = torch.arange(1, lookahead + 1, device=rows.device)
     i = torch.arange(m, device=rows.device)
     picked = rows[i[:, None] + j[None, :] - 1, j[None, :] - 1]  # [m, L]
-    return torch.round(picked.mean(dim=1) / SCORE_QUANTUM) * SCORE_QUANTUM
+    return quantize(picked.mean(dim=1))
+
+
+def quantize(x):
+    """Round scores (a tensor or a float) to the SCORE_QUANTUM grid."""
+    if isinstance(x, torch.Tensor):
+        return torch.round(x / SCORE_QUANTUM) * SCORE_QUANTUM
+    return round(x / SCORE_QUANTUM) * SCORE_QUANTUM
