@@ -1,7 +1,8 @@
-"""`--kv dynsplit` on the torch path: SGLang's torch-native attention plus a KV policy.
+"""Every compressing `--kv` policy on the torch path: SGLang's torch-native attention plus a policy.
 
 Prefill stays dense (SGLang's own SDPA path). The policy sees band logits and row lse of its
-score layers, and commits its per-request state after the last layer. At decode, a request whose
+score layers and the queries of the last prompt tokens of its query layers, and commits its
+per-request state after the last layer. At decode, a request whose
 sequence fits the budget takes SGLang's dense path unchanged (bit-identical to `--kv full`); a
 longer one attends only to the positions the policy selects, per KV head, with the original
 positions (the `req_to_token` row is never compacted, so RoPE and the radix cache are untouched).
@@ -19,8 +20,10 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool
 
 from dynsplit_sglang.block_table import ModelShape
 from dynsplit_sglang.config import KVConfig
-from dynsplit_sglang.delimiters import candidate_token_mask
+from dynsplit_sglang import request_options
+from dynsplit_sglang.delimiters import TokenTexts
 from dynsplit_sglang.kernels.dd_select import band_logits_and_lse
+from dynsplit_sglang.patches import prefix_reserve
 from dynsplit_sglang.policies import POLICY_CLASSES, RequestView
 
 logger = logging.getLogger(__name__)
@@ -43,12 +46,16 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
             num_kv_heads=pool.head_num,
             head_dim=pool.head_dim,
         )
-        candidates = candidate_token_mask(
-            model_runner.server_args.tokenizer_path, mc.vocab_size, kv.dynsplit.candidates
-        )
+        tokens = TokenTexts(model_runner.server_args.tokenizer_path, mc.vocab_size)
         self.kv = kv
-        self.policy = POLICY_CLASSES[kv.policy](kv, self.shape, keys0.shape[0], keys0.dtype, self.device, candidates)
+        self.policy = POLICY_CLASSES[kv.policy](kv, self.shape, keys0.shape[0], keys0.dtype, self.device, tokens)
         self._score_layers = self.policy.score_layers()
+        self._query_layers = self.policy.query_layers()
+        self._query_window = self.policy.query_window()
+        # A radix hit must recompute the prompt's last queries the policy ranks with.
+        prefix_reserve.set_reserve(self._query_window)
+        request_options.enable(kv)
+        self._row_request: dict[int, tuple[str, int]] = {}  # req_to_token row -> (rid, budget)
         self._lock = threading.Lock()
         self._reqs: list[RequestView] = []
         self._last_lse: dict[int, torch.Tensor] = {}  # request index -> [H] lse of its sparse step
@@ -108,10 +115,19 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
         reqs, offset = [], 0
         for row, n, s, rid in zip(rows, seq_lens, starts, rids):
             new = n - s
-            reqs.append(RequestView(req_to_token[row, :n].to(torch.int64), s, ids[offset : offset + new], rid))
+            reqs.append(RequestView(req_to_token[row, :n].to(torch.int64), s, ids[offset : offset + new], rid, row, self._budget_of(row, rid)))
             offset += new
         self._reqs = reqs
         self.policy.begin_forward(reqs, is_decode)
+
+    def _budget_of(self, row: int, rid) -> int:
+        """The request's budget: its custom_params.kv_budget, else the server's --kv-budget."""
+        known = self._row_request.get(row)
+        if known is None or known[0] != rid:
+            budget = request_options.take_budget(rid)
+            known = (rid, self.kv.budget if budget is None else budget)
+            self._row_request[row] = known
+        return known[1]
 
     def _check_layer(self, layer) -> None:
         if layer.is_cross_attention or layer.qk_head_dim != layer.v_head_dim:
@@ -127,6 +143,14 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         self._check_layer(layer)
         o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        if layer.layer_id in self._query_layers:
+            q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+            offset = 0
+            for i, r in enumerate(self._reqs):
+                n = r.seq_len - r.new_start
+                m = min(n, self._query_window)
+                self.policy.observe_queries(layer.layer_id, i, q3[offset + n - m : offset + n], layer.scaling)
+                offset += n
         if layer.layer_id in self._score_layers:
             keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
             q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
@@ -147,7 +171,7 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
         self._check_layer(layer)
         H, D = layer.tp_q_head_num, layer.qk_head_dim
         q3 = q.reshape(-1, H, D)
-        sparse = [i for i, r in enumerate(self._reqs) if r.seq_len > self.kv.budget]
+        sparse = [i for i, r in enumerate(self._reqs) if r.seq_len > r.budget]
         if not sparse:
             o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
         else:

@@ -1,8 +1,13 @@
 """The interface every KV policy implements, shared by the server backend, scripts and tests.
 
 A policy never touches attention itself. The backend runs dense prefill, shows the policy the
-attention statistics of the layers it asks for, lets it commit per-request state after the last
+attention statistics of the layers it asks for (band logits for DD-Select, the queries of the last
+prompt tokens for observation-window scores), lets it commit per-request state after the last
 layer, and at decode asks it which positions each KV head attends to (then runs the attention).
+
+Two kinds of policy share this interface: decode-time ones (DynSplit-KV, Quest) re-select blocks
+against every decode query; prefill-time ones (policies/prefill_selection.py) rank the prompt
+once, when its last token is computed, and keep that ranking for the rest of the request.
 """
 
 from __future__ import annotations
@@ -26,12 +31,17 @@ class RequestView:
                seq_len - 1 at decode).
     token_ids: [seq_len - new_start] int64 ids of the tokens computed in this forward.
     rid:       SGLang request id (for traces).
+    row:       the request's `req_to_token` row (stable for the request's life, reused after it).
+    budget:    KV tokens this request attends to per decode step and layer (the server's
+               --kv-budget or the request's custom_params.kv_budget).
     """
 
     row_slots: torch.Tensor
     new_start: int
     token_ids: torch.Tensor
     rid: Optional[str] = None
+    row: int = -1
+    budget: int = 0
 
     @property
     def seq_len(self) -> int:
@@ -43,10 +53,12 @@ class KVPolicy(abc.ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, kv: KVConfig, shape: ModelShape, num_slots: int, dtype: torch.dtype, device):
+    def __init__(self, kv: KVConfig, shape: ModelShape, num_slots: int, dtype: torch.dtype, device, tokens=None):
+        """tokens: a `delimiters.TokenTexts` (decoded vocabulary) for policies that classify tokens."""
         self.kv = kv
+        self.options = kv.options
         self.shape = shape
-        self.budget = kv.budget
+        self.device = device
 
     # --- prefill and decode: attention statistics ---------------------------------------------
     def score_layers(self) -> frozenset[int]:
@@ -61,6 +73,16 @@ class KVPolicy(abc.ABC):
         """Query heads `observe` wants; None for all."""
         return None
 
+    def query_layers(self) -> frozenset[int]:
+        """Layers whose last prompt queries `observe_queries` wants."""
+        return frozenset()
+
+    def query_window(self) -> int:
+        """How many of the last queries of a prompt `observe_queries` wants. A radix-cache hit
+        recomputes at least this many tokens (patches/prefix_reserve.py), so a hit sees the same
+        queries as a miss."""
+        return 0
+
     def begin_forward(self, reqs: list[RequestView], is_decode: bool) -> None:
         """A forward pass over these requests starts."""
 
@@ -71,6 +93,10 @@ class KVPolicy(abc.ABC):
         lse:         [h, n] fp32 log-sum-exp of each query's logits over the keys it attended.
         """
 
+    def observe_queries(self, layer_id: int, req_index: int, q: torch.Tensor) -> None:
+        """Queries [m, H, D] of the last m <= query_window() positions computed in this prefill
+        forward for one request, in one of `query_layers` (after RoPE, as attention sees them)."""
+
     @abc.abstractmethod
     def end_forward(self, reqs: list[RequestView], key_buffers: list[torch.Tensor]) -> None:
         """All layers ran: commit per-request state (key_buffers: per layer [slots, KvH, D])."""
@@ -80,8 +106,9 @@ class KVPolicy(abc.ABC):
     def select(self, layer_id: int, req_index: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions the decode query q [H, D] of request `req_index` attends to in this layer.
 
-        Only called when the sequence is longer than the budget.
-        returns positions [KvH, B] int64 and valid [KvH, B] bool, B <= budget.
+        Only called when the sequence is longer than the request's budget.
+        returns positions [KvH, B] int64 and valid [KvH, B] bool; B is at most the request's budget
+        for this layer (the budget itself, or the layer's share for per-layer budgets).
         """
 
     # --- slot lifetime ------------------------------------------------------------------------

@@ -8,11 +8,18 @@ from typing import Optional
 import torch
 
 from dynsplit_sglang.block_table import BlockTable, ModelShape
-from dynsplit_sglang.config import DynSplitConfig, KVConfig
+from dynsplit_sglang.config import DynamicKVOptions, DynSplitConfig, KVConfig
+from dynsplit_sglang.delimiters import candidate_token_mask
 from dynsplit_sglang.kernels.block_select import score_blocks, select_positions
-from dynsplit_sglang.kernels.dd_select import band_rows_from_logits
+from dynsplit_sglang.kernels.dd_select import band_rows_from_logits, candidate_scores
+from dynsplit_sglang.layer_budgets import dynamickv
 from dynsplit_sglang.policies.base import KVPolicy, RequestView
-from dynsplit_sglang.splitter import split
+from dynsplit_sglang.policies.dynamickv import dynamickv_scores
+from dynsplit_sglang.policies.prefill_selection import PromptQueries
+from dynsplit_sglang.splitter import decision_position, split, type_totals
+
+# DynamicKV's own defaults, used when `layer_budgets` is "dynamickv".
+LAYER_BUDGET_SCORING = DynamicKVOptions()
 
 
 def default_score_layers(num_layers: int, count: int = 4) -> tuple[int, ...]:
@@ -27,30 +34,29 @@ def default_score_layers(num_layers: int, count: int = 4) -> tuple[int, ...]:
 class DynSplitPolicy(KVPolicy):
     name = "dynsplit"
 
-    def __init__(
-        self,
-        kv: KVConfig,
-        shape: ModelShape,
-        num_slots: int,
-        dtype: torch.dtype,
-        device,
-        candidate_mask: Optional[torch.Tensor] = None,
-    ):
-        super().__init__(kv, shape, num_slots, dtype, device)
-        cfg: DynSplitConfig = kv.dynsplit
+    def __init__(self, kv: KVConfig, shape: ModelShape, num_slots: int, dtype: torch.dtype, device, tokens=None):
+        super().__init__(kv, shape, num_slots, dtype, device, tokens)
+        cfg: DynSplitConfig = kv.options
         self.cfg = cfg
-        layers = cfg.score_layers or default_score_layers(shape.num_layers)
+        layers = (cfg.score_layers or default_score_layers(shape.num_layers)) if cfg.uses_scores else ()
         bad = [l for l in layers if l >= shape.num_layers]
         if bad:
-            raise ValueError(f"--dynsplit-config: score_layers {bad} do not exist (the model has {shape.num_layers} layers)")
+            raise ValueError(f"--kv-config: score_layers {bad} do not exist (the model has {shape.num_layers} layers)")
         self._score_layers = frozenset(layers)
         if cfg.score_heads is not None and max(cfg.score_heads) >= shape.num_heads:
-            raise ValueError(f"--dynsplit-config: score_heads {list(cfg.score_heads)} do not exist (the model has {shape.num_heads} query heads)")
+            raise ValueError(f"--kv-config: score_heads {list(cfg.score_heads)} do not exist (the model has {shape.num_heads} query heads)")
         self._score_heads = None if cfg.score_heads is None else torch.tensor(cfg.score_heads, device=device)
         self.table = BlockTable(num_slots, shape, cfg, dtype, device)
+        vocab = tokens.vocab_size if tokens is not None else 1
         # [vocab] bool; None means every token is a candidate.
-        self.candidate_mask = None if candidate_mask is None else candidate_mask.to(device)
+        self.candidate_mask = None if cfg.candidates == "all" else candidate_token_mask(tokens, cfg.candidates, vocab).to(device)
+        self.by_type = cfg.uses_scores and cfg.weighting == "delimiter_type"
+        self.token_ids = torch.zeros(num_slots, dtype=torch.int64, device=device) if self.by_type else None
+        self.queries = PromptQueries(self.query_window()) if cfg.layer_budgets == "dynamickv" else None
+        self._layer_budgets: dict[int, tuple[Optional[str], list[int]]] = {}  # row -> (rid, budgets)
         self._trace = open(cfg.trace_path, "a", buffering=1) if cfg.trace_path else None
+        self._reqs: list[RequestView] = []
+        self._is_decode = False
         self._rows: list[torch.Tensor] = []  # per request: [n, L] sum of DD rows over score layers
         self._decode_blocks: list[tuple] = []  # per request: (record ids, starts, ends, tail start, seq_len)
 
@@ -64,9 +70,19 @@ class DynSplitPolicy(KVPolicy):
     def score_heads(self) -> Optional[torch.Tensor]:
         return self._score_heads
 
+    def query_layers(self) -> frozenset[int]:
+        return frozenset(range(self.shape.num_layers)) if self.queries is not None else frozenset()
+
+    def query_window(self) -> int:
+        return LAYER_BUDGET_SCORING.window if self.cfg.layer_budgets == "dynamickv" else 0
+
     def begin_forward(self, reqs: list[RequestView], is_decode: bool) -> None:
+        self._reqs = reqs
+        self._is_decode = is_decode
         L = self.cfg.lookahead
         self._rows = [torch.zeros(r.seq_len - r.new_start, L, device=r.row_slots.device) for r in reqs]
+        if self.queries is not None and not is_decode:
+            self.queries.begin(len(reqs))
         if is_decode:
             self._decode_blocks = []
             for r in reqs:
@@ -79,36 +95,80 @@ class DynSplitPolicy(KVPolicy):
         rows = band_rows_from_logits(band_logits, lse, self.cfg.lookahead, self.cfg.local_window, self.cfg.alpha)
         self._rows[req_index] += rows.mean(dim=0)
 
+    def observe_queries(self, layer_id, req_index, q, scale) -> None:
+        self.queries.add(req_index, layer_id, q, scale)
+
     def end_forward(self, reqs: list[RequestView], key_buffers: list[torch.Tensor]) -> None:
-        t = self.table
-        for r, rows in zip(reqs, self._rows):
+        t, cfg = self.table, self.cfg
+        for i, (r, rows) in enumerate(zip(reqs, self._rows)):
             new_slots = r.row_slots[r.new_start :]
             # A reused slot's old record is stale whatever path freed the slot.
             t.release_slots(new_slots)
-            t.band[new_slots] = rows / len(self._score_layers)
+            if cfg.uses_scores:
+                t.band[new_slots] = rows / len(self._score_layers)
             if self.candidate_mask is None:
                 t.is_candidate[new_slots] = True
             else:
-                ids = r.token_ids.clamp(0, self.candidate_mask.numel() - 1)
+                ids = r.token_ids.to(self.candidate_mask.device).clamp(0, self.candidate_mask.numel() - 1)
                 t.is_candidate[new_slots] = self.candidate_mask[ids]
+            if self.by_type:
+                self.token_ids[new_slots] = r.token_ids.to(self.token_ids.device)
             start = t.open_start(r.row_slots[: r.new_start])
-            blocks = split(start, r.seq_len, t.band[r.row_slots[start:]], t.is_candidate[r.row_slots[start:]], self.cfg)
-            t.add_blocks(r.row_slots, blocks, key_buffers)
+            blocks = []
+            if decision_position(start, cfg) <= r.seq_len - 1:
+                tail = r.row_slots[start:]
+                blocks = split(
+                    start, r.seq_len, t.band[tail], t.is_candidate[tail], cfg,
+                    self.token_ids[tail] if self.by_type else None,
+                    self._type_prior(r.row_slots, start) if self.by_type else None,
+                )
+                t.add_blocks(r.row_slots, blocks, key_buffers)
+            if self.queries is not None and not self._is_decode:
+                self._layer_budgets[r.row] = (r.rid, self._dynamickv_budgets(r, self.queries.take(i, r), key_buffers))
             if self._trace is not None and (blocks or r.new_start == 0 or r.seq_len - r.new_start > 1):
                 self._write_trace(r)
+
+    def _type_prior(self, row_slots: torch.Tensor, start: int) -> dict:
+        """Per delimiter type, (score sum, count) of the candidates before position `start`."""
+        if start == 0:
+            return {}
+        slots = row_slots[: start + self.cfg.lookahead]
+        scores = candidate_scores(self.table.band[slots[1:]], self.cfg.lookahead)
+        return type_totals(scores, self.table.is_candidate[slots[:start]], self.token_ids[slots[:start]])
+
+    def _dynamickv_budgets(self, r: RequestView, window: dict, key_buffers) -> list[int]:
+        """DynamicKV's per-layer shares of num_layers * budget, each at least what every step keeps."""
+        o, n, num_layers = LAYER_BUDGET_SCORING, r.seq_len, self.shape.num_layers
+        floor = self.cfg.always_kept
+        obs = min(o.window, n)
+        if r.budget >= n or n <= obs or r.budget <= floor:
+            return [r.budget] * num_layers
+        scores = dynamickv_scores(r, window, key_buffers, obs, o.kernel_size, o.pooling)
+        return [floor + b for b in dynamickv(scores, r.budget - floor, o.r_max, n - floor)]
 
     def _write_trace(self, r: RequestView) -> None:
         recs = self.table.blocks_of(r.row_slots)
         blocks = torch.stack([self.table.rec_start[recs], self.table.rec_end[recs]], 1).tolist()
-        self._trace.write(json.dumps({"event": "blocks", "rid": r.rid, "seq_len": r.seq_len, "blocks": blocks}) + "\n")
+        event = {"event": "blocks", "rid": r.rid, "seq_len": r.seq_len, "blocks": blocks}
+        if r.row in self._layer_budgets:
+            event["layer_budgets"] = self._layer_budgets[r.row][1]
+        self._trace.write(json.dumps(event) + "\n")
 
     # --- decode -----------------------------------------------------------------------------
+    def layer_budget(self, r: RequestView, layer_id: int) -> int:
+        rid, budgets = self._layer_budgets.get(r.row, (None, None))
+        return budgets[layer_id] if budgets is not None and rid == r.rid else r.budget
+
     def select(self, layer_id, req_index, q):
         recs, starts, ends, tail, seq_len = self._decode_blocks[req_index]
+        budget = self.layer_budget(self._reqs[req_index], layer_id)
+        if seq_len <= budget:
+            positions = torch.arange(seq_len, device=q.device)[None, :].expand(self.shape.num_kv_heads, -1)
+            return positions, torch.ones_like(positions, dtype=torch.bool)
         t = self.table
         scores = score_blocks(q, t.kmin[layer_id].index_select(0, recs), t.kmax[layer_id].index_select(0, recs))
         keep_tail_from = max(0, min(tail, seq_len - self.cfg.recent_tokens))
-        return select_positions(scores, starts, ends, seq_len, self.cfg.sink_tokens, keep_tail_from, self.budget)
+        return select_positions(scores, starts, ends, seq_len, self.cfg.sink_tokens, keep_tail_from, budget)
 
     # --- slot lifetime ------------------------------------------------------------------------
     def release_slots(self, slots: torch.Tensor) -> None:
@@ -116,6 +176,9 @@ class DynSplitPolicy(KVPolicy):
 
     def reset(self) -> None:
         self.table.reset()
+        self._layer_budgets.clear()
+        if self.queries is not None:
+            self.queries.reset()
 
     def stats(self) -> dict:
         t = self.table

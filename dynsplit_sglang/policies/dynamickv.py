@@ -1,0 +1,45 @@
+"""DynamicKV: task-aware per-layer budgets from a global competition of window scores."""
+
+from __future__ import annotations
+
+import torch
+
+from dynsplit_sglang.kernels.window_scores import pool_scores
+from dynsplit_sglang.layer_budgets import dynamickv
+from dynsplit_sglang.policies.prefill_selection import PrefillSelectionPolicy, prompt_scores, shared_order
+
+
+def dynamickv_scores(r, window, key_buffers, obs: int, kernel: int, pooling: str) -> torch.Tensor:
+    """[L, KvH, N - obs] pooled window scores of the prompt tokens before the window, every layer."""
+    n = r.seq_len
+    return torch.stack([
+        pool_scores(prompt_scores(r, layer, window, key_buffers, obs)[:, : n - obs], kernel, pooling)
+        for layer in range(len(key_buffers))
+    ])
+
+
+class DynamicKVPolicy(PrefillSelectionPolicy):
+    """DynamicKV: every layer keeps the observation window plus its own number of prompt tokens
+    (layer_budgets.dynamickv: a layer's share is its part of the global top window scores), chosen
+    per KV head by pooled window attention. The whole-model budget is num_layers * budget; the
+    per-layer budgets are recomputed for every request (the authors' code caches the first's)."""
+
+    name = "dynamickv"
+
+    def query_window(self) -> int:
+        return self.options.window
+
+    def rank(self, r, window, key_buffers):
+        o = self.options
+        n, num_layers = r.seq_len, self.shape.num_layers
+        obs = min(o.window, n)
+        recent = torch.arange(n - 1, n - obs - 1, -1, device=r.row_slots.device)
+        if n == obs:
+            return [shared_order(recent, None, n, self.shape.num_kv_heads)] * num_layers, [r.budget] * num_layers
+        scores = dynamickv_scores(r, window, key_buffers, obs, o.kernel_size, o.pooling)
+        if r.budget >= n:  # nothing to compress: the sequence grows evenly in every layer
+            budgets = [r.budget] * num_layers
+        else:
+            budgets = [obs + b for b in dynamickv(scores, r.budget - obs, o.r_max, n - obs)]
+        orders = [shared_order(recent, scores[l], min(budgets[l], n), self.shape.num_kv_heads) for l in range(num_layers)]
+        return orders, budgets

@@ -1,0 +1,220 @@
+"""Prefill-time policies: rank the prompt once, when its last token is computed, then keep it.
+
+SnapKV, PyramidKV, DynamicKV, WindowKV, StreamingLLM and SepLLM evict KV at the end of prefill in
+their papers. Here nothing is evicted (the radix cache may share the KV with other requests):
+each one *ranks* the prompt positions per layer and KV head, and every decode step attends to
+the request's budget worth of them:
+
+    generated tokens (all of them, newest first) + the best-ranked prompt tokens that still fit.
+
+So a step never attends to more than the budget: as tokens are generated they push out the
+lowest-ranked prompt tokens, as in a full fixed-size cache. With a budget covering the sequence
+the step is dense (the backend's dense path).
+
+The ranking uses the queries of the last prompt tokens (the observation window). They are
+collected across chunked-prefill forwards, and a radix-cache hit recomputes at least the window
+(patches/prefix_reserve.py), so chunking and caching cannot change a ranking. Rankings are kept per
+`req_to_token` row and replaced by the next request on that row.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from dynsplit_sglang.kernels.window_scores import pool_scores, window_scores
+from dynsplit_sglang.policies.base import KVPolicy, RequestView
+
+logger = logging.getLogger(__name__)
+
+
+class PromptQueries:
+    """The last `window` queries of every request's prompt, per layer, across chunked prefill."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self._forward: list[dict[int, tuple[torch.Tensor, float]]] = []
+        # row -> (rid, position after the carried queries, {layer: ([m, H, D] queries, scale)})
+        self._carry: dict[int, tuple[Optional[str], int, dict]] = {}
+
+    def begin(self, num_reqs: int) -> None:
+        self._forward = [{} for _ in range(num_reqs)]
+
+    def add(self, req_index: int, layer_id: int, q: torch.Tensor, scale: float) -> None:
+        self._forward[req_index][layer_id] = (q.detach().clone(), scale)
+
+    def take(self, req_index: int, r: RequestView) -> dict[int, tuple[torch.Tensor, float]]:
+        """{layer: (queries [m, H, D] of positions seq_len-m .. seq_len-1, scale)}, m <= window,
+        joining what earlier chunks of the same request left; remembers them for the next chunk."""
+        new = self._forward[req_index]
+        rid, end, old = self._carry.get(r.row, (None, -1, {}))
+        joined = {}
+        for layer, (q, scale) in new.items():
+            if rid == r.rid and end == r.new_start and layer in old and q.shape[0] < self.window:
+                q = torch.cat([old[layer][0], q])[-self.window :]
+            joined[layer] = (q, scale)
+        self._carry[r.row] = (r.rid, r.seq_len, joined)
+        return joined
+
+    def reset(self) -> None:
+        self._carry.clear()
+
+
+@dataclass
+class Ranking:
+    """What a prefill-time policy decided for one request.
+
+    order:   [L, KvH, K] int64 prompt positions, best first (padded past `ranked`).
+    ranked:  [L] how many entries of `order` are real in each layer.
+    budgets: [L] tokens each layer attends to per decode step (window and generated included).
+    """
+
+    rid: Optional[str]
+    prompt_len: int
+    order: torch.Tensor
+    ranked: list[int]
+    budgets: list[int]
+
+
+def shared_order(first: torch.Tensor, scores: Optional[torch.Tensor], k: int, num_kv_heads: int) -> torch.Tensor:
+    """Positions `first` (kept by every head, in order) then each head's top scores, k in all.
+
+    first:  [f] int64 positions; scores: [KvH, P] over positions 0 .. P-1 (None: no more).
+    returns [KvH, min(k, f + P)] int64.
+    """
+    head = first[None, :].expand(num_kv_heads, -1)
+    take = min(k - first.numel(), 0 if scores is None else scores.shape[1])
+    if take <= 0:
+        return head[:, :k]
+    # A stable sort, so ties go to the lower position whatever the platform.
+    best = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :take]
+    return torch.cat([head, best], dim=1)
+
+
+def prompt_scores(r: RequestView, layer: int, window: dict, key_buffers, size: int) -> torch.Tensor:
+    """[KvH, N] attention of the last `size` prompt queries of `layer` to every prompt token."""
+    q, scale = window[layer]
+    q = q[-size:]
+    n = r.seq_len
+    return window_scores(q, key_buffers[layer][r.row_slots[:n]], n - q.shape[0], scale)
+
+
+class PrefillSelectionPolicy(KVPolicy):
+    """Base of the prefill-time policies: subclasses implement `rank`."""
+
+    def __init__(self, kv, shape, num_slots, dtype, device, tokens=None):
+        super().__init__(kv, shape, num_slots, dtype, device, tokens)
+        self.queries = PromptQueries(self.query_window())
+        self._rankings: dict[int, Ranking] = {}
+        self._reqs: list[RequestView] = []
+        self._warned = False
+        self._is_decode = False
+
+    def query_layers(self) -> frozenset[int]:
+        return frozenset(range(self.shape.num_layers)) if self.query_window() else frozenset()
+
+    # --- prefill ------------------------------------------------------------------------------
+    def begin_forward(self, reqs: list[RequestView], is_decode: bool) -> None:
+        self._reqs = reqs
+        self._is_decode = is_decode
+        if not is_decode:
+            self.queries.begin(len(reqs))
+
+    def observe_queries(self, layer_id, req_index, q, scale) -> None:
+        self.queries.add(req_index, layer_id, q, scale)
+
+    def end_forward(self, reqs: list[RequestView], key_buffers: list[torch.Tensor]) -> None:
+        self.record_tokens(reqs)
+        if self._is_decode:
+            return
+        for i, r in enumerate(reqs):
+            window = self.queries.take(i, r)
+            orders, budgets = self.rank(r, window, key_buffers)
+            self._rankings[r.row] = Ranking(r.rid, r.seq_len, stack_orders(orders), [o.shape[1] for o in orders], budgets)
+
+    def record_tokens(self, reqs: list[RequestView]) -> None:
+        """Hook for policies that classify tokens (per KV slot, so radix hits see them)."""
+
+    @abc.abstractmethod
+    def rank(self, r: RequestView, window: dict, key_buffers: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+        """Rank the prompt positions 0 .. r.seq_len-1 of one request.
+
+        window:  {layer: (queries [m, H, D] of the last m prompt positions, scale)} for query_layers.
+        returns: per layer, [KvH, k_l] int64 positions best first (the same k_l for every head;
+                 positions left out are never attended once the sequence outgrows the budget),
+                 and the per-layer budgets [L] (summing to L * r.budget, or each r.budget).
+        """
+
+    # --- helpers for subclasses -----------------------------------------------------------------
+    def prompt_scores(self, r: RequestView, layer: int, window: dict, key_buffers, size: int) -> torch.Tensor:
+        return prompt_scores(r, layer, window, key_buffers, size)
+
+    def snap_order(self, r, layer, window, key_buffers, obs: int, keep: int, kernel: int, pooling: str) -> torch.Tensor:
+        """SnapKV's ranking in one layer: the `obs` last prompt tokens, then the rest by pooled
+        observation-window attention. returns [KvH, min(keep, N)]."""
+        n = r.seq_len
+        obs = min(obs, n)
+        recent = torch.arange(n - 1, n - obs - 1, -1, device=r.row_slots.device)
+        scores = None
+        if n > obs:
+            scores = pool_scores(self.prompt_scores(r, layer, window, key_buffers, obs)[:, : n - obs], kernel, pooling)
+        return shared_order(recent, scores, keep, self.shape.num_kv_heads)
+
+    # --- decode -------------------------------------------------------------------------------
+    def select(self, layer_id, req_index, q):
+        r = self._reqs[req_index]
+        n, device = r.seq_len, r.row_slots.device
+        kvh = self.shape.num_kv_heads
+        rk = self._rankings.get(r.row)
+        if rk is None or rk.rid != r.rid:  # cannot happen: every prefill ends with a ranking
+            if not self._warned:
+                logger.warning("%s: no prompt ranking for request %s; attending to its recent tokens", self.kv.policy, r.rid)
+                self._warned = True
+            L = self.shape.num_layers
+            rk = Ranking(r.rid, 0, torch.zeros(L, kvh, 0, dtype=torch.int64, device=device), [0] * L, [r.budget] * L)
+        budget = rk.budgets[layer_id]
+        if n <= budget:
+            positions = torch.arange(n, device=device)[None, :].expand(kvh, -1)
+            return positions, torch.ones_like(positions, dtype=torch.bool)
+        generated = torch.arange(n - 1, rk.prompt_len - 1, -1, device=device)[:budget]
+        prompt = rk.order[layer_id, :, : min(budget - generated.numel(), rk.ranked[layer_id])]
+        positions = torch.cat([prompt, generated[None, :].expand(kvh, -1)], dim=1)
+        return positions, torch.ones_like(positions, dtype=torch.bool)
+
+    # --- lifetime -----------------------------------------------------------------------------
+    def reset(self) -> None:
+        self._rankings.clear()
+        self.queries.reset()
+
+    def stats(self) -> dict:
+        return {"rankings": len(self._rankings)}
+
+
+def stack_orders(orders: list[torch.Tensor]) -> torch.Tensor:
+    """Per-layer orders [KvH, k_l] padded (with position 0, never read past keep) to [L, KvH, max k]."""
+    width = max(o.shape[1] for o in orders)
+    return torch.stack([torch.nn.functional.pad(o, (0, width - o.shape[1])) for o in orders])
+
+
+class SlotFlags:
+    """A per-KV-slot bool (e.g. "this token is a separator"), written for every computed token so
+    a radix-cache hit finds the flags of its cached prefix. token_mask: [vocab] bool or None
+    (no tokenizer: every flag is False)."""
+
+    def __init__(self, num_slots: int, token_mask: Optional[torch.Tensor], device):
+        self.mask = None if token_mask is None else token_mask.to(device)
+        self.flags = torch.zeros(num_slots, dtype=torch.bool, device=device)
+
+    def record(self, reqs: list[RequestView]) -> None:
+        if self.mask is None:
+            return
+        for r in reqs:
+            ids = r.token_ids.to(self.mask.device).clamp(0, self.mask.numel() - 1)
+            self.flags[r.row_slots[r.new_start :]] = self.mask[ids]
+
+    def of(self, slots: torch.Tensor) -> torch.Tensor:
+        return self.flags[slots]

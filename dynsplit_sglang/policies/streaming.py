@@ -1,0 +1,63 @@
+"""Position-only baselines: StreamingLLM (sink + recent) and SepLLM (initial + separators + recent)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from dynsplit_sglang.delimiters import is_separator_text
+from dynsplit_sglang.policies.prefill_selection import PrefillSelectionPolicy, SlotFlags
+
+logger = logging.getLogger(__name__)
+
+
+def _same_for_all(order: torch.Tensor, num_layers: int, num_kv_heads: int) -> list[torch.Tensor]:
+    return [order[None, :].expand(num_kv_heads, -1)] * num_layers
+
+
+class StreamingLLMPolicy(PrefillSelectionPolicy):
+    """StreamingLLM: the first `sink_tokens` plus the most recent tokens, budget in all, the same
+    for every layer and head. As tokens are generated the window rolls (generated tokens push out
+    the oldest prompt tokens); positions stay the original ones (no re-indexing inside the cache)."""
+
+    name = "streamingllm"
+
+    def rank(self, r, window, key_buffers):
+        n, device = r.seq_len, r.row_slots.device
+        sink = min(self.options.sink_tokens, n)
+        order = torch.cat([torch.arange(sink, device=device), torch.arange(n - 1, sink - 1, -1, device=device)])
+        order = order[: min(n, r.budget)]
+        return _same_for_all(order, self.shape.num_layers, self.shape.num_kv_heads), [r.budget] * self.shape.num_layers
+
+
+class SepLLMPolicy(PrefillSelectionPolicy):
+    """SepLLM (training-free): the `initial_tokens`, the recent window, and separator tokens
+    (`. , ? ! ; :`, whitespace, line breaks) in between, the newest separators first while they fit
+    in the budget. The same for every layer and head. Generated tokens push out the oldest
+    separators first."""
+
+    name = "sepllm"
+
+    def __init__(self, kv, shape, num_slots, dtype, device, tokens=None):
+        super().__init__(kv, shape, num_slots, dtype, device, tokens)
+        mask = None if tokens is None else tokens.mask(is_separator_text)
+        if mask is None:
+            logger.warning("sepllm: no tokenizer, so no token counts as a separator")
+        self.separators = SlotFlags(num_slots, mask, device)
+
+    def record_tokens(self, reqs):
+        self.separators.record(reqs)
+
+    def rank(self, r, window, key_buffers):
+        n, device = r.seq_len, r.row_slots.device
+        first = min(self.options.initial_tokens, n)
+        recent_from = max(first, n - self.options.recent(r.budget))
+        middle = torch.arange(first, recent_from, device=device)
+        seps = middle[self.separators.of(r.row_slots[first:recent_from])].flip(0)  # newest first
+        order = torch.cat([
+            torch.arange(first, device=device),
+            torch.arange(n - 1, recent_from - 1, -1, device=device),
+            seps,
+        ])[: r.budget]
+        return _same_for_all(order, self.shape.num_layers, self.shape.num_kv_heads), [r.budget] * self.shape.num_layers
