@@ -1,0 +1,163 @@
+"""Offline long-context accuracy suite: every KV policy at every budget, scored, tabled, plotted.
+
+    python -m benchmarks.accuracy --kv full,dynsplit --budgets 0.25,0.125,0.0625 --lengths 2048,4096,8192 --samples 30
+    python -m benchmarks.accuracy --ablation            # DynSplit-KV's split rule, per scenario
+    python -m benchmarks.accuracy --quick               # pipeline check on the tiny random model
+    python -m benchmarks.accuracy --replot [--out X.json]
+
+Runs SGLang in process on the embedded SmolLM2-135M-Instruct (or --model), greedy, chat template
+applied. Prints a table per length and writes JSON (commit, device, date, exact command, model,
+per-sample records, accuracy rows) and a PNG plot under benchmarks/results/. Every answer is
+saved to <out>.partial.jsonl at once; rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+
+from benchmarks.accuracy.policies import ABLATION, parse_policies
+from benchmarks.common import RESULTS, run_info
+
+ABLATION_TASKS = ("niah_single", "niah_multikey", "qa_squad", "code_return", "records_jsonl", "records_table")
+QUICK = dict(lengths=[512], samples=1, tasks=["niah_single", "code_return", "records_table"], kv="full,dynsplit", budgets=[0.25])
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.splitlines()[0])
+    p.add_argument("--kv", default=None, help="comma-separated policies: NAME, NAME:{json options}, LABEL=NAME:{...}, "
+                   "or an ablation variant (dynsplit-fixed, dynsplit-punct, dynsplit-position, dynsplit-type); default full,dynsplit")
+    p.add_argument("--kv-config", default=None, help="JSON options given to every compressing policy (its own options win)")
+    p.add_argument("--budgets", default="0.25,0.125,0.0625", help="KV budgets: <= 1 a fraction of the length, > 1 tokens")
+    p.add_argument("--lengths", default="2048,4096,8192", help="length settings in tokens (prompt + answer)")
+    p.add_argument("--samples", type=int, default=30, help="prompts per task and length (seeds 0..N-1)")
+    p.add_argument("--tasks", default=None, help="'all', or task / family / scenario names, comma-separated")
+    p.add_argument("--ablation", action="store_true", help="full + the four split-rule variants of dynsplit on the "
+                   "prose/code/records tasks, reported per scenario")
+    p.add_argument("--engine-per-budget", action="store_true", help="one engine per budget instead of per-request budgets")
+    p.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--quick", action="store_true", help="tiny random model, 512 tokens, 1 sample of 3 tasks, full + "
+                   "dynsplit at 1/4: checks the pipeline and the scorer, not accuracy")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/accuracy[_ablation][_quick].json)")
+    p.add_argument("--replot", action="store_true", help="only redraw the plot and table from the JSON at --out")
+    return p.parse_args(argv)
+
+
+def select_tasks(text: str | None, default) -> list[str]:
+    from benchmarks.accuracy.tasks import TASKS
+
+    if text is None:
+        return list(default)
+    if text == "all":
+        return list(TASKS)
+    chosen = []
+    for name in text.split(","):
+        found = [t.name for t in TASKS.values() if name in (t.name, t.family, t.scenario)]
+        if not found:
+            raise SystemExit(f"--tasks: unknown task, family or scenario {name!r}; tasks: {', '.join(TASKS)}")
+        chosen += [t for t in found if t not in chosen]
+    return chosen
+
+
+def parse_budgets(text: str) -> tuple[float, ...]:
+    values = []
+    for x in text.split(","):
+        v = float(x)
+        if v <= 0 or (v > 1 and not v.is_integer()):
+            raise SystemExit(f"--budgets: {x!r} is neither a fraction in (0, 1] nor a whole number of tokens")
+        values.append(int(v) if v > 1 else v)
+    return tuple(values)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    group = "scenario" if args.ablation else "family"
+    name = "accuracy" + ("_ablation" if args.ablation else "") + ("_quick" if args.quick else "")
+    out = args.out or os.path.join(RESULTS, name + ".json")
+    if args.replot:
+        with open(out) as fh:
+            result = json.load(fh)
+        return finish(result, out, result["settings"]["group"], write=False)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from benchmarks.accuracy.report import aggregate
+    from benchmarks.accuracy.run import Settings, load_partial, pending, record_key, run_policy
+    from benchmarks.accuracy.scoring import check
+    from benchmarks.accuracy.tasks import TASKS, make_sample
+    from dynsplit_sglang.default_model import smollm2_path, tiny_model_path
+
+    info = run_info()  # the commit that runs, taken before anything can change
+    info["command"] = " ".join(shlex.quote(a) for a in ["python", "-m", "benchmarks.accuracy", *argv])
+    if args.quick:
+        model, lengths, samples, budgets = tiny_model_path(), QUICK["lengths"], QUICK["samples"], QUICK["budgets"]
+        tasks, kv = select_tasks(args.tasks, QUICK["tasks"]), args.kv or QUICK["kv"]
+    else:
+        model = args.model or smollm2_path()
+        lengths = [int(x) for x in args.lengths.split(",")]
+        samples, budgets = args.samples, parse_budgets(args.budgets)
+        tasks = select_tasks(args.tasks, ABLATION_TASKS if args.ablation else TASKS)
+        kv = args.kv or (",".join(ABLATION) if args.ablation else "full,dynsplit")
+    policies = parse_policies(kv, json.loads(args.kv_config) if args.kv_config else None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = Settings(str(model), tuple(budgets), device, args.engine_per_budget)
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+
+    prompts = [(t, n, s) for n in lengths for t in tasks for s in range(samples)]
+    data = [make_sample(tokenizer, t, n, s) for t, n, s in tqdm(prompts, desc="prompts", unit="prompt", leave=False)]
+    for sample in data:
+        check(sample)  # the scorer gives 1 to the gold answers and 0 to an empty answer, on every prompt
+    max_new = max(s.max_new_tokens for s in data)
+    max_total_tokens = 2 * (max(lengths) + len(budgets) * max_new)
+
+    partial = out.removesuffix(".json") + ".partial.jsonl"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    model_name = os.path.basename(str(model))
+    done = load_partial(partial, model_name)
+    work = {p.label: pending(p, data, settings, done) for p in policies}
+    total = len(data) * sum(1 if p.dense else len(budgets) for p in policies)
+    left = sum(len(bs) for w in work.values() for _, bs in w)
+    with open(partial, "a") as log, tqdm(total=total, initial=total - left, desc="answers", unit="answer", smoothing=0) as bar:
+        def on_record(r: dict) -> None:
+            log.write(json.dumps(r) + "\n")
+            log.flush()
+            done[record_key(r["policy"], r["config"], r["task"], r["length"], r["seed"], r["budget_setting"])] = r
+            bar.update()
+
+        for p in policies:
+            if work[p.label]:
+                bar.set_postfix_str(p.label)
+                run_policy(p, work[p.label], settings, tokenizer, max_total_tokens, on_record)
+
+    records = [done[record_key(p.label, p.config, s.task, s.length, s.seed, b)]
+               for p in policies for s in data for b in ([None] if p.dense else budgets)]
+    result = {**info, "model": model_name, "dtype": "float32" if device == "cpu" else "bfloat16",
+              "settings": {"policies": [vars(p) for p in policies], "budgets": list(budgets), "lengths": lengths,
+                           "samples": samples, "tasks": tasks, "group": group,
+                           "budgets_per": "engine" if args.engine_per_budget else "request"},
+              "accuracy": aggregate(records), "samples": records}
+    finish(result, out, group)
+    os.remove(partial)
+    return result
+
+
+def finish(result: dict, out: str, group: str, write: bool = True) -> dict:
+    from benchmarks.accuracy.report import markdown, plot
+
+    if write:
+        with open(out, "w") as fh:
+            json.dump(result, fh, indent=1)
+    plot(result, out.removesuffix(".json") + ".png", group)
+    print(markdown(result, group))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The KV policies a run compares, and the `sgl.Engine` arguments that start each of them.
+
+`--kv` takes a comma-separated list; each entry is one of
+
+    full | dynsplit | quest | ...      a `--kv` policy with its defaults
+    POLICY:{"key": value, ...}         that policy with options (passed as `kv_config`)
+    LABEL=POLICY:{...}                 the same, named LABEL in tables and plots
+    dynsplit-fixed | dynsplit-punct | dynsplit-position | dynsplit-type
+                                       the split-rule ablation variants (`VARIANTS`)
+
+The ablation varies only DynSplit-KV's split rule; block size, Δ, budget and everything else
+stay at the same values, so all four variants have the same mean block length (C).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One compared setting.
+
+    label:  its name in records, tables and plots.
+    kv:     the `--kv` policy ("full" is SGLang's own dense attention, the reference).
+    config: policy options, given to the engine as `kv_config` ({} = the policy's defaults).
+    """
+
+    label: str
+    kv: str
+    config: dict = field(default_factory=dict)
+
+    @property
+    def dense(self) -> bool:
+        return self.kv == "full"
+
+    def with_options(self, options: dict) -> "Policy":
+        """Run-wide `--kv-config` options under this policy's own (its own win); none for full."""
+        return self if self.dense or not options else Policy(self.label, self.kv, {**options, **self.config})
+
+
+VARIANTS = {
+    # rigid fixed-interval blocks of C tokens (Quest/ChunkKV-style)
+    "dynsplit-fixed": Policy("dynsplit-fixed", "dynsplit", {"split": "fixed_interval"}),
+    # a pre-defined delimiter set: blocks end at punctuation, whatever its score (SepLLM/SentenceKV-style)
+    "dynsplit-punct": Policy("dynsplit-punct", "dynsplit", {"split": "punctuation"}),
+    # DD-Select, each candidate position weighted by its own score (the paper's formula, the default)
+    "dynsplit-position": Policy("dynsplit-position", "dynsplit", {"split": "dd_select", "weighting": "position"}),
+    # DD-Select, each delimiter type weighted by the mean score of its occurrences
+    "dynsplit-type": Policy("dynsplit-type", "dynsplit", {"split": "dd_select", "weighting": "delimiter_type"}),
+}
+ABLATION = ("full", *VARIANTS)
+
+
+def split_top_level(text: str) -> list[str]:
+    """Split on commas outside braces and brackets, so JSON options may contain commas."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_policy(entry: str) -> Policy:
+    """One `--kv` entry (see the module docstring)."""
+    if entry in VARIANTS:
+        return VARIANTS[entry]
+    label = None
+    if "=" in entry.split(":", 1)[0]:
+        label, entry = entry.split("=", 1)
+    kv, _, options = entry.partition(":")
+    config = {}
+    if options:
+        try:
+            config = json.loads(options)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--kv entry {entry!r}: the options are not valid JSON ({e.msg})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"--kv entry {entry!r}: the options must be a JSON object")
+    if kv == "full" and config:
+        raise ValueError("--kv full takes no options")
+    if not kv:
+        raise ValueError(f"--kv entry {entry!r} names no policy")
+    default = kv if not config else f"{kv}:{json.dumps(config, sort_keys=True, separators=(',', ':'))}"
+    return Policy(label or default, kv, config)
+
+
+def parse_policies(text: str, options: dict | None = None) -> list[Policy]:
+    """The `--kv` list, with the run-wide `--kv-config` options applied."""
+    policies = [parse_policy(e).with_options(options or {}) for e in split_top_level(text)]
+    labels = [p.label for p in policies]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--kv: two entries have the same label ({', '.join(labels)})")
+    return policies
+
+
+def engine_args(policy: Policy, model_path: str, kv_budget: int | None, max_total_tokens: int, device: str) -> dict:
+    """Keyword arguments of `sgl.Engine` for one policy (the radix cache stays on: several
+    requests with the same prompt share its prefill)."""
+    args = dict(
+        model_path=str(model_path), device=device, dtype="float32" if device == "cpu" else "bfloat16",
+        max_total_tokens=max_total_tokens, skip_server_warmup=True, disable_overlap_schedule=True, log_level="error",
+    )
+    if policy.dense:
+        if device == "cpu":
+            args["attention_backend"] = "torch_native"
+        return args
+    args.update(kv=policy.kv, kv_budget=kv_budget)
+    if policy.config:
+        args["kv_config"] = policy.config
+    return args

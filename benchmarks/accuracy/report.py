@@ -1,0 +1,117 @@
+"""From per-sample records to accuracy rows, a markdown table and a plot.
+
+A record is one generation: policy, task, family, scenario, length, seed, budget (KV tokens; the
+prompt length for `full`), fraction (budget / length), answers, output and score. A row is the
+mean score of the records of one (policy, length, budget, group), where the group is a task
+family, a scenario, a task, or "all" (the mean over tasks, each task weighted alike).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+GROUPS = ("family", "scenario", "task")
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def aggregate(records: list[dict]) -> list[dict]:
+    """Accuracy rows for every grouping in GROUPS plus "all", sorted for reading."""
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        setting = (r["policy"], r["length"], r["budget_setting"])
+        for group in GROUPS:
+            cells[(*setting, group, r[group])].append(r)
+        cells[(*setting, "all", "all")].append(r)
+    rows = []
+    for (policy, length, setting, group, name), rs in cells.items():
+        by_task: dict[str, list[float]] = defaultdict(list)
+        for r in rs:
+            by_task[r["task"]].append(r["score"])
+        rows.append({
+            "policy": policy, "length": length, "budget_setting": setting,
+            "budget": round(_mean(r["budget"] for r in rs)), "fraction": round(_mean(r["fraction"] for r in rs), 4),
+            "group": group, "name": name, "accuracy": round(_mean(_mean(s) for s in by_task.values()), 4),
+            "samples": len(rs), "mean_prompt_tokens": round(_mean(r["prompt_tokens"] for r in rs)),
+        })
+    order = {p: i for i, p in enumerate(dict.fromkeys(r["policy"] for r in records))}
+    rows.sort(key=lambda r: (r["group"], r["length"], order[r["policy"]], -r["fraction"], r["name"]))
+    return rows
+
+
+def markdown(result: dict, group: str) -> str:
+    """One table per length: a row per (policy, budget), a column per `group` value plus "all"."""
+    rows = [r for r in result["accuracy"] if r["group"] in (group, "all")]
+    names = sorted({r["name"] for r in rows if r["group"] == group})
+    out = []
+    for length in sorted({r["length"] for r in rows}):
+        cell = {(r["policy"], r["budget_setting"], r["name"]): r for r in rows if r["length"] == length}
+        settings = list(dict.fromkeys((r["policy"], r["budget_setting"]) for r in rows if r["length"] == length and r["group"] == "all"))
+        prompt = round(_mean(r["mean_prompt_tokens"] for r in rows if r["length"] == length and r["group"] == "all"))
+        out += [f"**{length} tokens** (prompts {prompt} tokens on average; accuracy, mean over samples)", "",
+                "| policy | KV budget | " + " | ".join(names) + " | all |", "| --- | --- |" + " --- |" * (len(names) + 1)]
+        for policy, setting in settings:
+            first = cell[(policy, setting, "all")]
+            budget = "all" if setting is None else f"{first['budget']} ({first['fraction']:.3g})"
+            values = [cell.get((policy, setting, n)) for n in names + ["all"]]
+            out.append(f"| {policy} | {budget} | " + " | ".join("-" if v is None else f"{v['accuracy']:.2f}" for v in values) + " |")
+        n = max(r["samples"] for r in rows if r["length"] == length and r["group"] == group)
+        out += ["", f"Up to {n} samples per cell."] if n else []
+        out.append("")
+    out.append(f"{result['model']}; {result['device']}; commit {result['commit']}; {result['date']}; `{result['command']}`")
+    return "\n".join(out)
+
+
+def plot(result: dict, path: str, group: str) -> None:
+    """Accuracy against KV budget (fraction of the length), a line per policy; a panel per
+    `group` value (columns) and length (rows); `full` as a dashed horizontal reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["accuracy"] if r["group"] == group]
+    names = sorted({r["name"] for r in rows})
+    lengths = sorted({r["length"] for r in rows})
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    colors = {p: f"C{i}" for i, p in enumerate(policies)}
+    fig, axes = plt.subplots(len(lengths), len(names), figsize=(2.6 * len(names) + 0.6, 2.3 * len(lengths) + 0.8),
+                             squeeze=False, sharex=True, sharey=True)
+    fractions = sorted({r["fraction"] for r in rows if r["budget_setting"] is not None})
+    for i, length in enumerate(lengths):
+        for j, name in enumerate(names):
+            ax = axes[i][j]
+            for policy in policies:
+                pts = sorted((r["fraction"], r["accuracy"]) for r in rows
+                             if r["policy"] == policy and r["length"] == length and r["name"] == name)
+                if not pts:
+                    continue
+                if all(r["budget_setting"] is None for r in rows if r["policy"] == policy):
+                    ax.axhline(pts[0][1], color=colors[policy], ls="--", lw=1.2, label=policy)
+                else:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, color=colors[policy], label=policy)
+            ax.set_ylim(-0.03, 1.03)
+            ax.grid(alpha=0.3)
+            if fractions:
+                ax.set_xscale("log", base=2)
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(f"{length} tokens\naccuracy", fontsize=8)
+            if i == len(lengths) - 1:
+                ax.set_xlabel("KV budget / length", fontsize=8)
+            ax.tick_params(labelsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes.flat:  # a policy missing from the first panel still gets a legend entry
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    fig.suptitle(f"{result['model']}: accuracy by {group}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

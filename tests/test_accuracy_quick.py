@@ -1,0 +1,49 @@
+"""`python -m benchmarks.accuracy --quick` end to end on the tiny random model: prompts, two
+engines (full and dynsplit at 1/4 of the length), generation, scoring, JSON, table and plot, and
+the resume file. Checks the pipeline, not accuracy (the model is random)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.accuracy.__main__ import QUICK, main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.server
+def test_quick_mode(tmp_path, tiny_model):
+    out = tmp_path / "accuracy_quick.json"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.accuracy", "--quick", "--out", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| full | all |" in run.stdout and "| dynsplit | 128 (0.25) |" in run.stdout
+
+    result = json.loads(out.read_text())
+    for key in ("commit", "device", "date", "command", "model", "settings", "accuracy", "samples"):
+        assert key in result
+    assert result["command"] == f"python -m benchmarks.accuracy --quick --out {out}"
+    assert result["model"] == os.path.basename(tiny_model)
+    records = result["samples"]
+    assert len(records) == 2 * len(QUICK["tasks"]) * QUICK["samples"]
+    assert {(r["policy"], r["budget"]) for r in records} == {("full", 512), ("dynsplit", 128)}
+    for r in records:
+        assert r["task"] in QUICK["tasks"] and isinstance(r["output"], str) and 0.0 <= r["score"] <= 1.0
+        assert r["prompt_tokens"] <= 512 - 16 and r["answers"]
+    everything = {r["policy"]: r for r in result["accuracy"] if r["group"] == "all"}
+    assert set(everything) == {"full", "dynsplit"}
+    assert (tmp_path / "accuracy_quick.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "accuracy_quick.partial.jsonl").exists(), "a finished run removes its resume file"
+
+    (tmp_path / "accuracy_quick.png").unlink()
+    main(["--replot", "--out", str(out)])
+    assert (tmp_path / "accuracy_quick.png").read_bytes()[:4] == b"\x89PNG"
+
+    # An interrupted run resumes from its .partial.jsonl: with every answer there, no engine starts.
+    resumed = tmp_path / "resumed.json"
+    (tmp_path / "resumed.partial.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    again = main(["--quick", "--out", str(resumed)])
+    assert again["samples"] == records and again["accuracy"] == result["accuracy"]

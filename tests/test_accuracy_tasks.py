@@ -1,0 +1,139 @@
+"""The accuracy suite's task generators, scorer, policy list and report, without an engine."""
+
+import json
+import random
+
+import pytest
+
+from benchmarks.accuracy import data, scoring
+from benchmarks.accuracy.policies import VARIANTS, engine_args, parse_policies
+from benchmarks.accuracy.report import aggregate, markdown, plot
+from benchmarks.accuracy.run import budget_tokens
+from benchmarks.accuracy.tasks import TASKS, Sample, largest_fitting, make_sample, render
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)  # SmolLM2's tokenizer and chat template
+
+
+def fake(metric, answers):
+    return Sample("t", "f", "s", 1024, 0, ({"role": "user", "content": ""},), tuple(answers), metric, 8, 10)
+
+
+def test_scoring_known_answers():
+    assert scoring.string_match_all("The numbers are 1234567 and 7654321.", ["1234567", "7654321", "1111111"]) == pytest.approx(2 / 3)
+    assert scoring.string_match_all("vars: ABCDE, fghij", ["abcde", "FGHIJ"]) == 1.0  # case-insensitive
+    assert scoring.string_match_all("nothing here", ["x1"]) == 0.0
+    assert scoring.string_match_part("It was in France.", ["France", "in France"]) == 1.0
+    assert scoring.string_match_part("Germany", ["France", "in France"]) == 0.0
+    assert scoring.score(fake("all", ["42", "43"]), " 42 and then 44") == 0.5
+    assert scoring.score(fake("part", ["Paris", "the city of Paris"]), "paris") == 1.0
+    scoring.check(fake("all", ["red-fox", "blue-owl", "1234567"]))
+
+
+def test_sentence_splitter():
+    text = 'Hello there.  He said "go." Then e.g. this one!\n3 cats? (Yes.) Done'
+    assert data.split_sentences(text) == ["Hello there.", 'He said "go."', "Then e.g. this one!", "3 cats?", "(Yes.)", "Done"]
+    assert data.split_sentences("") == []
+    assert len(data.essay_sentences()) > 5000
+
+
+def test_largest_fitting_finds_the_boundary():
+    for per_unit, base, target in [(7, 100, 2048), (1, 0, 5), (30, 50, 81), (13, 400, 100_000)]:
+        n = largest_fitting(lambda n: base + per_unit * n, target, 10**6)
+        assert base + per_unit * n <= target < base + per_unit * (n + 1)
+    assert largest_fitting(lambda n: min(n, 50), 100, 10**4) == 10**4  # never reaches the target
+    with pytest.raises(ValueError):
+        largest_fitting(lambda n: 100 + n, 50, 100)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_task_prompt(tokenizer, task):
+    length = 2048
+    sample = make_sample(tokenizer, task, length, seed=3)
+    t = TASKS[task]
+    assert (sample.task, sample.family, sample.scenario, sample.metric) == (task, t.family, t.scenario, t.metric)
+    target = length - sample.max_new_tokens
+    assert 0.95 * target <= sample.num_tokens <= target, "the prompt fills the length setting, leaving room for the answer"
+    assert sample.num_tokens == len(tokenizer(render(tokenizer, sample.messages), add_special_tokens=False).input_ids)
+    user = sample.messages[0]["content"]
+    assert sample.answers and all(a in user for a in sample.answers), "every gold answer is in the context"
+    scoring.check(sample)
+    assert make_sample(tokenizer, task, length, seed=3) == sample, "same seed, same prompt"
+    assert make_sample(tokenizer, task, length, seed=4).messages != sample.messages
+
+
+def test_longer_prompts_and_needle_depths(tokenizer):
+    a = make_sample(tokenizer, "niah_multikey", 4096, seed=0)
+    assert 0.97 * (4096 - a.max_new_tokens) <= a.num_tokens <= 4096 - a.max_new_tokens
+    depths = []
+    for seed in range(8):
+        s = make_sample(tokenizer, "niah_single", 1024, seed)
+        text = s.messages[0]["content"]
+        depths.append(text.index(f"is: {s.answers[0]}.") / len(text))
+    assert min(depths) < 0.4 and max(depths) > 0.6, "needles spread over the context"
+
+
+def test_records_and_code_answers_are_unambiguous(tokenizer):
+    for seed in range(3):
+        s = make_sample(tokenizer, "records_jsonl", 2048, seed)
+        record_id = s.messages[-1]["content"].split("id ")[-1].split()[0]
+        rows = [json.loads(line) for line in s.messages[0]["content"].splitlines() if line.startswith("{")]
+        [row] = [r for r in rows if str(r["id"]) == record_id]
+        field = s.messages[-1]["content"].split("The ")[1].split(" of")[0]
+        assert str(row[field]) == s.answers[0]
+        c = make_sample(tokenizer, "code_return", 2048, seed)
+        name = c.messages[-1]["content"].split("`")[1]
+        code = c.messages[0]["content"]
+        assert code.count(f"def {name}(") == 1
+        body = code[code.index(f"def {name}("):].split("\n\n\n")[0].split("```")[0]
+        assert body.rstrip().splitlines()[-1].strip() in (f"return {c.answers[0]}", f'return "{c.answers[0]}"')
+
+
+def test_parse_policies_and_budgets():
+    ps = parse_policies('full,dynsplit,big=dynsplit:{"block_size": 32, "delta": 8},dynsplit-fixed', {"alpha": 2.0})
+    assert [p.label for p in ps] == ["full", "dynsplit", "big", "dynsplit-fixed"]
+    assert ps[0].config == {} and ps[1].config == {"alpha": 2.0}
+    assert ps[2].config == {"alpha": 2.0, "block_size": 32, "delta": 8}
+    assert ps[3].config == {"alpha": 2.0, "split": "fixed_interval"}
+    assert parse_policies('dynsplit:{"delta": 2}')[0].label == 'dynsplit:{"delta":2}'
+    for bad in ["full,full", 'full:{"a": 1}', "dynsplit:{oops}"]:
+        with pytest.raises(ValueError):
+            parse_policies(bad)
+    assert {p.config.get("split") for p in VARIANTS.values()} == {"fixed_interval", "punctuation", "dd_select"}
+    assert budget_tokens(0.0625, 2048) == 128 and budget_tokens(512, 8192) == 512
+    dense = engine_args(ps[0], "m", None, 9000, "cpu")
+    assert dense["attention_backend"] == "torch_native" and "kv" not in dense
+    sparse = engine_args(ps[2], "m", 1024, 9000, "cpu")
+    assert (sparse["kv"], sparse["kv_budget"], sparse["kv_config"]) == ("dynsplit", 1024, ps[2].config)
+    assert "disable_radix_cache" not in sparse
+
+
+def test_report(tmp_path):
+    rng = random.Random(0)
+    records = []
+    for policy, settings in [("full", [None]), ("dynsplit", [0.25, 0.125])]:
+        for task, family, scenario in [("a", "niah", "prose"), ("b", "code", "code"), ("c", "code", "code")]:
+            for length in (1024, 2048):
+                for b in settings:
+                    for seed in range(2):
+                        budget = length if b is None else budget_tokens(b, length)
+                        records.append({"policy": policy, "task": task, "family": family, "scenario": scenario,
+                                        "length": length, "seed": seed, "budget_setting": b, "budget": budget,
+                                        "fraction": budget / length, "prompt_tokens": length - 20,
+                                        "score": rng.choice([0.0, 0.5, 1.0])})
+    rows = aggregate(records)
+    cell = [r for r in rows if (r["policy"], r["length"], r["budget_setting"], r["name"]) == ("dynsplit", 1024, 0.25, "code")]
+    expected = [r["score"] for r in records if (r["policy"], r["length"], r["budget_setting"], r["family"]) == ("dynsplit", 1024, 0.25, "code")]
+    assert cell[0]["accuracy"] == pytest.approx(sum(expected) / len(expected), abs=1e-4) and cell[0]["samples"] == 4
+    everything = [r for r in rows if (r["policy"], r["length"], r["budget_setting"], r["group"]) == ("full", 2048, None, "all")]
+    per_task = [sum(r["score"] for r in records if (r["policy"], r["length"], r["task"]) == ("full", 2048, t)) / 2 for t in "abc"]
+    assert everything[0]["accuracy"] == pytest.approx(sum(per_task) / 3, abs=1e-4), "'all' weighs every task alike"
+    result = {"model": "m", "device": "d", "commit": "c", "date": "now", "command": "cmd", "accuracy": rows}
+    table = markdown(result, "family")
+    assert "| full | all |" in table and "| dynsplit | 128 (0.125) |" in table
+    plot(result, str(tmp_path / "p.png"), "scenario")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
