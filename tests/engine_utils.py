@@ -5,6 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 
+# Prose, code, records and questions: every kind of delimiter the policies care about.
+SAMPLE_TEXT = (
+    "def area(radius):\n    return 3.14159 * radius ** 2\n\n"
+    "The committee met on Tuesday; its members argued, voted, and adjourned. "
+    "Records: {id: 17, name: 'Ada', role: 'admin'}, {id: 18, name: 'Lin', role: 'user'}.\n"
+    "Why does the river bend? Because water follows the softest ground! "
+    "In short, the plan works (mostly), though costs rose by 12% in the third quarter.\n"
+)
+
 CPU_ENGINE = dict(
     device="cpu",
     dtype="float32",  # exact comparisons; bf16 matmuls are also far slower on CPUs without AMX

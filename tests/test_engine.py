@@ -9,17 +9,10 @@ slot or block record leaks.
 import pytest
 from transformers import AutoTokenizer
 
-from tests.engine_utils import engine, generate, read_trace
+from tests.engine_utils import SAMPLE_TEXT, engine, generate, read_trace
 
 pytestmark = pytest.mark.server
 
-TEXT = (
-    "def area(radius):\n    return 3.14159 * radius ** 2\n\n"
-    "The committee met on Tuesday; its members argued, voted, and adjourned. "
-    "Records: {id: 17, name: 'Ada', role: 'admin'}, {id: 18, name: 'Lin', role: 'user'}.\n"
-    "Why does the river bend? Because water follows the softest ground! "
-    "In short, the plan works (mostly), though costs rose by 12% in the third quarter.\n"
-)
 LENGTHS = (300, 517, 950)
 BUDGET = 128
 
@@ -27,7 +20,7 @@ BUDGET = 128
 @pytest.fixture(scope="module")
 def prompts(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    ids = tok(TEXT * 60, add_special_tokens=False).input_ids
+    ids = tok(SAMPLE_TEXT * 60, add_special_tokens=False).input_ids
     # Different lengths and different starting points, so the requests are not prefixes of each other.
     return [ids[7 * i : 7 * i + n] for i, n in enumerate(LENGTHS)]
 
