@@ -24,7 +24,8 @@ from dynsplit_sglang import request_options
 from dynsplit_sglang.delimiters import TokenTexts
 from dynsplit_sglang.kernels.dd_select import band_logits_and_lse
 from dynsplit_sglang.patches import prefix_reserve
-from dynsplit_sglang.policies import POLICY_CLASSES, RequestView
+from dynsplit_sglang.policies import RequestView
+from dynsplit_sglang.policies.policy_set import build_policy
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +49,14 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
         )
         tokens = TokenTexts(model_runner.server_args.tokenizer_path, mc.vocab_size)
         self.kv = kv
-        self.policy = POLICY_CLASSES[kv.policy](kv, self.shape, keys0.shape[0], keys0.dtype, self.device, tokens)
+        self.policy = build_policy(kv, self.shape, keys0.shape[0], keys0.dtype, self.device, tokens)
         self._score_layers = self.policy.score_layers()
         self._query_layers = self.policy.query_layers()
         self._query_window = self.policy.query_window()
         # A radix hit must recompute the prompt's last queries the policy ranks with.
         prefix_reserve.set_reserve(self._query_window)
         request_options.enable(kv)
-        self._row_request: dict[int, tuple[str, int]] = {}  # req_to_token row -> (rid, budget)
+        self._row_request: dict[int, tuple[str, int, str]] = {}  # req_to_token row -> (rid, budget, policy)
         self._lock = threading.Lock()
         self._reqs: list[RequestView] = []
         self._last_lse: dict[int, torch.Tensor] = {}  # request index -> [H] lse of its sparse step
@@ -63,7 +64,10 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
         self._kv_available_at_start = self._allocator.available_size()
         self._hook_allocator(self._allocator)
         self.policy.trace({"event": "init", "kv_available": self._kv_available_at_start, **self.policy.stats()})
-        logger.info("dynsplit-sglang: --kv %s, budget %d, score layers %s", kv.policy, kv.budget, sorted(self._score_layers))
+        logger.info(
+            "dynsplit-sglang: --kv %s, budget %d, score layers %s%s", kv.policy, kv.budget, sorted(self._score_layers),
+            f", variants {', '.join(kv.variants)}" if kv.variants else "",
+        )
 
     # --- slot lifetime: policy state lives and dies with the KV slots -------------------------
     def _hook_allocator(self, allocator) -> None:
@@ -115,19 +119,21 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
         reqs, offset = [], 0
         for row, n, s, rid in zip(rows, seq_lens, starts, rids):
             new = n - s
-            reqs.append(RequestView(req_to_token[row, :n].to(torch.int64), s, ids[offset : offset + new], rid, row, self._budget_of(row, rid)))
+            _, budget, policy = self._options_of(row, rid)
+            reqs.append(RequestView(req_to_token[row, :n].to(torch.int64), s, ids[offset : offset + new], rid, row, budget, policy))
             offset += new
         self._reqs = reqs
         self.policy.begin_forward(reqs, is_decode)
 
-    def _budget_of(self, row: int, rid) -> int:
-        """The request's budget: its custom_params.kv_budget, else the server's --kv-budget."""
+    def _options_of(self, row: int, rid) -> tuple[str, int, str]:
+        """(rid, budget, policy label) of the request in this row: its custom_params.kv_budget
+        and kv_policy, else the server's --kv-budget and --kv policy."""
         known = self._row_request.get(row)
         if known is None or known[0] != rid:
-            budget = request_options.take_budget(rid)
-            known = (rid, self.kv.budget if budget is None else budget)
+            asked = request_options.take(rid)
+            known = (rid, self.kv.budget if asked.budget is None else asked.budget, asked.policy or self.kv.policy)
             self._row_request[row] = known
-        return known[1]
+        return known
 
     def _check_layer(self, layer) -> None:
         if layer.is_cross_attention or layer.qk_head_dim != layer.v_head_dim:

@@ -87,7 +87,8 @@ class PolicyOptions:
         return dataclasses.asdict(self)
 
 
-def parse_json_object(text: "str | dict | None") -> dict:
+def parse_json_object(text: "str | dict | None", what: str = "--kv-config") -> dict:
+    """A JSON object given as text (or already a dict); `what` names the option in errors."""
     if text is None or text == "":
         return {}
     if isinstance(text, dict):
@@ -95,9 +96,9 @@ def parse_json_object(text: "str | dict | None") -> dict:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise KVConfigError(f"--kv-config is not valid JSON ({e.msg} at char {e.pos}): {text!r}") from None
+        raise KVConfigError(f"{what} is not valid JSON ({e.msg} at char {e.pos}): {text!r}") from None
     if not isinstance(data, dict):
-        raise KVConfigError(f"--kv-config must be a JSON object, got {text!r}")
+        raise KVConfigError(f"{what} must be a JSON object, got {text!r}")
     return data
 
 
@@ -425,22 +426,33 @@ POLICIES = tuple(POLICY_OPTIONS)
 
 @dataclass(frozen=True)
 class KVConfig:
-    """What `--kv`, `--kv-budget` and `--kv-config` chose.
+    """What `--kv`, `--kv-budget`, `--kv-config` and `--kv-variants` chose.
 
-    policy:  name of the KV policy (`full` is dense attention, the reference).
-    budget:  KV tokens one request attends to per decode step (per layer and KV head; the per-layer
-             mean for policies with per-layer budgets), sink and recent tokens included. Sequences
-             no longer than this are dense. A request may override it (custom_params.kv_budget).
-    options: the policy's options dataclass.
+    policy:   name of the KV policy (`full` is dense attention, the reference).
+    budget:   KV tokens one request attends to per decode step (per layer and KV head; the per-layer
+              mean for policies with per-layer budgets), sink and recent tokens included. Sequences
+              no longer than this are dense. A request may override it (custom_params.kv_budget).
+    options:  the policy's options dataclass.
+    variants: more policies the same server runs, by label (label -> options dataclass); a request
+              picks one with custom_params.kv_policy (default: `policy`). Every policy keeps its
+              state for every request, so requests that share a prompt share its prefill whichever
+              policy they pick.
     """
 
     policy: str = "full"
     budget: int = DEFAULT_BUDGET
     options: Any = None
+    variants: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.options is None and self.policy in POLICY_OPTIONS:
             object.__setattr__(self, "options", POLICY_OPTIONS[self.policy]())
+
+    @property
+    def policies(self) -> dict:
+        """Every policy this server runs, by the label a request names it with: the --kv policy
+        under its own name first, then the variants."""
+        return {self.policy: self.options, **self.variants}
 
     def validate(self, context_length: Optional[int] = None) -> None:
         if self.policy not in POLICIES:
@@ -450,16 +462,55 @@ class KVConfig:
             raise KVConfigError(
                 f"--kv-budget {self.budget} is larger than the model's context length ({context_length})"
             )
-        self.options.validate()
-        self.options.check_budget(self.budget)
+        if self.variants and self.policy == "full":
+            raise KVConfigError("--kv-variants applies to a compressing policy; add e.g. --kv dynsplit")
+        for label, options in self.policies.items():
+            options.validate()
+            options.check_budget(self.budget, "--kv-budget" if label == self.policy else f"--kv-budget (variant {label!r})")
 
     def to_dict(self) -> dict:
-        return {"policy": self.policy, "budget": self.budget, "options": self.options.to_dict()}
+        return {
+            "policy": self.policy, "budget": self.budget, "options": self.options.to_dict(),
+            "variants": {label: {"policy": o.policy, **o.to_dict()} for label, o in self.variants.items()},
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> "KVConfig":
         policy = data["policy"]
-        return cls(policy=policy, budget=data["budget"], options=POLICY_OPTIONS[policy].from_json(data.get("options")))
+        return cls(
+            policy=policy, budget=data["budget"], options=POLICY_OPTIONS[policy].from_json(data.get("options")),
+            variants=parse_variants(data.get("variants"), policy),
+        )
+
+
+def parse_variants(text: "str | dict | None", main_policy: str) -> dict:
+    """`--kv-variants '{"LABEL": {"policy": NAME, ...options}, ...}'` -> label -> options dataclass.
+
+    "policy" defaults to the label itself, so '{"snapkv": {}, "quest": {"page_size": 32}}' adds
+    those two policies with their options. A label may not be "full" or the --kv policy's name
+    (that one is configured with --kv-config).
+    """
+    variants = {}
+    for label, spec in parse_json_object(text, "--kv-variants").items():
+        where = f"--kv-variants {label!r}"
+        if not isinstance(spec, dict):
+            raise KVConfigError(f"{where} must map to a JSON object of options, got {spec!r}")
+        if label in ("full", main_policy) or not label:
+            raise KVConfigError(
+                f"{where}: the label may not be empty, 'full' or the --kv policy's own name "
+                f"({main_policy!r}, configured with --kv-config)"
+            )
+        spec = dict(spec)
+        policy = spec.pop("policy", label)
+        if policy not in POLICIES or policy == "full":
+            raise KVConfigError(
+                f"{where}: unknown policy {policy!r}; give \"policy\": one of {', '.join(p for p in POLICIES if p != 'full')}"
+            )
+        try:
+            variants[label] = POLICY_OPTIONS[policy].from_json(spec)
+        except KVConfigError as e:
+            raise KVConfigError(str(e).replace("--kv-config", where, 1)) from None
+    return variants
 
 
 def check_budget_value(budget, flag: str = "--kv-budget") -> None:

@@ -1,5 +1,5 @@
-"""`--kv`, `--kv-budget` and `--kv-config` for `python -m sglang.launch_server` and
-`sgl.Engine(kv=..., kv_budget=..., kv_config=...)`.
+"""`--kv`, `--kv-budget`, `--kv-config` and `--kv-variants` for `python -m sglang.launch_server`
+and `sgl.Engine(kv=..., kv_budget=..., kv_config=..., kv_variants=...)`.
 
 The chosen KVConfig travels to the scheduler processes as the bookkeeping attribute
 `ServerArgs._kv_config` (underscore attributes are exempt from ServerArgs sealing and pickled with
@@ -18,10 +18,11 @@ from sglang.srt.plugins.hook_registry import HookType
 from dynsplit_sglang import request_options
 from dynsplit_sglang.config import (
     DEFAULT_BUDGET, POLICIES, POLICY_OPTIONS, DynSplitConfig, KVConfig, KVConfigError, PolicyOptions, parse_json_object,
+    parse_variants,
 )
 
 BACKEND = "dynsplit"  # the attention backend every compressing policy runs on; full: untouched
-KV_ARGS = ("kv", "kv_budget", "kv_config")
+KV_ARGS = ("kv", "kv_budget", "kv_config", "kv_variants")
 
 
 def _budget_type(text: str) -> int:
@@ -39,6 +40,13 @@ def _json_object_type(text: str) -> dict:
         return parse_json_object(text)
     except KVConfigError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--kv-config").lstrip(": ")) from None
+
+
+def _variants_type(text: str) -> dict:
+    try:
+        return parse_json_object(text, "--kv-variants")
+    except KVConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--kv-variants").lstrip(": ")) from None
 
 
 def add_kv_args(result, parser: argparse.ArgumentParser):
@@ -59,20 +67,30 @@ def add_kv_args(result, parser: argparse.ArgumentParser):
         help="Options of the --kv policy as a JSON object, e.g. '{\"block_size\": 16, \"delta\": 4}' "
         "for dynsplit. Keys, defaults and meanings: README.md (Options).",
     )
+    group.add_argument(
+        "--kv-variants", type=_variants_type, default=None,
+        help="More policies this server runs side by side, as a JSON object LABEL -> {\"policy\": NAME, "
+        "...options}, e.g. '{\"snapkv\": {}, \"fixed\": {\"policy\": \"dynsplit\", \"split\": "
+        "\"fixed_interval\"}}'. A request picks one with custom_params.kv_policy (default: --kv).",
+    )
 
 
-def kv_config_from(kv, kv_budget, kv_config) -> KVConfig | None:
-    """KVConfig from the three user-facing values; None when none was given."""
-    if kv is None and kv_budget is None and kv_config is None:
+def kv_config_from(kv, kv_budget, kv_config, kv_variants=None) -> KVConfig | None:
+    """KVConfig from the user-facing values; None when none was given."""
+    if kv is None and kv_budget is None and kv_config is None and kv_variants is None:
         return None
     policy = kv or "full"
     if policy not in POLICIES:
         raise KVConfigError(f"--kv: unknown policy {policy!r}; valid choices: {', '.join(POLICIES)}")
-    if policy == "full" and (kv_budget is not None or kv_config is not None):
-        flag = "--kv-budget" if kv_budget is not None else "--kv-config"
-        raise KVConfigError(f"{flag} applies to a compressing policy; add e.g. --kv dynsplit (valid --kv choices: {', '.join(POLICIES)})")
+    if policy == "full":
+        for flag, value in (("--kv-budget", kv_budget), ("--kv-config", kv_config), ("--kv-variants", kv_variants)):
+            if value is not None:
+                raise KVConfigError(f"{flag} applies to a compressing policy; add e.g. --kv dynsplit (valid --kv choices: {', '.join(POLICIES)})")
     options = kv_config if isinstance(kv_config, PolicyOptions) else POLICY_OPTIONS[policy].from_json(kv_config)
-    config = KVConfig(policy=policy, budget=DEFAULT_BUDGET if kv_budget is None else kv_budget, options=options)
+    config = KVConfig(
+        policy=policy, budget=DEFAULT_BUDGET if kv_budget is None else kv_budget, options=options,
+        variants=parse_variants(kv_variants, policy),
+    )
     config.validate()
     return config
 
@@ -88,14 +106,14 @@ def _hf_config(server_args) -> dict:
 
 
 def _check_model_indices(config: dict, kv: KVConfig) -> None:
-    if not isinstance(kv.options, DynSplitConfig):
-        return
-    for key, field in (("num_hidden_layers", "score_layers"), ("num_attention_heads", "score_heads")):
-        limit, chosen = config.get(key), getattr(kv.options, field)
-        if limit and chosen and max(chosen) >= limit:
-            raise KVConfigError(
-                f"--kv-config: '{field}' {list(chosen)} out of range; the model has {limit} ({key})"
-            )
+    for label, options in kv.policies.items():
+        if not isinstance(options, DynSplitConfig):
+            continue
+        flag = "--kv-config" if label == kv.policy else f"--kv-variants {label!r}"
+        for key, field in (("num_hidden_layers", "score_layers"), ("num_attention_heads", "score_heads")):
+            limit, chosen = config.get(key), getattr(options, field)
+            if limit and chosen and max(chosen) >= limit:
+                raise KVConfigError(f"{flag}: '{field}' {list(chosen)} out of range; the model has {limit} ({key})")
 
 
 def check_server_args(server_args, kv: KVConfig) -> None:
@@ -136,7 +154,7 @@ def _pick_backend(kv: KVConfig | None, current):
 
 def from_cli_args_with_kv(original, cls, args: argparse.Namespace):
     try:
-        kv = kv_config_from(getattr(args, "kv", None), getattr(args, "kv_budget", None), getattr(args, "kv_config", None))
+        kv = kv_config_from(*(getattr(args, name, None) for name in KV_ARGS))
         if kv is not None:
             args.attention_backend = _pick_backend(kv, getattr(args, "attention_backend", None))
         server_args = original(cls, args)
@@ -151,7 +169,7 @@ def from_cli_args_with_kv(original, cls, args: argparse.Namespace):
 
 
 def engine_server_args(**kwargs):
-    """Stands in for `Engine.server_args_class`: accepts kv=, kv_budget=, kv_config=."""
+    """Stands in for `Engine.server_args_class`: accepts kv=, kv_budget=, kv_config=, kv_variants=."""
     from sglang.srt.server_args import ServerArgs
 
     kv = kv_config_from(*(kwargs.pop(name, None) for name in KV_ARGS))

@@ -34,6 +34,8 @@ class RequestView:
     row:       the request's `req_to_token` row (stable for the request's life, reused after it).
     budget:    KV tokens this request attends to per decode step and layer (the server's
                --kv-budget or the request's custom_params.kv_budget).
+    policy:    label of the policy that answers it when the server runs several
+               (custom_params.kv_policy; "" for the --kv policy).
     """
 
     row_slots: torch.Tensor
@@ -42,6 +44,7 @@ class RequestView:
     rid: Optional[str] = None
     row: int = -1
     budget: int = 0
+    policy: str = ""
 
     @property
     def seq_len(self) -> int:
@@ -93,9 +96,10 @@ class KVPolicy(abc.ABC):
         lse:         [h, n] fp32 log-sum-exp of each query's logits over the keys it attended.
         """
 
-    def observe_queries(self, layer_id: int, req_index: int, q: torch.Tensor) -> None:
+    def observe_queries(self, layer_id: int, req_index: int, q: torch.Tensor, scale: float) -> None:
         """Queries [m, H, D] of the last m <= query_window() positions computed in this prefill
-        forward for one request, in one of `query_layers` (after RoPE, as attention sees them)."""
+        forward for one request, in one of `query_layers` (after RoPE, as attention sees them);
+        scale: the layer's softmax scale."""
 
     @abc.abstractmethod
     def end_forward(self, reqs: list[RequestView], key_buffers: list[torch.Tensor]) -> None:

@@ -1,0 +1,112 @@
+"""Several policies in one server (`--kv-variants`); each request is answered by one of them.
+
+Every member sees every forward of every request (prefill statistics, decode bookkeeping), so the
+state a member needs exists for a prompt whichever member's request computed it, and requests
+that share a prompt share its prefill through the radix cache whatever policy they pick. Only
+`select` is routed, by the request's `RequestView.policy`. The cost: each member's bookkeeping
+runs for every request, so a server for production runs one policy; variants are for comparing
+policies on the same traffic (benchmarks/accuracy does).
+
+Decode-time statistics (DynSplit-KV's DD rows of generated tokens) are measured against what the
+request's own policy attended, for every member alike.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from dynsplit_sglang.block_table import ModelShape
+from dynsplit_sglang.config import KVConfig
+from dynsplit_sglang.policies.base import KVPolicy, RequestView
+
+
+def build_policy(kv: KVConfig, shape: ModelShape, num_slots: int, dtype, device, tokens=None) -> KVPolicy:
+    """The --kv policy, or a PolicySet of it and the --kv-variants (each with the server's budget)."""
+    from dynsplit_sglang.policies import POLICY_CLASSES
+
+    members = {
+        label: POLICY_CLASSES[o.policy](KVConfig(o.policy, kv.budget, o), shape, num_slots, dtype, device, tokens)
+        for label, o in kv.policies.items()
+    }
+    return members[kv.policy] if len(members) == 1 else PolicySet(members, kv.policy)
+
+
+class PolicySet(KVPolicy):
+    name = "set"
+
+    def __init__(self, members: dict[str, KVPolicy], default: str):
+        """members: label -> policy (the --kv policy under its own name, then the variants)."""
+        self.members = members
+        self.default = default
+        self._reqs: list[RequestView] = []
+        scoring = [p for p in members.values() if p.score_layers()]
+        heads = {None if p.score_heads() is None else tuple(p.score_heads().tolist()) for p in scoring}
+        # One head subset for everyone, or all heads and each member takes its own.
+        self._heads = scoring[0].score_heads() if len(heads) == 1 else None
+        self._slice_heads = len(heads) > 1
+
+    # --- statistics: the union of what the members want ---------------------------------------
+    def score_layers(self) -> frozenset[int]:
+        return frozenset().union(*(p.score_layers() for p in self.members.values()))
+
+    def band_width(self) -> int:
+        return max(p.band_width() for p in self.members.values())
+
+    def score_heads(self) -> Optional[torch.Tensor]:
+        return self._heads
+
+    def query_layers(self) -> frozenset[int]:
+        return frozenset().union(*(p.query_layers() for p in self.members.values()))
+
+    def query_window(self) -> int:
+        return max(p.query_window() for p in self.members.values())
+
+    def begin_forward(self, reqs: list[RequestView], is_decode: bool) -> None:
+        self._reqs = reqs
+        for p in self.members.values():
+            p.begin_forward(reqs, is_decode)
+
+    def observe(self, layer_id: int, req_index: int, band_logits: torch.Tensor, lse: torch.Tensor) -> None:
+        """band_logits [h, n, W] over `score_heads()` and this set's band width; each member gets
+        its own heads and its own width (the first columns: keys q, q-1, ...)."""
+        for p in self.members.values():
+            if layer_id not in p.score_layers():
+                continue
+            band, member_lse = band_logits[..., : p.band_width()], lse
+            heads = p.score_heads()
+            if self._slice_heads and heads is not None:
+                band, member_lse = band[heads], lse[heads]
+            p.observe(layer_id, req_index, band, member_lse)
+
+    def observe_queries(self, layer_id: int, req_index: int, q: torch.Tensor, scale: float) -> None:
+        """q [m, H, D], m <= this set's query window; each member gets its own last rows."""
+        for p in self.members.values():
+            if layer_id in p.query_layers():
+                p.observe_queries(layer_id, req_index, q[max(0, q.shape[0] - p.query_window()) :], scale)
+
+    def end_forward(self, reqs: list[RequestView], key_buffers: list[torch.Tensor]) -> None:
+        for p in self.members.values():
+            p.end_forward(reqs, key_buffers)
+
+    # --- decode: the request's own policy selects ----------------------------------------------
+    def select(self, layer_id: int, req_index: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        label = self._reqs[req_index].policy or self.default
+        return self.members[label].select(layer_id, req_index, q)
+
+    # --- slot lifetime ------------------------------------------------------------------------
+    def release_slots(self, slots: torch.Tensor) -> None:
+        for p in self.members.values():
+            p.release_slots(slots)
+
+    def reset(self) -> None:
+        for p in self.members.values():
+            p.reset()
+
+    def stats(self) -> dict:
+        return {f"{label}.{k}": v for label, p in self.members.items() for k, v in p.stats().items()}
+
+    def trace(self, event: dict) -> None:
+        for p in self.members.values():
+            p.trace(event)

@@ -1,0 +1,154 @@
+"""Several policies in one server (--kv-variants, custom_params.kv_policy).
+
+A request answered by a member of a PolicySet gets exactly the selection that member gives when
+it runs alone; members get their own heads, band width and query window; the flags and the
+per-request choice are checked with messages that name the problem.
+"""
+
+import pytest
+import torch
+
+from dynsplit_sglang import request_options
+from dynsplit_sglang.config import (
+    DynSplitConfig, KVConfig, KVConfigError, SnapKVOptions, StreamingLLMOptions, parse_variants,
+)
+from dynsplit_sglang.patches.kv_cli import kv_config_from
+from dynsplit_sglang.policies import KVPolicy, RequestView
+from dynsplit_sglang.policies.policy_set import PolicySet, build_policy
+from tests.test_policies import SHAPE, FakeTokens, window_pattern
+
+N, BUDGET = 200, 80
+VARIANTS = {"snap": SnapKVOptions(window=8, kernel_size=1), "fixed": DynSplitConfig(split="fixed_interval")}
+
+
+def run(policy, keys, queries, labels, steps=3):
+    """Prefill one prompt per label (own slot range each), then decode them in one batch;
+    returns per request and step the kept positions per KV head."""
+    rows = [torch.arange(i * N, (i + 1) * N) for i in range(len(labels))]
+    reqs = [RequestView(r, 0, torch.zeros(N, dtype=torch.int64), f"r{i}", i, BUDGET, label)
+            for i, (r, label) in enumerate(zip(rows, labels))]
+    policy.begin_forward(reqs, False)
+    for layer in sorted(policy.query_layers()):
+        for i in range(len(reqs)):
+            policy.observe_queries(layer, i, queries[N - min(policy.query_window(), N):], 1.0)
+    policy.end_forward(reqs, [keys] * SHAPE.num_layers)
+    kept = [[] for _ in labels]
+    for step in range(steps):
+        n = N + 1 + step
+        reqs = [RequestView(torch.cat([r, torch.arange(3 * N + 8 * i, 3 * N + 8 * i + step + 1)]), n - 1,
+                            torch.zeros(1, dtype=torch.int64), f"r{i}", i, BUDGET, label)
+                for i, (r, label) in enumerate(zip(rows, labels))]
+        policy.begin_forward(reqs, True)
+        q = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        for i in range(len(reqs)):
+            positions, valid = policy.select(1, i, q)
+            kept[i].append([set(p[v].tolist()) for p, v in zip(positions, valid)])
+        policy.end_forward(reqs, [keys] * SHAPE.num_layers)
+    return kept
+
+
+def test_each_request_gets_its_own_policys_selection():
+    keys, queries = window_pattern(N, [10, 50, 51, 120])
+    keys = keys.repeat(4, 1, 1)  # room for three prompts' slot ranges and the decode slots
+    kv = KVConfig("streamingllm", BUDGET, StreamingLLMOptions(), variants=dict(VARIANTS))
+    kv.validate()
+    slots = keys.shape[0]
+    together = build_policy(kv, SHAPE, slots, torch.float32, "cpu", FakeTokens())
+    assert isinstance(together, PolicySet)
+    labels = ["snap", "streamingllm", "fixed"]
+    mixed = run(together, keys, queries, labels)
+    for i, label in enumerate(labels):
+        alone = build_policy(KVConfig(kv.policies[label].policy, BUDGET, kv.policies[label]), SHAPE, slots,
+                             torch.float32, "cpu", FakeTokens())
+        assert not isinstance(alone, PolicySet)
+        # alone, the request sits in the same slot range and row as in the mixed batch
+        solo = run(alone, keys, queries, [""] * len(labels))[i]
+        assert mixed[i] == solo, label
+    assert mixed[0] != mixed[1] != mixed[2]
+    assert all(k.startswith(("streamingllm.", "snap.", "fixed.")) for k in together.stats())
+
+
+class Recorder(KVPolicy):
+    """Records what a member is shown."""
+
+    name = "recorder"
+
+    def __init__(self, layers, width, heads, window):
+        self.layers, self.width, self.heads, self.window, self.seen = frozenset(layers), width, heads, window, []
+
+    def score_layers(self):
+        return self.layers
+
+    def band_width(self):
+        return self.width
+
+    def score_heads(self):
+        return None if self.heads is None else torch.tensor(self.heads)
+
+    def query_layers(self):
+        return self.layers
+
+    def query_window(self):
+        return self.window
+
+    def observe(self, layer_id, req_index, band_logits, lse):
+        self.seen.append(("band", layer_id, band_logits.clone(), lse.clone()))
+
+    def observe_queries(self, layer_id, req_index, q, scale):
+        self.seen.append(("queries", layer_id, q.clone()))
+
+    def end_forward(self, reqs, key_buffers):
+        pass
+
+    def select(self, layer_id, req_index, q):
+        raise AssertionError("not called here")
+
+
+def test_members_get_their_own_heads_width_and_window():
+    a, b = Recorder([1], 4, [0, 2], 8), Recorder([1, 2], 6, None, 3)
+    ps = PolicySet({"a": a, "b": b}, "a")
+    assert ps.score_layers() == {1, 2} and ps.band_width() == 6 and ps.query_window() == 8
+    assert ps.score_heads() is None  # the members disagree: all heads, each takes its own
+    band, lse, q = torch.randn(4, 5, 6), torch.randn(4, 5), torch.randn(8, 4, 2)
+    ps.observe(1, 0, band, lse)
+    ps.observe(2, 0, band[:, :, :6], lse)
+    ps.observe_queries(1, 0, q, 1.0)
+    _, _, band_a, lse_a = a.seen[0]
+    assert torch.equal(band_a, band[[0, 2], :, :4]) and torch.equal(lse_a, lse[[0, 2]])
+    assert [s[1] for s in b.seen if s[0] == "band"] == [1, 2] and torch.equal(b.seen[0][2], band)
+    assert torch.equal(a.seen[-1][2], q) and torch.equal(b.seen[-1][2], q[-3:])
+    same = PolicySet({"a": Recorder([1], 4, [1], 8), "b": Recorder([1], 4, [1], 8)}, "a")
+    assert same.score_heads().tolist() == [1]
+
+
+def test_variants_flag_and_request_choice_are_checked():
+    kv = kv_config_from("dynsplit", 256, None, '{"snapkv": {"window": 16}, "fixed": {"policy": "dynsplit", "split": "fixed_interval"}}')
+    assert list(kv.policies) == ["dynsplit", "snapkv", "fixed"] and kv.variants["snapkv"].window == 16
+    assert KVConfig.from_dict(kv.to_dict()) == kv
+    for text, message in [
+        ('{"full": {}}', "may not be empty, 'full' or the --kv policy's own name"),
+        ('{"dynsplit": {}}', "may not be empty, 'full' or the --kv policy's own name"),
+        ('{"x": {}}', "--kv-variants 'x': unknown policy 'x'"),
+        ('{"q": {"policy": "quest", "pages": 3}}', "--kv-variants 'q': unknown key(s) pages for --kv quest"),
+        ('{"q": 3}', "must map to a JSON object"),
+        ("[1]", "--kv-variants must be a JSON object"),
+    ]:
+        with pytest.raises(KVConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            parse_variants(text, "dynsplit")
+    with pytest.raises(KVConfigError, match=r"--kv-budget \(variant 'w'\) 20 is too small for windowkv"):
+        kv_config_from("streamingllm", 20, None, {"w": {"policy": "windowkv"}}).validate()
+    with pytest.raises(KVConfigError, match="--kv-variants applies to a compressing policy"):
+        kv_config_from("full", None, None, {"snapkv": {}})
+
+    request_options.configure(kv, 8192)
+    try:
+        request_options.check({"kv_policy": "fixed", "kv_budget": 100})
+        request_options.check({"kv_policy": "dynsplit"})
+        with pytest.raises(ValueError, match="custom_params.kv_policy 'quest' is not a policy of this server; it runs 'dynsplit', 'snapkv', 'fixed'"):
+            request_options.check({"kv_policy": "quest"})
+        with pytest.raises(ValueError, match="custom_params.kv_budget 10 is too small for snapkv"):
+            request_options.check({"kv_policy": "snapkv", "kv_budget": 10})
+    finally:
+        request_options.configure(None, None)
+    with pytest.raises(ValueError, match="custom_params.kv_policy applies to a compressing policy"):
+        request_options.check({"kv_policy": "snapkv"})
