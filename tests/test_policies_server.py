@@ -1,0 +1,102 @@
+"""Every `--kv` policy serves real requests through the HTTP server on the embedded SmolLM2.
+
+Chunked prefill (128-token chunks, so the 389-token prompt ends in a 5-token chunk: prefill-time
+policies must join the observation window across chunks) and the radix cache on. A batch of three
+prompts of mixed lengths is answered at a sparse budget; the same batch again (a radix hit) must
+give the same tokens; the same prompts with a per-request budget that covers them must give
+exactly `--kv full`'s tokens; a bad per-request budget or policy is refused with a message and
+the server keeps serving.
+
+`--kv dynsplit` and `--kv snapkv` (one decode-time, one prefill-time policy) run on servers of
+their own; one more server runs every policy side by side (`--kv-variants`), each request naming
+its policy, and must give the one-policy servers' tokens for theirs.
+"""
+
+import json
+
+import pytest
+import requests
+from transformers import AutoTokenizer
+
+from tests.engine_utils import SAMPLE_TEXT
+from tests.server_utils import launch_server
+
+pytestmark = pytest.mark.server
+
+LENGTHS = (300, 389, 520)
+BUDGET = 96
+COMMON = ("--chunked-prefill-size", "128")
+ALONE = ("dynsplit", "snapkv")
+VARIANTS = {
+    "dynsplit+dynamickv": {"policy": "dynsplit", "layer_budgets": "dynamickv"},
+    "quest": {}, "snapkv": {}, "pyramidkv": {}, "dynamickv": {}, "windowkv": {}, "streamingllm": {}, "sepllm": {},
+}
+_alone_outputs: dict[str, list] = {}
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2):
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    ids = tok(SAMPLE_TEXT * 40, add_special_tokens=False).input_ids
+    return [ids[11 * i : 11 * i + n] for i, n in enumerate(LENGTHS)]
+
+
+def generate(url, prompts, **custom):
+    params = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+    if custom:
+        params["custom_params"] = custom
+    reply = requests.post(url + "/generate", json={"input_ids": prompts, "sampling_params": params}, timeout=300)
+    assert reply.status_code == 200, reply.text
+    return [r["output_ids"] for r in reply.json()]
+
+
+def refused(url, prompt, custom):
+    reply = requests.post(url + "/generate", timeout=60, json={
+        "input_ids": prompt, "sampling_params": {"max_new_tokens": 4, "custom_params": custom},
+    })
+    assert reply.status_code == 400, reply.text
+    return reply.text
+
+
+@pytest.fixture(scope="module")
+def full_outputs(smollm2, prompts):
+    with launch_server(smollm2, "--attention-backend", "torch_native", *COMMON) as url:
+        return generate(url, prompts)
+
+
+def check_policy(url, prompts, full_outputs, **policy) -> list:
+    """Miss, hit, a covering budget and a bad budget for one policy; returns the miss tokens."""
+    requests.post(url + "/flush_cache", timeout=60).raise_for_status()  # the next batch is a miss
+    miss = generate(url, prompts, **policy)
+    hit = generate(url, prompts, **policy)
+    assert hit == miss, f"a radix-cache hit changed the output of {policy or 'the --kv policy'}"
+    assert all(len(o) == 12 for o in miss)
+    assert generate(url, prompts, kv_budget=2048, **policy) == full_outputs, "a budget covering the sequence must be dense"
+    assert "custom_params.kv_budget must be a positive number" in refused(url, prompts[0], {"kv_budget": 0, **policy})
+    return miss
+
+
+@pytest.mark.parametrize("policy", ALONE)
+def test_policy_serves_requests(policy, smollm2, prompts, full_outputs, tmp_path):
+    args = ("--kv", policy, "--kv-budget", str(BUDGET), *COMMON)
+    with launch_server(smollm2, *args, log_path=str(tmp_path / "server.log")) as url:
+        assert requests.get(url + "/server_info", timeout=30).json()["attention_backend"] == "dynsplit"
+        miss = check_policy(url, prompts, full_outputs)
+        assert generate(url, prompts[:1]) == miss[:1]
+        _alone_outputs[policy] = miss
+
+
+def test_one_server_runs_every_policy(smollm2, prompts, full_outputs, tmp_path):
+    args = ("--kv", "dynsplit", "--kv-budget", str(BUDGET), "--kv-variants", json.dumps(VARIANTS), *COMMON)
+    outputs = {}
+    with launch_server(smollm2, *args, log_path=str(tmp_path / "server.log")) as url:
+        for label in ("dynsplit", *VARIANTS):
+            outputs[label] = check_policy(url, prompts, full_outputs, kv_policy=label)
+        # without kv_policy a request gets the --kv policy
+        assert generate(url, prompts) == outputs["dynsplit"]
+        message = refused(url, prompts[0], {"kv_policy": "h2o"})
+        assert "custom_params.kv_policy 'h2o' is not a policy of this server" in message
+        assert generate(url, prompts[:1], kv_policy="windowkv") == outputs["windowkv"][:1]
+    for policy, tokens in _alone_outputs.items():
+        assert outputs[policy] == tokens, f"{policy} among variants differs from {policy} alone"
+    assert len({json.dumps(o) for o in outputs.values()}) > 3, "the policies should not all attend alike"
