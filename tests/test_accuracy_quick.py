@@ -1,6 +1,7 @@
-"""`python -m benchmarks.accuracy --quick` end to end on the tiny random model: prompts, two
-engines (full and dynsplit at 1/4 of the length), generation, scoring, JSON, table and plot, and
-the resume file. Checks the pipeline, not accuracy (the model is random)."""
+"""`python -m benchmarks.accuracy --quick` end to end on the tiny random model: prompts, one
+shared engine (full, and dynsplit and snapkv at 1/4 of the length, chosen per request),
+generation, scoring, JSON, table and plot, and the resume file. Checks the pipeline, not accuracy
+(the model is random)."""
 
 import json
 import os
@@ -28,13 +29,19 @@ def test_quick_mode(tmp_path, tiny_model):
     assert result["command"] == f"python -m benchmarks.accuracy --quick --out {out}"
     assert result["model"] == os.path.basename(tiny_model)
     records = result["samples"]
-    assert len(records) == 2 * len(QUICK["tasks"]) * QUICK["samples"]
-    assert {(r["policy"], r["budget"]) for r in records} == {("full", 512), ("dynsplit", 128)}
+    assert len(records) == 3 * len(QUICK["tasks"]) * QUICK["samples"]
+    assert {(r["policy"], r["budget"]) for r in records} == {("full", 512), ("dynsplit", 128), ("snapkv", 128)}
     for r in records:
         assert r["task"] in QUICK["tasks"] and isinstance(r["output"], str) and 0.0 <= r["score"] <= 1.0
         assert r["prompt_tokens"] <= 512 - 16 and r["answers"]
     everything = {r["policy"]: r for r in result["accuracy"] if r["group"] == "all"}
-    assert set(everything) == {"full", "dynsplit"}
+    assert set(everything) == {"full", "dynsplit", "snapkv"}
+    # one prefill per prompt: every answer after the first found the prompt in the radix cache, all
+    # but the last tokens SnapKV ranks with (its 32-token window, recomputed on a hit)
+    for task in QUICK["tasks"]:
+        rs = sorted((r for r in records if r["task"] == task), key=lambda r: r["cached_tokens"])
+        assert rs[0]["cached_tokens"] < rs[0]["prompt_tokens"] // 2, rs[0]
+        assert all(r["cached_tokens"] == r["prompt_tokens"] - 32 for r in rs[1:]), [r["cached_tokens"] for r in rs]
     assert (tmp_path / "accuracy_quick.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "accuracy_quick.partial.jsonl").exists(), "a finished run removes its resume file"
 

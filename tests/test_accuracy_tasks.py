@@ -6,9 +6,9 @@ import random
 import pytest
 
 from benchmarks.accuracy import data, scoring
-from benchmarks.accuracy.policies import VARIANTS, engine_args, parse_policies
+from benchmarks.accuracy.policies import VARIANTS, engine_args, parse_policies, policy_engine_kwargs
 from benchmarks.accuracy.report import aggregate, markdown, plot
-from benchmarks.accuracy.run import budget_tokens
+from benchmarks.accuracy.run import Settings, budget_tokens, engine_groups, pending, request_params
 from benchmarks.accuracy.tasks import TASKS, Sample, largest_fitting, make_sample, render
 
 
@@ -105,11 +105,36 @@ def test_parse_policies_and_budgets():
             parse_policies(bad)
     assert {p.config.get("split") for p in VARIANTS.values()} == {"fixed_interval", "punctuation", "dd_select"}
     assert budget_tokens(0.0625, 2048) == 128 and budget_tokens(512, 8192) == 512
-    dense = engine_args(ps[0], "m", None, 9000, "cpu")
+    dense = engine_args(policy_engine_kwargs(ps[0], None), "m", 9000, "cpu")
     assert dense["attention_backend"] == "torch_native" and "kv" not in dense
-    sparse = engine_args(ps[2], "m", 1024, 9000, "cpu")
+    sparse = engine_args(policy_engine_kwargs(ps[2], 1024), "m", 9000, "cpu")
     assert (sparse["kv"], sparse["kv_budget"], sparse["kv_config"]) == ("dynsplit", 1024, ps[2].config)
-    assert "disable_radix_cache" not in sparse
+    assert "disable_radix_cache" not in sparse and "attention_backend" not in sparse
+
+
+def test_shared_engine_runs_every_policy_with_per_request_choices(tokenizer):
+    ps = parse_policies("full,big=dynsplit:{\"block_size\": 32},snapkv,dynsplit,dynsplit-fixed")
+    sample = make_sample(tokenizer, "niah_single", 512, seed=0)
+    settings = Settings("m", (0.25, 64), "cpu", "shared")
+    work = pending(ps, [sample], settings, {})
+    assert len(work[0][1]) == 1 + 4 * 2
+    ((kwargs, labels, items),) = engine_groups(ps, work, settings)
+    # the first policy labelled with its own name is --kv; the others are variants under their labels
+    assert (kwargs["kv"], kwargs["kv_budget"]) == ("snapkv", 512) and "kv_config" not in kwargs
+    assert kwargs["kv_variants"] == {"big": {"policy": "dynsplit", "block_size": 32}, "dynsplit": {"policy": "dynsplit"},
+                                     "dynsplit-fixed": {"policy": "dynsplit", "split": "fixed_interval"}}
+    assert labels == {"big": "big", "snapkv": "snapkv", "dynsplit": "dynsplit", "dynsplit-fixed": "dynsplit-fixed"}
+    full, big = request_params(sample, ps[0], None, labels, "shared"), request_params(sample, ps[1], 64, labels, "shared")
+    assert full["custom_params"] == {"kv_budget": 512} and full["temperature"] == 0
+    assert big["custom_params"] == {"kv_budget": 64, "kv_policy": "big"}
+    # one engine per policy: full is SGLang's own attention, the others take budgets per request
+    groups = engine_groups(ps, work, Settings("m", (0.25, 64), "cpu", "policy"))
+    assert [g[0].get("kv") for g in groups] == [None, "dynsplit", "snapkv", "dynsplit", "dynsplit"]
+    assert request_params(sample, ps[2], 0.25, {}, "policy")["custom_params"] == {"kv_budget": 128}
+    # one engine per policy and budget: nothing per request
+    groups = engine_groups(ps, work, Settings("m", (0.25, 64), "cpu", "budget"))
+    assert [(g[0].get("kv"), g[0].get("kv_budget")) for g in groups][:3] == [(None, None), ("dynsplit", 128), ("dynsplit", 64)]
+    assert "custom_params" not in request_params(sample, ps[2], 0.25, {}, "budget")
 
 
 def test_report(tmp_path):

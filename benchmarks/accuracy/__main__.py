@@ -20,10 +20,12 @@ import shlex
 import sys
 
 from benchmarks.accuracy.policies import ABLATION, parse_policies
+from benchmarks.accuracy.run import ENGINES
 from benchmarks.common import RESULTS, run_info
+from dynsplit_sglang.config import parse_json_object
 
 ABLATION_TASKS = ("niah_single", "niah_multikey", "qa_squad", "code_return", "records_jsonl", "records_table")
-QUICK = dict(lengths=[512], samples=1, tasks=["niah_single", "code_return", "records_table"], kv="full,dynsplit", budgets=[0.25])
+QUICK = dict(lengths=[512], samples=1, tasks=["niah_single", "code_return", "records_table"], kv="full,dynsplit,snapkv", budgets=[0.25])
 
 
 def parse_args(argv):
@@ -37,10 +39,12 @@ def parse_args(argv):
     p.add_argument("--tasks", default=None, help="'all', or task / family / scenario names, comma-separated")
     p.add_argument("--ablation", action="store_true", help="full + the four split-rule variants of dynsplit on the "
                    "prose/code/records tasks, reported per scenario")
-    p.add_argument("--engine-per-budget", action="store_true", help="one engine per budget instead of per-request budgets")
+    p.add_argument("--engines", choices=ENGINES, default="shared", help="shared: one engine runs every policy, "
+                   "each request names its policy and budget, so a prompt is prefilled once; policy: one engine per "
+                   "policy; budget: one per policy and budget")
     p.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--quick", action="store_true", help="tiny random model, 512 tokens, 1 sample of 3 tasks, full + "
-                   "dynsplit at 1/4: checks the pipeline and the scorer, not accuracy")
+                   "dynsplit and snapkv at 1/4 in one shared engine: checks the pipeline and the scorer, not accuracy")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/accuracy[_ablation][_quick].json)")
     p.add_argument("--replot", action="store_true", help="only redraw the plot and table from the JSON at --out")
     return p.parse_args(argv)
@@ -89,7 +93,7 @@ def main(argv=None):
     from transformers import AutoTokenizer
 
     from benchmarks.accuracy.report import aggregate
-    from benchmarks.accuracy.run import Settings, load_partial, pending, record_key, run_policy
+    from benchmarks.accuracy.run import Settings, load_partial, pending, record_key, run
     from benchmarks.accuracy.scoring import check
     from benchmarks.accuracy.tasks import TASKS, make_sample
     from dynsplit_sglang.default_model import smollm2_path, tiny_model_path
@@ -105,9 +109,12 @@ def main(argv=None):
         samples, budgets = args.samples, parse_budgets(args.budgets)
         tasks = select_tasks(args.tasks, ABLATION_TASKS if args.ablation else TASKS)
         kv = args.kv or (",".join(ABLATION) if args.ablation else "full,dynsplit")
-    policies = parse_policies(kv, json.loads(args.kv_config) if args.kv_config else None)
+    try:
+        policies = parse_policies(kv, parse_json_object(args.kv_config))
+    except ValueError as e:  # a malformed --kv or --kv-config: one line, no traceback
+        raise SystemExit(f"python -m benchmarks.accuracy: error: {e}") from None
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    settings = Settings(str(model), tuple(budgets), device, args.engine_per_budget)
+    settings = Settings(str(model), tuple(budgets), device, args.engines)
     tokenizer = AutoTokenizer.from_pretrained(str(model))
 
     prompts = [(t, n, s) for n in lengths for t in tasks for s in range(samples)]
@@ -115,15 +122,17 @@ def main(argv=None):
     for sample in data:
         check(sample)  # the scorer gives 1 to the gold answers and 0 to an empty answer, on every prompt
     max_new = max(s.max_new_tokens for s in data)
-    max_total_tokens = 2 * (max(lengths) + len(budgets) * max_new)
+    per_prompt = sum(1 if p.dense else len(budgets) for p in policies)
+    # one prompt's KV, plus each request's answer and the prompt tail a radix hit recomputes; x2 margin
+    max_total_tokens = 2 * (max(lengths) + per_prompt * (max_new + 64))
 
     partial = out.removesuffix(".json") + ".partial.jsonl"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     model_name = os.path.basename(str(model))
     done = load_partial(partial, model_name)
-    work = {p.label: pending(p, data, settings, done) for p in policies}
-    total = len(data) * sum(1 if p.dense else len(budgets) for p in policies)
-    left = sum(len(bs) for w in work.values() for _, bs in w)
+    work = pending(policies, data, settings, done)
+    total = len(data) * per_prompt
+    left = sum(len(items) for _, items in work)
     with open(partial, "a") as log, tqdm(total=total, initial=total - left, desc="answers", unit="answer", smoothing=0) as bar:
         def on_record(r: dict) -> None:
             log.write(json.dumps(r) + "\n")
@@ -131,17 +140,18 @@ def main(argv=None):
             done[record_key(r["policy"], r["config"], r["task"], r["length"], r["seed"], r["budget_setting"])] = r
             bar.update()
 
-        for p in policies:
-            if work[p.label]:
-                bar.set_postfix_str(p.label)
-                run_policy(p, work[p.label], settings, tokenizer, max_total_tokens, on_record)
+        def on_engine(kv_kwargs: dict) -> None:
+            bar.set_postfix_str(kv_kwargs.get("kv", "full") + (f" + {len(kv_kwargs['kv_variants'])} variants" if "kv_variants" in kv_kwargs else ""))
+
+        if work:
+            run(policies, work, settings, tokenizer, max_total_tokens, on_record, on_engine)
 
     records = [done[record_key(p.label, p.config, s.task, s.length, s.seed, b)]
                for p in policies for s in data for b in ([None] if p.dense else budgets)]
     result = {**info, "model": model_name, "dtype": "float32" if device == "cpu" else "bfloat16",
               "settings": {"policies": [vars(p) for p in policies], "budgets": list(budgets), "lengths": lengths,
                            "samples": samples, "tasks": tasks, "group": group,
-                           "budgets_per": "engine" if args.engine_per_budget else "request"},
+                           "engines": args.engines},
               "accuracy": aggregate(records), "samples": records}
     finish(result, out, group)
     os.remove(partial)

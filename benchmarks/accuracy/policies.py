@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from dynsplit_sglang.config import parse_json_object
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -76,14 +78,7 @@ def parse_policy(entry: str) -> Policy:
     if "=" in entry.split(":", 1)[0]:
         label, entry = entry.split("=", 1)
     kv, _, options = entry.partition(":")
-    config = {}
-    if options:
-        try:
-            config = json.loads(options)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--kv entry {entry!r}: the options are not valid JSON ({e.msg})") from None
-        if not isinstance(config, dict):
-            raise ValueError(f"--kv entry {entry!r}: the options must be a JSON object")
+    config = parse_json_object(options, f"the options of --kv entry {entry!r}")
     if kv == "full" and config:
         raise ValueError("--kv full takes no options")
     if not kv:
@@ -101,18 +96,32 @@ def parse_policies(text: str, options: dict | None = None) -> list[Policy]:
     return policies
 
 
-def engine_args(policy: Policy, model_path: str, kv_budget: int | None, max_total_tokens: int, device: str) -> dict:
-    """Keyword arguments of `sgl.Engine` for one policy (the radix cache stays on: several
-    requests with the same prompt share its prefill)."""
+def policy_engine_kwargs(policy: Policy, kv_budget: int | None) -> dict:
+    """The KV arguments of an engine that runs one policy (`full`: SGLang's own attention)."""
+    if policy.dense:
+        return {}
+    kwargs = dict(kv=policy.kv, kv_budget=kv_budget)
+    if policy.config:
+        kwargs["kv_config"] = policy.config
+    return kwargs
+
+
+def shared_engine_kwargs(main: Policy, variants: dict, kv_budget: int) -> dict:
+    """The KV arguments of an engine that runs `main` as --kv and the others as --kv-variants."""
+    kwargs = policy_engine_kwargs(main, kv_budget)
+    if variants:
+        kwargs["kv_variants"] = variants
+    return kwargs
+
+
+def engine_args(kv_kwargs: dict, model_path: str, max_total_tokens: int, device: str) -> dict:
+    """Keyword arguments of `sgl.Engine` (the radix cache stays on: requests with the same prompt
+    share its prefill); no KV arguments means `--kv full` (torch_native attention on the CPU)."""
     args = dict(
         model_path=str(model_path), device=device, dtype="float32" if device == "cpu" else "bfloat16",
         max_total_tokens=max_total_tokens, skip_server_warmup=True, disable_overlap_schedule=True, log_level="error",
+        **kv_kwargs,
     )
-    if policy.dense:
-        if device == "cpu":
-            args["attention_backend"] = "torch_native"
-        return args
-    args.update(kv=policy.kv, kv_budget=kv_budget)
-    if policy.config:
-        args["kv_config"] = policy.config
+    if not kv_kwargs and device == "cpu":
+        args["attention_backend"] = "torch_native"
     return args

@@ -1,10 +1,15 @@
 """Generating the suite's answers through SGLang (`sgl.Engine`, the code path of the server).
 
-One engine per policy, radix cache on. For each prompt, the first budget is sent alone (it pays
-the prefill) and the other budgets follow as one batch that hits the radix cache, each with its
-own KV budget in `custom_params={"kv_budget": B}`; the engine itself starts with the largest
-budget of the run. `engine_per_budget` instead starts one engine per distinct budget (the way
-to compare against, and the fallback for a core without the per-request override).
+Engines (`Settings.engines`):
+
+    shared  one engine runs every compressing policy of the run (the first as --kv, the others as
+            --kv-variants); each request names its policy and budget in custom_params, and `full`
+            is a request whose budget covers the whole sequence (the dense path, which gives
+            exactly `--kv full`'s tokens). Per prompt, the first request pays the prefill and all
+            other (policy, budget) requests follow as one batch that hits the radix cache.
+    policy  one engine per policy (radix cache on), budgets per request; `full` runs SGLang's own
+            torch_native attention.
+    budget  one engine per policy and budget: nothing per request (the way to compare against).
 
 Every answer is appended to a .partial.jsonl as soon as it exists, so an interrupted run
 resumes where it stopped.
@@ -16,27 +21,31 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from typing import Optional
 
-from benchmarks.accuracy.policies import Policy, engine_args
+from benchmarks.accuracy.policies import Policy, engine_args, policy_engine_kwargs, shared_engine_kwargs
 from benchmarks.accuracy.scoring import score
 from benchmarks.accuracy.tasks import Sample, render
+
+
+ENGINES = ("shared", "policy", "budget")
 
 
 @dataclass(frozen=True)
 class Settings:
     """What every policy of a run shares.
 
-    model:             model folder.
-    budgets:           KV budgets: a value <= 1 is a fraction of the length setting, a value > 1
-                       a number of tokens.
-    device:            "cpu" (fp32) or "cuda" (bf16).
-    engine_per_budget: one engine per distinct budget instead of per-request budgets.
+    model:   model folder.
+    budgets: KV budgets: a value <= 1 is a fraction of the length setting, a value > 1 a number
+             of tokens.
+    device:  "cpu" (fp32) or "cuda" (bf16).
+    engines: "shared", "policy" or "budget" (see the module docstring).
     """
 
     model: str
     budgets: tuple[float, ...]
     device: str
-    engine_per_budget: bool = False
+    engines: str = "shared"
 
 
 def budget_tokens(setting: float, length: int) -> int:
@@ -60,64 +69,98 @@ def load_partial(path: str, model: str) -> dict[str, dict]:
     return done
 
 
-def pending(policy: Policy, samples: list[Sample], settings: Settings, done: dict) -> list[tuple[Sample, list]]:
-    """(sample, [budget setting, ...]) still to generate for this policy; `full` has the one
-    setting None."""
+Item = tuple[Policy, Optional[float]]  # (policy, budget setting; None for full)
+
+
+def pending(policies: list[Policy], samples: list[Sample], settings: Settings, done: dict) -> list[tuple[Sample, list[Item]]]:
+    """(sample, [(policy, budget setting), ...]) still to generate; `full` has the one setting None."""
     out = []
     for s in samples:
-        todo = [b for b in ([None] if policy.dense else settings.budgets)
-                if record_key(policy.label, policy.config, s.task, s.length, s.seed, b) not in done]
+        todo = [(p, b) for p in policies for b in ([None] if p.dense else settings.budgets)
+                if record_key(p.label, p.config, s.task, s.length, s.seed, b) not in done]
         if todo:
             out.append((s, todo))
     return out
 
 
-def run_policy(policy: Policy, work: list[tuple[Sample, list]], settings: Settings, tokenizer, max_total_tokens: int,
-               on_record) -> None:
+def engine_groups(policies: list[Policy], work: list[tuple[Sample, list[Item]]], settings: Settings):
+    """[(engine kwargs except model/memory, server label of each policy, work)] in run order."""
+    sparse = [p for p in policies if not p.dense]
+    if settings.engines == "shared" and sparse:
+        # The --kv policy is one whose label is its policy name, if any, so no variant label clashes with it.
+        main = next((p for p in sparse if p.label == p.kv), sparse[0])
+        variants = {p.label: {"policy": p.kv, **p.config} for p in sparse if p is not main}
+        budget = max(s.length for s, _ in work)  # every request names its own; this one is valid for all
+        labels = {p.label: (main.kv if p is main else p.label) for p in sparse}
+        return [(shared_engine_kwargs(main, variants, budget), labels, work)]
+    groups = []
+    for p in policies:
+        mine = [(s, [(q, b) for q, b in items if q is p]) for s, items in work]
+        mine = [(s, items) for s, items in mine if items]
+        if not mine:
+            continue
+        if p.dense or settings.engines == "policy":
+            budget = None if p.dense else max(budget_tokens(b, s.length) for s, items in mine for _, b in items)
+            groups.append((policy_engine_kwargs(p, budget), {}, mine))
+        else:
+            by_budget: dict[int, list] = {}
+            for s, items in mine:
+                for item in items:
+                    by_budget.setdefault(budget_tokens(item[1], s.length), []).append((s, [item]))
+            groups += [(policy_engine_kwargs(p, b), {}, w) for b, w in sorted(by_budget.items(), reverse=True)]
+    return groups
+
+
+def run(policies: list[Policy], work, settings: Settings, tokenizer, max_total_tokens: int, on_record, on_engine=None) -> None:
     """Generate, score and hand each record to `on_record` as soon as it exists."""
     import sglang as sgl
 
-    if policy.dense or not settings.engine_per_budget:
-        largest = max(budget_tokens(b, s.length) for s, bs in work for b in bs if b is not None) if not policy.dense else None
-        engines = [(largest, work)]
-    else:
-        by_budget: dict[int, list] = {}
-        for s, bs in work:
-            for b in bs:
-                by_budget.setdefault(budget_tokens(b, s.length), []).append((s, [b]))
-        engines = sorted(by_budget.items(), reverse=True)
-    per_request = not policy.dense and not settings.engine_per_budget
-    for engine_budget, items in engines:
-        eng = sgl.Engine(**engine_args(policy, settings.model, engine_budget, max_total_tokens, settings.device))
+    model = os.path.basename(settings.model)
+    for kwargs, labels, items in engine_groups(policies, work, settings):
+        if on_engine:
+            on_engine(kwargs)
+        eng = sgl.Engine(**engine_args(kwargs, settings.model, max_total_tokens, settings.device))
         try:
-            for sample, bs in items:
-                for record in generate(eng, policy, sample, bs, tokenizer, os.path.basename(settings.model), per_request):
+            for sample, todo in items:
+                for record in generate(eng, sample, todo, labels, settings.engines, tokenizer, model):
                     on_record(record)
         finally:
             eng.shutdown()
 
 
-def generate(eng, policy: Policy, sample: Sample, settings: list, tokenizer, model: str, per_request: bool) -> list[dict]:
-    """Greedy answers of one prompt at each budget setting: the first request prefills, the rest
-    reuse that prefill from the radix cache in one batch. A record's `seconds` is the wall time of
-    the call that produced it (shared by a batch); `cached_tokens` the prompt tokens it found in
-    the radix cache."""
+def request_params(sample: Sample, policy: Policy, setting, labels: dict, engines: str) -> dict:
+    """Greedy sampling parameters; per-request policy and budget where the engine takes them."""
+    params = {"temperature": 0, "max_new_tokens": sample.max_new_tokens}
+    custom = {}
+    if engines == "shared" and labels:
+        # full: a budget covering the sequence takes the dense path, exactly --kv full's tokens
+        custom["kv_budget"] = sample.length if policy.dense else budget_tokens(setting, sample.length)
+        if not policy.dense:
+            custom["kv_policy"] = labels[policy.label]
+    elif engines == "policy" and not policy.dense:
+        custom["kv_budget"] = budget_tokens(setting, sample.length)
+    if custom:
+        params["custom_params"] = custom
+    return params
+
+
+def generate(eng, sample: Sample, items: list[Item], labels: dict, engines: str, tokenizer, model: str) -> list[dict]:
+    """Greedy answers of one prompt for each (policy, budget setting): the first request prefills,
+    the rest reuse that prefill from the radix cache in one batch. A record's `seconds` is the wall
+    time of the call that produced it (shared by a batch); `cached_tokens` the prompt tokens it
+    found in the radix cache."""
     ids = tokenizer(render(tokenizer, sample.messages), add_special_tokens=False).input_ids
-
-    def params(setting):
-        p = {"temperature": 0, "max_new_tokens": sample.max_new_tokens}
-        if per_request and setting is not None:
-            p["custom_params"] = {"kv_budget": budget_tokens(setting, sample.length)}
-        return p
-
     outputs = []
-    for batch in ([settings[0]], settings[1:]) if len(settings) > 1 else ([settings[0]],):
+    for batch in ([items[0]], items[1:]):
+        if not batch:
+            continue
         start = time.perf_counter()
-        outs = eng.generate(input_ids=[ids] * len(batch), sampling_params=[params(b) for b in batch])
+        outs = eng.generate(input_ids=[ids] * len(batch),
+                            sampling_params=[request_params(sample, p, b, labels, engines) for p, b in batch])
         seconds = round(time.perf_counter() - start, 3)
-        outputs += [(b, o, seconds) for b, o in zip(batch, outs)]
+        outputs += [(p, b, o, seconds) for (p, b), o in zip(batch, outs)]
     records = []
-    for setting, out, seconds in outputs:
+    for policy, setting, out, seconds in outputs:
         budget = sample.length if setting is None else budget_tokens(setting, sample.length)
         records.append({
             "policy": policy.label, "kv": policy.kv, "config": policy.config, "model": model,
