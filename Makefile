@@ -27,7 +27,7 @@ else
 endif
 DEPS := pyproject.toml requirements/cpu.txt requirements/cpu-lock.txt requirements/bench-data.txt
 
-.PHONY: install model serve test bench clean
+.PHONY: install model serve test bench accuracy clean
 
 install: $(STAMP)
 
@@ -62,6 +62,9 @@ test: install
 
 bench: install
 	$(PY) -m benchmarks.passkey $(ARGS)
+
+accuracy: install
+	$(PY) -m benchmarks.accuracy $(ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

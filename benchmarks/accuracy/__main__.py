@@ -1,12 +1,14 @@
 """Offline long-context accuracy suite: every KV policy at every budget, scored, tabled, plotted.
 
-    python -m benchmarks.accuracy --kv full,dynsplit --budgets 0.25,0.125,0.0625 --lengths 2048,4096,8192 --samples 30
+    python -m benchmarks.accuracy                       # every policy, budgets 1/4, 1/8, 1/16, 2k/4k/8k, 30 samples
+    python -m benchmarks.accuracy --kv full,dynsplit,snapkv --lengths 2048 --samples 5 --tasks niah
     python -m benchmarks.accuracy --ablation            # DynSplit-KV's split rule, per scenario
     python -m benchmarks.accuracy --quick               # pipeline check on the tiny random model
     python -m benchmarks.accuracy --replot [--out X.json]
 
 Runs SGLang in process on the embedded SmolLM2-135M-Instruct (or --model), greedy, chat template
-applied. Prints a table per length and writes JSON (commit, device, date, exact command, model,
+applied; by default one engine runs every policy (--kv-variants) and each prompt is prefilled
+once. Prints a table per length and writes JSON (commit, device, date, exact command, model,
 per-sample records, accuracy rows) and a PNG plot under benchmarks/results/. Every answer is
 saved to <out>.partial.jsonl at once; rerunning the same command resumes.
 """
@@ -22,7 +24,7 @@ import sys
 from benchmarks.accuracy.policies import ABLATION, parse_policies
 from benchmarks.accuracy.run import ENGINES
 from benchmarks.common import RESULTS, run_info
-from dynsplit_sglang.config import parse_json_object
+from dynsplit_sglang.config import POLICIES, parse_json_object
 
 ABLATION_TASKS = ("niah_single", "niah_multikey", "qa_squad", "code_return", "records_jsonl", "records_table")
 QUICK = dict(lengths=[512], samples=1, tasks=["niah_single", "code_return", "records_table"], kv="full,dynsplit,snapkv", budgets=[0.25])
@@ -31,7 +33,7 @@ QUICK = dict(lengths=[512], samples=1, tasks=["niah_single", "code_return", "rec
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.splitlines()[0])
     p.add_argument("--kv", default=None, help="comma-separated policies: NAME, NAME:{json options}, LABEL=NAME:{...}, "
-                   "or an ablation variant (dynsplit-fixed, dynsplit-punct, dynsplit-position, dynsplit-type); default full,dynsplit")
+                   "or an ablation variant (dynsplit-fixed, dynsplit-punct, dynsplit-position, dynsplit-type); default: every policy")
     p.add_argument("--kv-config", default=None, help="JSON options given to every compressing policy (its own options win)")
     p.add_argument("--budgets", default="0.25,0.125,0.0625", help="KV budgets: <= 1 a fraction of the length, > 1 tokens")
     p.add_argument("--lengths", default="2048,4096,8192", help="length settings in tokens (prompt + answer)")
@@ -108,7 +110,7 @@ def main(argv=None):
         lengths = [int(x) for x in args.lengths.split(",")]
         samples, budgets = args.samples, parse_budgets(args.budgets)
         tasks = select_tasks(args.tasks, ABLATION_TASKS if args.ablation else TASKS)
-        kv = args.kv or (",".join(ABLATION) if args.ablation else "full,dynsplit")
+        kv = args.kv or ",".join(ABLATION if args.ablation else POLICIES)
     try:
         policies = parse_policies(kv, parse_json_object(args.kv_config))
     except ValueError as e:  # a malformed --kv or --kv-config: one line, no traceback
@@ -135,6 +137,7 @@ def main(argv=None):
     left = sum(len(items) for _, items in work)
     with open(partial, "a") as log, tqdm(total=total, initial=total - left, desc="answers", unit="answer", smoothing=0) as bar:
         def on_record(r: dict) -> None:
+            r["commit"] = info["commit"]  # a resumed run may continue at a later commit
             log.write(json.dumps(r) + "\n")
             log.flush()
             done[record_key(r["policy"], r["config"], r["task"], r["length"], r["seed"], r["budget_setting"])] = r
@@ -148,6 +151,8 @@ def main(argv=None):
 
     records = [done[record_key(p.label, p.config, s.task, s.length, s.seed, b)]
                for p in policies for s in data for b in ([None] if p.dense else budgets)]
+    # the commits the answers were generated at (more than one when a run was resumed after a change)
+    info["answer_commits"] = sorted({r.get("commit", info["commit"]) for r in records})
     result = {**info, "model": model_name, "dtype": "float32" if device == "cpu" else "bfloat16",
               "settings": {"policies": [vars(p) for p in policies], "budgets": list(budgets), "lengths": lengths,
                            "samples": samples, "tasks": tasks, "group": group,
