@@ -1,9 +1,9 @@
 """Every compressing `--kv` policy on the torch path: SGLang's torch-native attention plus a policy.
 
-Prefill stays dense (SGLang's own SDPA path). The policy sees band logits and row lse of its
-score layers and the queries of the last prompt tokens of its query layers, and commits its
-per-request state after the last layer. At decode, a request whose
-sequence fits the budget takes SGLang's dense path unchanged (bit-identical to `--kv full`); a
+Prefill stays dense (SDPA over the new tokens only, `extend_attention`). The policy sees band
+logits and row lse of its score layers and the queries of the last prompt tokens of its query
+layers, and commits its per-request state after the last layer. At decode, a request whose
+sequence fits the budget takes SGLang's dense decode path unchanged (`--kv full`'s tokens); a
 longer one attends only to the positions the policy selects, per KV head, with the original
 positions (the `req_to_token` row is never compacted, so RoPE and the radix cache are untouched).
 """
@@ -14,6 +14,7 @@ import logging
 import threading
 
 import torch
+import torch.nn.functional as F
 
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool
@@ -146,6 +147,19 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
                 self.policy.end_forward(self._reqs, key_buffers)
 
     # --- prefill ------------------------------------------------------------------------------
+    def _run_sdpa_forward_extend(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                                 extend_prefix_lens, extend_seq_lens, encoder_lens=None, scaling=None,
+                                 enable_gqa=False, causal=False, is_cross_attn=False, sliding_window_size=None):
+        """Dense prefill attention for the new tokens only (see `extend_attention`)."""
+        if encoder_lens is not None or is_cross_attn or not causal or (sliding_window_size or -1) > -1:
+            return super()._run_sdpa_forward_extend(
+                query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, extend_prefix_lens,
+                extend_seq_lens, encoder_lens, scaling=scaling, enable_gqa=enable_gqa, causal=causal,
+                is_cross_attn=is_cross_attn, sliding_window_size=sliding_window_size,
+            )
+        return extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                                extend_prefix_lens, extend_seq_lens, scaling, enable_gqa)
+
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         self._check_layer(layer)
         o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
@@ -227,6 +241,38 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
             if heads is not None:
                 band, lse = band[heads], lse[heads]
             self.policy.observe(layer.layer_id, i, band, lse.view(-1, 1))
+
+
+def extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                     prefix_lens, extend_lens, scale, enable_gqa):
+    """Causal attention of each request's new tokens over its whole sequence, written into output.
+
+    query, output: [T, H, D] the new tokens of every request, back to back.
+    k_cache, v_cache: [num_slots, KvH, D]; req_to_token: [rows, max_len] KV slots per position.
+    req_pool_indices, seq_lens, prefix_lens, extend_lens: [R] per request.
+
+    SGLang's torch-native backend pads each request's queries to the whole sequence and computes
+    the cached prefix's attention again, N x N work for every prefill chunk and every radix hit.
+    Here only the n new queries attend, with the causal mask shifted by the prefix: n x N work,
+    which is what makes radix hits cheap (a prefill-time policy's hit recomputes its last window).
+    A request computed in one piece is the very same SDPA call; with a cached prefix the CPU
+    kernel tiles the shorter query block differently and may round the last bit differently
+    (about 1e-7, tests/test_backend_ops.py).
+    """
+    q_all = query.movedim(0, 1)  # [H, T, D]
+    start = 0
+    for row, total, prefix, n in zip(req_pool_indices.tolist(), seq_lens.tolist(), prefix_lens.tolist(), extend_lens.tolist()):
+        slots = req_to_token[row, :total]
+        q = q_all[None, :, start : start + n]
+        k, v = k_cache[slots].movedim(0, 1)[None], v_cache[slots].movedim(0, 1)[None]
+        if prefix == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa, scale=scale)
+        else:
+            mask = torch.arange(total, device=q.device)[None, :] <= torch.arange(prefix, total, device=q.device)[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa, scale=scale)
+        output[start : start + n] = out[0].movedim(0, 1)
+        start += n
+    return output
 
 
 def sparse_decode_attention(q, keys, values, slots, valid, scale):
