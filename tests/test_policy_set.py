@@ -65,7 +65,10 @@ def test_each_request_gets_its_own_policys_selection():
         solo = run(alone, keys, queries, [""] * len(labels))[i]
         assert mixed[i] == solo, label
     assert mixed[0] != mixed[1] != mixed[2]
-    assert all(k.startswith(("streamingllm.", "snap.", "fixed.")) for k in together.stats())
+    stats = together.stats()
+    assert all(k.startswith(("streamingllm.", "snap.", "fixed.")) for k in stats)
+    # a prefill-time policy ranks only the requests it answers
+    assert stats["snap.rankings"] == 1 and stats["streamingllm.rankings"] == 1
 
 
 class Recorder(KVPolicy):

@@ -55,6 +55,13 @@ class KVPolicy(abc.ABC):
     """Base class of the KV policies behind `--kv`."""
 
     name: ClassVar[str]
+    label: str = ""  # its label in a server running several policies (policy_set.py); "" alone
+
+    def answers(self, r: RequestView) -> bool:
+        """Whether this policy selects for request r. State keyed by KV slot (blocks, token
+        classes) is kept for every request, since the radix cache shares slots between requests;
+        state of one request (a prefill-time ranking, per-layer budgets) only for those it answers."""
+        return not self.label or r.policy == self.label
 
     def __init__(self, kv: KVConfig, shape: ModelShape, num_slots: int, dtype: torch.dtype, device, tokens=None):
         """tokens: a `delimiters.TokenTexts` (decoded vocabulary) for policies that classify tokens."""

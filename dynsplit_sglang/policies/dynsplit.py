@@ -124,7 +124,9 @@ class DynSplitPolicy(KVPolicy):
                 )
                 t.add_blocks(r.row_slots, blocks, key_buffers)
             if self.queries is not None and not self._is_decode:
-                self._layer_budgets[r.row] = (r.rid, self._dynamickv_budgets(r, self.queries.take(i, r), key_buffers))
+                window = self.queries.take(i, r)
+                if self.answers(r):
+                    self._layer_budgets[r.row] = (r.rid, self._dynamickv_budgets(r, window, key_buffers))
             if self._trace is not None and (blocks or r.new_start == 0 or r.seq_len - r.new_start > 1):
                 self._write_trace(r)
 

@@ -1,9 +1,11 @@
 """Several policies in one server (`--kv-variants`); each request is answered by one of them.
 
 Every member sees every forward of every request (prefill statistics, decode bookkeeping), so the
-state a member needs exists for a prompt whichever member's request computed it, and requests
-that share a prompt share its prefill through the radix cache whatever policy they pick. Only
-`select` is routed, by the request's `RequestView.policy`. The cost: each member's bookkeeping
+state a member keeps per KV slot exists for a prompt whichever member's request computed it, and
+requests that share a prompt share its prefill through the radix cache whatever policy they pick.
+State of one request (a prefill-time ranking, per-layer budgets) a member keeps only for the
+requests it answers (`KVPolicy.answers`), and `select` is routed by the request's
+`RequestView.policy`. The cost: each member's bookkeeping
 runs for every request, so a server for production runs one policy; variants are for comparing
 policies on the same traffic (benchmarks/accuracy does).
 
@@ -30,7 +32,11 @@ def build_policy(kv: KVConfig, shape: ModelShape, num_slots: int, dtype, device,
         label: POLICY_CLASSES[o.policy](KVConfig(o.policy, kv.budget, o), shape, num_slots, dtype, device, tokens)
         for label, o in kv.policies.items()
     }
-    return members[kv.policy] if len(members) == 1 else PolicySet(members, kv.policy)
+    if len(members) == 1:
+        return members[kv.policy]
+    for label, member in members.items():
+        member.label = label  # it keeps per-request state only for the requests it answers
+    return PolicySet(members, kv.policy)
 
 
 class PolicySet(KVPolicy):

@@ -133,6 +133,8 @@ class PrefillSelectionPolicy(KVPolicy):
             return
         for i, r in enumerate(reqs):
             window = self.queries.take(i, r)
+            if not self.answers(r):
+                continue
             orders, budgets = self.rank(r, window, key_buffers)
             self._rankings[r.row] = Ranking(r.rid, r.seq_len, stack_orders(orders), [o.shape[1] for o in orders], budgets)
 
