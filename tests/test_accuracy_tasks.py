@@ -6,6 +6,7 @@ import random
 import pytest
 
 from benchmarks.accuracy import data, scoring
+from benchmarks.accuracy.__main__ import main as progress_main
 from benchmarks.accuracy.policies import VARIANTS, engine_args, parse_policies, policy_engine_kwargs
 from benchmarks.accuracy.report import aggregate, markdown, plot
 from benchmarks.accuracy.run import Settings, budget_tokens, engine_groups, pending, request_params
@@ -137,7 +138,7 @@ def test_shared_engine_runs_every_policy_with_per_request_choices(tokenizer):
     assert "custom_params" not in request_params(sample, ps[2], 0.25, {}, "budget")
 
 
-def test_report(tmp_path):
+def test_report(tmp_path, capsys):
     rng = random.Random(0)
     records = []
     for policy, settings in [("full", [None]), ("dynsplit", [0.25, 0.125])]:
@@ -162,3 +163,11 @@ def test_report(tmp_path):
     assert "| full | all |" in table and "| dynsplit | 128 (0.125) |" in table
     plot(result, str(tmp_path / "p.png"), "scenario")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+    # --progress: the table of an unfinished run's saved answers, marked partial, nothing written
+    out = tmp_path / "run.json"
+    (tmp_path / "run.partial.jsonl").write_text("".join(json.dumps({**r, "model": "m", "commit": "abc"}) + "\n" for r in records[:10]))
+    assert progress_main(["--progress", "--out", str(out)]) == [{**r, "model": "m", "commit": "abc"} for r in records[:10]]
+    printed = capsys.readouterr().out
+    assert printed.startswith("PARTIAL: 10 answers for 10 prompts") and "| full | all |" in printed and "commit abc" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "run.partial.jsonl"]

@@ -49,6 +49,8 @@ def parse_args(argv):
                    "dynsplit and snapkv at 1/4 in one shared engine: checks the pipeline and the scorer, not accuracy")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/accuracy[_ablation][_quick].json)")
     p.add_argument("--replot", action="store_true", help="only redraw the plot and table from the JSON at --out")
+    p.add_argument("--progress", action="store_true", help="only print the table of the answers an unfinished run "
+                   "has saved so far (marked partial; writes nothing)")
     return p.parse_args(argv)
 
 
@@ -88,6 +90,8 @@ def main(argv=None):
         with open(out) as fh:
             result = json.load(fh)
         return finish(result, out, result["settings"]["group"], write=False)
+    if args.progress:
+        return progress(out.removesuffix(".json") + ".partial.jsonl", group)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -161,6 +165,26 @@ def main(argv=None):
     finish(result, out, group)
     os.remove(partial)
     return result
+
+
+def progress(partial: str, group: str) -> list[dict]:
+    """Print the table of the answers an unfinished run has saved (not a result: cells hold
+    whatever samples are done, so they are not comparable until the run ends)."""
+    from benchmarks.accuracy.report import aggregate, markdown
+
+    records = []
+    if os.path.exists(partial):
+        with open(partial) as fh:
+            records = [json.loads(line) for line in fh if line.strip()]
+    if not records:
+        print(f"no saved answers in {partial}")
+        return records
+    commits = sorted({r.get("commit", "unknown") for r in records})
+    prompts = len({(r["task"], r["length"], r["seed"]) for r in records})
+    print(f"PARTIAL: {len(records)} answers for {prompts} prompts in {partial} (not a result)\n")
+    print(markdown({"accuracy": aggregate(records), "model": records[0]["model"], "device": "unfinished run",
+                    "commit": ", ".join(commits), "date": "-", "command": "--progress"}, group))
+    return records
 
 
 def finish(result: dict, out: str, group: str, write: bool = True) -> dict:
