@@ -5,12 +5,12 @@ SGLang source is copied. `check_targets()` runs at plugin load and names any tar
 resolves, so an SGLang upgrade fails loudly instead of silently serving without `--kv`.
 
 | module            | target                                                        | why |
-| kv_cli            | ServerArgs.add_cli_args (after)                               | add --kv, --kv-budget, --kv-config |
+| kv_cli            | ServerArgs.add_cli_args (after)                               | add --kv, --kv-budget, --kv-config, --kv-variants |
 | kv_cli            | ServerArgs.from_cli_args (around)                             | validate them, pick the attention backend, carry the config to the scheduler |
-| kv_cli            | Engine.server_args_class (attribute)                          | the same for `sgl.Engine(kv=..., kv_budget=..., kv_config=...)` |
+| kv_cli            | Engine.server_args_class (attribute)                          | the same for `sgl.Engine(kv=..., kv_budget=..., kv_config=..., kv_variants=...)` |
 | prefix_reserve    | Req._compute_max_prefix_len (around)                          | a radix hit recomputes the last prompt tokens a prefill-time policy ranks with |
-| request_budget    | SamplingParams.verify (after)                                 | check custom_params.kv_budget like the other sampling parameters |
-| request_budget    | Req.__init__ (after)                                          | record custom_params.kv_budget for the attention backend |
+| request_budget    | SamplingParams.verify (after)                                 | check custom_params.kv_budget and kv_policy like the other sampling parameters |
+| request_budget    | Req.__init__ (after)                                          | record custom_params.kv_budget and kv_policy for the attention backend |
 | cuda_graph        | attention_hook.handle_attention_backend_compatibility (after) | the torch path has no CUDA-graph support: disable graphs for it, as SGLang does for torch_native |
 | cpu_rotary_import | (import system, only without CUDA and without vllm)           | SGLang's RotaryEmbedding imports vllm._custom_ops on a plain CPU, then never calls it |
 """

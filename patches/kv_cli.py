@@ -35,18 +35,17 @@ def _budget_type(text: str) -> int:
     return value
 
 
-def _json_object_type(text: str) -> dict:
-    try:
-        return parse_json_object(text)
-    except KVConfigError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--kv-config").lstrip(": ")) from None
+def _json_object_arg(flag: str):
+    """argparse type for a flag whose value is a JSON object; errors drop the flag's name, which
+    argparse prints itself."""
 
+    def parse(text: str) -> dict:
+        try:
+            return parse_json_object(text, flag)
+        except KVConfigError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(flag).lstrip(": ")) from None
 
-def _variants_type(text: str) -> dict:
-    try:
-        return parse_json_object(text, "--kv-variants")
-    except KVConfigError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--kv-variants").lstrip(": ")) from None
+    return parse
 
 
 def add_kv_args(result, parser: argparse.ArgumentParser):
@@ -63,12 +62,12 @@ def add_kv_args(result, parser: argparse.ArgumentParser):
         f"(default {DEFAULT_BUDGET}). Shorter sequences use dense attention.",
     )
     group.add_argument(
-        "--kv-config", type=_json_object_type, default=None,
+        "--kv-config", type=_json_object_arg("--kv-config"), default=None,
         help="Options of the --kv policy as a JSON object, e.g. '{\"block_size\": 16, \"delta\": 4}' "
         "for dynsplit. Keys, defaults and meanings: README.md (Options).",
     )
     group.add_argument(
-        "--kv-variants", type=_variants_type, default=None,
+        "--kv-variants", type=_json_object_arg("--kv-variants"), default=None,
         help="More policies this server runs side by side, as a JSON object LABEL -> {\"policy\": NAME, "
         "...options}, e.g. '{\"snapkv\": {}, \"fixed\": {\"policy\": \"dynsplit\", \"split\": "
         "\"fixed_interval\"}}'. A request picks one with custom_params.kv_policy (default: --kv).",

@@ -1,4 +1,5 @@
-"""`custom_params.kv_budget`: check it with the other sampling parameters, record it per request."""
+"""`custom_params.kv_budget` and `kv_policy`: check them with the other sampling parameters,
+record them per request."""
 
 from __future__ import annotations
 

@@ -152,9 +152,6 @@ class PrefillSelectionPolicy(KVPolicy):
         """
 
     # --- helpers for subclasses -----------------------------------------------------------------
-    def prompt_scores(self, r: RequestView, layer: int, window: dict, key_buffers, size: int) -> torch.Tensor:
-        return prompt_scores(r, layer, window, key_buffers, size)
-
     def snap_order(self, r, layer, window, key_buffers, obs: int, keep: int, kernel: int, pooling: str) -> torch.Tensor:
         """SnapKV's ranking in one layer: the `obs` last prompt tokens, then the rest by pooled
         observation-window attention. returns [KvH, min(keep, N)]."""
@@ -163,7 +160,7 @@ class PrefillSelectionPolicy(KVPolicy):
         recent = torch.arange(n - 1, n - obs - 1, -1, device=r.row_slots.device)
         scores = None
         if n > obs:
-            scores = pool_scores(self.prompt_scores(r, layer, window, key_buffers, obs)[:, : n - obs], kernel, pooling)
+            scores = pool_scores(prompt_scores(r, layer, window, key_buffers, obs)[:, : n - obs], kernel, pooling)
         return shared_order(recent, scores, keep, self.shape.num_kv_heads)
 
     # --- decode -------------------------------------------------------------------------------

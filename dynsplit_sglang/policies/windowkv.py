@@ -7,7 +7,7 @@ import logging
 import torch
 
 from dynsplit_sglang.layer_budgets import group_pyramid
-from dynsplit_sglang.policies.prefill_selection import PrefillSelectionPolicy, SlotFlags
+from dynsplit_sglang.policies.prefill_selection import PrefillSelectionPolicy, SlotFlags, prompt_scores
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class WindowKVPolicy(PrefillSelectionPolicy):
         for first in range(0, num_layers, o.shared_layers):
             kept = torch.zeros(0, dtype=torch.int64, device=device)
             if p > 0:
-                token_scores = self.prompt_scores(r, first, window, key_buffers, s)[:, :p]
+                token_scores = prompt_scores(r, first, window, key_buffers, s)[:, :p]
                 scores = window_scores_by_rule(token_scores, o.review_window, rule)
                 starts = torch.arange(0, p, o.review_window, device=device)
                 lengths = (p - starts).clamp_max(o.review_window)
