@@ -44,6 +44,16 @@ def generate(eng, prompts, max_new_tokens=12):
     return [o["output_ids"] for o in out], [o["meta_info"] for o in out]
 
 
+def flush(eng, timeout_s=60.0):
+    """Flush the radix cache and KV pool, waiting for the scheduler to go idle.
+
+    ``Engine.flush_cache()`` refuses at once while the scheduler still holds the batch that just
+    finished (a race a slow machine loses); SGLang's deferred flush waits for idle instead.
+    """
+    result = eng.loop.run_until_complete(eng.tokenizer_manager.flush_cache(timeout_s=timeout_s))
+    assert result.success, f"cache flush failed: {result.message}"
+
+
 def read_trace(path):
     """Last block list per request id, and the flush events."""
     blocks, flushes = {}, []

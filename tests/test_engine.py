@@ -9,7 +9,7 @@ slot or block record leaks.
 import pytest
 from transformers import AutoTokenizer
 
-from tests.engine_utils import SAMPLE_TEXT, engine, generate, read_trace
+from tests.engine_utils import SAMPLE_TEXT, engine, flush, generate, read_trace
 
 pytestmark = pytest.mark.server
 
@@ -40,7 +40,7 @@ def uncached(tiny_model, prompts, tmp_path_factory):
     with engine(tiny_model, kv="dynsplit", kv_budget=BUDGET, disable_radix_cache=True,
                 kv_config={"trace_path": str(trace)}) as eng:
         outputs, metas = generate(eng, prompts)
-        eng.flush_cache()
+        flush(eng)
     blocks, flushes = read_trace(trace)
     return outputs, [blocks[m["id"]]["blocks"] for m in metas], flushes
 
@@ -82,7 +82,7 @@ def test_chunked_prefill_and_radix_hits_match_one_uncached_run(tiny_model, promp
 
         # 3) shared prefix that diverges: another request caches prompt[:cut] + its own tail,
         #    then the prompt reuses the prefix and must not see the other tail's boundaries.
-        eng.flush_cache()
+        flush(eng)
         for prompt, want_out, want_blocks in zip(prompts, ref_out, ref_blocks):
             cut = len(prompt) * 2 // 3 + 5
             other = prompt[:cut] + prompt[:cut][::-1][:120]
@@ -93,12 +93,13 @@ def test_chunked_prefill_and_radix_hits_match_one_uncached_run(tiny_model, promp
             blocks, _ = read_trace(trace)
             assert blocks[meta["id"]]["blocks"] == want_blocks
 
-        eng.flush_cache()
+        flush(eng)
     _, flushes = read_trace(trace)
-    for flush in flushes:
-        assert flush["before"]["records_in_use"] == flush["before"]["records_owned"]
-        assert flush["after"]["records_in_use"] == 0
-        assert flush["kv_available"] == flush["kv_available_at_start"]
+    assert len(flushes) == 2
+    for event in flushes:
+        assert event["before"]["records_in_use"] == event["before"]["records_owned"]
+        assert event["after"]["records_in_use"] == 0
+        assert event["kv_available"] == event["kv_available_at_start"]
 
 
 def test_engine_rejects_bad_kv_arguments(tiny_model):

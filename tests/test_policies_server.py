@@ -66,7 +66,7 @@ def full_outputs(smollm2, prompts):
 
 def check_policy(url, prompts, full_outputs, **policy) -> list:
     """Miss, hit, a covering budget and a bad budget for one policy; returns the miss tokens."""
-    requests.post(url + "/flush_cache", timeout=60).raise_for_status()  # the next batch is a miss
+    requests.post(url + "/flush_cache?timeout=60", timeout=90).raise_for_status()  # the next batch is a miss
     miss = generate(url, prompts, **policy)
     hit = generate(url, prompts, **policy)
     assert hit == miss, f"a radix-cache hit changed the output of {policy or 'the --kv policy'}"
