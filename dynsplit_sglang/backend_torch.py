@@ -1,6 +1,6 @@
 """Every compressing `--kv` policy on the torch path: SGLang's torch-native attention plus a policy.
 
-Prefill stays dense (SDPA over the new tokens only, `extend_attention`). The policy sees band
+Prefill stays dense (causal attention of the new tokens only, `extend_attention`). The policy sees band
 logits and row lse of its score layers and the queries of the last prompt tokens of its query
 layers, and commits its per-request state after the last layer. At decode, a request whose
 sequence fits the budget takes SGLang's dense decode path unchanged (`--kv full`'s tokens); a
@@ -14,16 +14,16 @@ import logging
 import threading
 
 import torch
-import torch.nn.functional as F
 
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool
 
 from dynsplit_sglang.block_table import ModelShape
 from dynsplit_sglang.config import KVConfig
 from dynsplit_sglang import request_options
 from dynsplit_sglang.delimiters import TokenTexts
-from dynsplit_sglang.kernels.dd_select import band_logits_and_lse
+from dynsplit_sglang.kernels.dd_select import band_logits, band_logits_and_lse
 from dynsplit_sglang.patches import prefix_reserve
 from dynsplit_sglang.policies import RequestView
 from dynsplit_sglang.policies.policy_set import build_policy
@@ -139,6 +139,9 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
     def _check_layer(self, layer) -> None:
         if layer.is_cross_attention or layer.qk_head_dim != layer.v_head_dim:
             raise ValueError(f"--kv {self.kv.policy} does not support cross attention or MLA-style heads")
+        if layer.attn_type == AttentionType.ENCODER_ONLY or (layer.sliding_window_size or -1) > -1:
+            raise ValueError(f"--kv {self.kv.policy} supports causal full-attention layers only; layer "
+                             f"{layer.layer_id} is {'bidirectional' if layer.attn_type == AttentionType.ENCODER_ONLY else 'sliding-window'}")
 
     def _finish_layer(self, layer) -> None:
         if layer.layer_id == self.shape.num_layers - 1:
@@ -147,24 +150,22 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
                 self.policy.end_forward(self._reqs, key_buffers)
 
     # --- prefill ------------------------------------------------------------------------------
-    def _run_sdpa_forward_extend(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
-                                 extend_prefix_lens, extend_seq_lens, encoder_lens=None, scaling=None,
-                                 enable_gqa=False, causal=False, is_cross_attn=False, sliding_window_size=None):
-        """Dense prefill attention for the new tokens only (see `extend_attention`)."""
-        if encoder_lens is not None or is_cross_attn or not causal or (sliding_window_size or -1) > -1:
-            return super()._run_sdpa_forward_extend(
-                query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, extend_prefix_lens,
-                extend_seq_lens, encoder_lens, scaling=scaling, enable_gqa=enable_gqa, causal=causal,
-                is_cross_attn=is_cross_attn, sliding_window_size=sliding_window_size,
-            )
-        return extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
-                                extend_prefix_lens, extend_seq_lens, scaling, enable_gqa)
-
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        """Dense causal attention of the new tokens (`extend_attention`); the policy gets the last
+        queries of its query layers and the band logits and row lse of its score layers."""
         self._check_layer(layer)
-        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        if save_kv_cache and k is not None and v is not None:
+            loc = KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc)
+            self.token_to_kv_pool.set_kv_buffer(layer, loc, k, v)
+        q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        o = torch.empty_like(q)
+        keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        lses = extend_attention(
+            q3, o.view_as(q3), keys, self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+            self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
+            forward_batch.extend_prefix_lens, forward_batch.extend_seq_lens, layer.scaling,
+        )
         if layer.layer_id in self._query_layers:
-            q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
             offset = 0
             for i, r in enumerate(self._reqs):
                 n = r.seq_len - r.new_start
@@ -172,16 +173,13 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
                 self.policy.observe_queries(layer.layer_id, i, q3[offset + n - m : offset + n], layer.scaling)
                 offset += n
         if layer.layer_id in self._score_layers:
-            keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
-            q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+            width, heads = self.policy.band_width(), self.policy.score_heads()
             offset = 0
             for i, r in enumerate(self._reqs):
-                n = r.seq_len - r.new_start
-                band, lse = band_logits_and_lse(
-                    q3[offset : offset + n], keys[r.row_slots], r.new_start, layer.scaling,
-                    self.policy.band_width(), self.policy.score_heads(),
-                )
-                self.policy.observe(layer.layer_id, i, band, lse)
+                n, s = r.seq_len - r.new_start, r.new_start
+                lo = max(0, s - width + 1)  # the band reads only the keys from here on
+                band = band_logits(q3[offset : offset + n], keys[r.row_slots[lo:]], s - lo, layer.scaling, width, heads)
+                self.policy.observe(layer.layer_id, i, band, lses[i] if heads is None else lses[i][heads])
                 offset += n
         self._finish_layer(layer)
         return o
@@ -234,7 +232,7 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
             p = r.seq_len - 1
             if i in sparse:  # mass relative to what this step attended (the full row was not read)
                 lse = self._last_lse[i]
-                band, _ = band_logits_and_lse(q3[i : i + 1], keys[r.row_slots[max(0, p - width + 1) :]], min(p, width - 1), layer.scaling, width)
+                band = band_logits(q3[i : i + 1], keys[r.row_slots[max(0, p - width + 1) :]], min(p, width - 1), layer.scaling, width)
             else:
                 band, lse = band_logits_and_lse(q3[i : i + 1], keys[r.row_slots], p, layer.scaling, width)
                 lse = lse[:, 0]
@@ -244,35 +242,75 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
 
 
 def extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
-                     prefix_lens, extend_lens, scale, enable_gqa):
+                     prefix_lens, extend_lens, scale) -> list[torch.Tensor]:
     """Causal attention of each request's new tokens over its whole sequence, written into output.
 
     query, output: [T, H, D] the new tokens of every request, back to back.
     k_cache, v_cache: [num_slots, KvH, D]; req_to_token: [rows, max_len] KV slots per position.
     req_pool_indices, seq_lens, prefix_lens, extend_lens: [R] per request.
+    returns: per request the [H, n] fp32 log-sum-exp of each new query's logits (DD-Select needs
+    it, and the kernel computes it anyway).
 
     SGLang's torch-native backend pads each request's queries to the whole sequence and computes
     the cached prefix's attention again, N x N work for every prefill chunk and every radix hit.
-    Here only the n new queries attend, with the causal mask shifted by the prefix: n x N work,
-    which is what makes radix hits cheap (a prefill-time policy's hit recomputes its last window).
-    A request computed in one piece is the very same SDPA call; with a cached prefix the CPU
-    kernel tiles the shorter query block differently and may round the last bit differently
-    (about 1e-7, tests/test_backend_ops.py).
+    Here only the n new queries attend: a miss is one causal kernel call (the very call SDPA makes
+    on the CPU, so bit-identical to `--kv full`); with a cached prefix the queries attend to the
+    prefix (no mask) and to themselves (causal) in two kernel calls merged by their lse, n x N
+    work without an explicit mask (which would send SDPA to a slower kernel). The merge rounds
+    differently from one call over the whole row (about 1e-7, tests/test_backend_ops.py).
     """
     q_all = query.movedim(0, 1)  # [H, T, D]
+    lses = []
     start = 0
     for row, total, prefix, n in zip(req_pool_indices.tolist(), seq_lens.tolist(), prefix_lens.tolist(), extend_lens.tolist()):
         slots = req_to_token[row, :total]
         q = q_all[None, :, start : start + n]
         k, v = k_cache[slots].movedim(0, 1)[None], v_cache[slots].movedim(0, 1)[None]
         if prefix == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa, scale=scale)
+            out, lse = attention_with_lse(q, k, v, scale, causal=True)
         else:
-            mask = torch.arange(total, device=q.device)[None, :] <= torch.arange(prefix, total, device=q.device)[:, None]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa, scale=scale)
-        output[start : start + n] = out[0].movedim(0, 1)
+            o1, l1 = attention_with_lse(q, k[:, :, :prefix], v[:, :, :prefix], scale, causal=False)
+            o2, l2 = attention_with_lse(q, k[:, :, prefix:], v[:, :, prefix:], scale, causal=True)
+            lse = torch.logaddexp(l1, l2)
+            out = o1.float() * (l1 - lse).exp()[..., None] + o2.float() * (l2 - lse).exp()[..., None]
+        output[start : start + n] = out[0].movedim(0, 1).to(output.dtype)
+        lses.append(lse[0])
         start += n
-    return output
+    return lses
+
+
+def attention_with_lse(q, k, v, scale, causal):
+    """Softmax attention and its log-sum-exp.
+
+    q: [1, H, n, D]; k, v: [1, KvH, T, D] (grouped-query heads allowed); causal needs n == T.
+    returns out [1, H, n, D] (dtype of q) and lse [1, H, n] fp32.
+
+    On the CPU this is the flash kernel F.scaled_dot_product_attention itself dispatches to (it
+    returns the lse, the public function drops it); elsewhere the plain formula, in query chunks
+    so the logits stay small (the GPU issue replaces this path with FlashInfer).
+    """
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return out, lse.float()
+    return attention_with_lse_formula(q, k, v, scale, causal)
+
+
+def attention_with_lse_formula(q, k, v, scale, causal):
+    """`attention_with_lse` written out (same arguments and results), in query chunks of 1024."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1).float(), v.repeat_interleave(group, dim=1).float()
+    key_pos = torch.arange(k.shape[2], device=q.device)
+    outs, lses = [], []
+    for c0 in range(0, q.shape[2], 1024):
+        qc = q[:, :, c0 : c0 + 1024].float()
+        logits = torch.einsum("bhqd,bhkd->bhqk", qc, k) * scale
+        if causal:
+            query_pos = c0 + torch.arange(qc.shape[2], device=q.device)
+            logits.masked_fill_(key_pos[None, :] > query_pos[:, None], float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)
+        outs.append(torch.einsum("bhqk,bhkd->bhqd", torch.exp(logits - lse[..., None]), v))
+        lses.append(lse)
+    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
 
 
 def sparse_decode_attention(q, keys, values, slots, valid, scale):

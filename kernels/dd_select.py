@@ -44,32 +44,62 @@ def band_rows_from_logits(
     return retained - alpha * distant
 
 
-def band_logits_and_lse(
+def band_logits(
     q: torch.Tensor,
     k: torch.Tensor,
     q_start: int,
     scale: float,
     width: int,
     heads: torch.Tensor | None = None,
-    query_chunk: int = 256,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Band logits and row log-sum-exp of one request's new queries (causal attention).
+    query_chunk: int = 1024,
+) -> torch.Tensor:
+    """Logits of each query against the `width` keys ending at its own position (causal band).
 
     q:       [n, H, D] queries at positions q_start .. q_start+n-1.
-    k:       [T, KvH, D] keys at positions 0 .. T-1, T = q_start + n.
+    k:       [T, KvH, D] keys at positions 0 .. T-1, T = q_start + n (only the last n+W-1 are read).
     width:   W, keys q-W+1 .. q of each query go into the band.
     heads:   optional [h] query-head indices (all H heads if None).
-    returns: band [h, n, W] fp32 (entry b is the logit of key q-b, -inf before position 0)
-             and lse [h, n] fp32 over keys 0 .. q.
+    returns: [h, n, W] fp32, entry b is the logit of key q-b (-inf before position 0).
+
+    n x W work per head instead of the n x T of a full logits row: each query is multiplied only
+    with its own sliding window of keys (an `unfold` view of the keys, no copy).
     """
+    n, num_heads, dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    lo = max(0, q_start - width + 1)
+    pad = k.new_zeros(width - 1 - (q_start - lo), num_kv_heads, dim)
+    keys = torch.cat([pad, k[lo : q_start + n]]).float()  # row r holds position q_start - W + 1 + r
+    windows = keys.unfold(0, width, 1)  # [n, KvH, D, W]: window i = positions q_start+i-W+1 .. q_start+i
+    before_start = (q_start + torch.arange(n, device=q.device)[:, None] - torch.arange(width, device=q.device)) < 0
+    out = []
+    for c0 in range(0, n, query_chunk):
+        c1 = min(n, c0 + query_chunk)
+        qg = q[c0:c1].float().view(c1 - c0, num_kv_heads, group, dim)
+        logits = torch.einsum("ckgd,ckdw->ckgw", qg, windows[c0:c1]) * scale
+        out.append(logits.reshape(c1 - c0, num_heads, width).flip(-1))  # b = 0 is the query's own key
+    band = torch.cat(out).masked_fill_(before_start[:, None, :], float("-inf")).transpose(0, 1)  # [H, n, W]
+    return band if heads is None else band[heads]
+
+
+def row_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_start: int,
+    scale: float,
+    heads: torch.Tensor | None = None,
+    query_chunk: int = 256,
+) -> torch.Tensor:
+    """Log-sum-exp of each query's causal logits over keys 0 .. q: [h, n] fp32 (q, k, heads as in
+    `band_logits`). Prefill takes it from the attention kernel instead; this is for decode steps
+    and for tests."""
     n, num_heads, _ = q.shape
     total, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads
     head_ids = torch.arange(num_heads, device=q.device) if heads is None else heads
     kh = k.float().transpose(0, 1)[head_ids // group]  # [h, T, D]
     key_pos = torch.arange(total, device=q.device)
-    band_off = torch.arange(width, device=q.device)
-    bands, lses = [], []
+    lses = []
     # Chunk the queries so the [h, chunk, T] logits stay small on long prompts.
     for c0 in range(0, n, query_chunk):
         c1 = min(n, c0 + query_chunk)
@@ -77,10 +107,14 @@ def band_logits_and_lse(
         logits = torch.einsum("chd,htd->hct", q[c0:c1, head_ids].float(), kh) * scale
         logits.masked_fill_(key_pos[None, None, :] > pos[None, :, None], float("-inf"))
         lses.append(torch.logsumexp(logits, dim=-1))
-        band_pos = pos[:, None] - band_off[None, :]  # [c, W]
-        band = logits.gather(-1, band_pos.clamp_min(0)[None].expand(len(head_ids), -1, -1))
-        bands.append(band.masked_fill(band_pos[None] < 0, float("-inf")))
-    return torch.cat(bands, dim=1), torch.cat(lses, dim=1)
+    return torch.cat(lses, dim=1)
+
+
+def band_logits_and_lse(
+    q: torch.Tensor, k: torch.Tensor, q_start: int, scale: float, width: int, heads: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`band_logits` [h, n, W] and `row_lse` [h, n] of one request's new queries."""
+    return band_logits(q, k, q_start, scale, width, heads), row_lse(q, k, q_start, scale, heads)
 
 
 def dd_band_rows(

@@ -5,14 +5,15 @@ import torch
 
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
-from dynsplit_sglang.backend_torch import extend_attention
+from dynsplit_sglang.backend_torch import attention_with_lse, attention_with_lse_formula, extend_attention
+from dynsplit_sglang.kernels.dd_select import row_lse
 
 
 @pytest.mark.parametrize("lens", [[(0, 300)], [(2016, 32), (0, 77), (389, 5)], [(512, 512), (100, 1)], [(4064, 33)]])
 def test_extend_attention_matches_sglangs_padded_extend(lens):
     """lens: per request (cached prefix, new tokens): a miss, radix hits and prefill chunks. A miss
-    is the very same SDPA call (bit-identical); with a prefix the CPU kernel may round the last
-    bit differently (it tiles a shorter query block)."""
+    is the very kernel call SDPA makes (bit-identical); with a prefix, two calls merged by their
+    lse may round the last bit differently."""
     torch.manual_seed(0)
     heads, kv_heads, dim, slots = 9, 3, 64, 8192
     k_cache, v_cache = torch.randn(slots, kv_heads, dim), torch.randn(slots, kv_heads, dim)
@@ -21,10 +22,30 @@ def test_extend_attention_matches_sglangs_padded_extend(lens):
     new = torch.tensor([n for _, n in lens])
     query = torch.randn(int(new.sum()), heads, dim)
     args = (k_cache, v_cache, req_to_token, torch.arange(len(lens)), prefix + new, prefix, new)
-    ours = extend_attention(query, torch.empty_like(query), *args, 0.125, True)
+    ours = torch.empty_like(query)
+    lses = extend_attention(query, ours, *args, 0.125)
     theirs = TorchNativeAttnBackend._run_sdpa_forward_extend(
         None, query, torch.empty_like(query), *args, scaling=0.125, enable_gqa=True, causal=True,
     )
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     if all(p == 0 for p, _ in lens):
         assert torch.equal(ours, theirs)
+    # the lse that feeds DD-Select: each new query's log-sum-exp over its causal row
+    start = 0
+    for i, (p, n) in enumerate(lens):
+        keys = k_cache[req_to_token[i, : p + n]]
+        torch.testing.assert_close(lses[i], row_lse(query[start : start + n], keys, p, 0.125), rtol=0, atol=2e-5)
+        start += n
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpu_kernel_matches_the_formula(causal):
+    """The CPU flash kernel (out and lse) against the plain formula the other devices use;
+    2100 queries cross the formula's 1024-query chunks."""
+    torch.manual_seed(1)
+    n = 2100
+    q, k, v = torch.randn(1, 9, n, 64), torch.randn(1, 3, n if causal else 700, 64), torch.randn(1, 3, n if causal else 700, 64)
+    out, lse = attention_with_lse(q, k, v, 0.125, causal)
+    want_out, want_lse = attention_with_lse_formula(q, k, v, 0.125, causal)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=2e-5)

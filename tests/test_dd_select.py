@@ -1,6 +1,8 @@
 import torch
 
-from dynsplit_sglang.kernels.dd_select import SCORE_QUANTUM, band_rows_from_logits, candidate_scores, dd_band_rows
+import pytest
+
+from dynsplit_sglang.kernels.dd_select import SCORE_QUANTUM, band_logits, band_rows_from_logits, candidate_scores, dd_band_rows
 
 
 def brute_force_rows(q, k, scale, L, R, alpha):
@@ -59,3 +61,18 @@ def test_candidate_scores_average_the_diagonal_and_are_quantized():
     expect = torch.tensor([(rows[0, 0] + rows[1, 1] + rows[2, 2]) / 3, (rows[1, 0] + rows[2, 1] + rows[3, 2]) / 3,
                            (rows[2, 0] + rows[3, 1] + rows[4, 2]) / 3])
     torch.testing.assert_close(scores, torch.round(expect / SCORE_QUANTUM) * SCORE_QUANTUM)
+
+
+@pytest.mark.parametrize("n, q_start, width", [(40, 0, 7), (13, 50, 7), (1, 3, 7), (1, 300, 24), (1500, 0, 24)])
+def test_band_logits_pick_the_keys_right_before_each_query(n, q_start, width):
+    """Entry b of query q is the logit of key q-b, -inf before position 0; 1500 queries cross
+    the 1024-query chunks; a head subset is the same rows."""
+    torch.manual_seed(2)
+    q, k = torch.randn(n, 6, 8), torch.randn(q_start + n, 2, 8)
+    logits = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(3, dim=1)) * 0.3  # [H, n, T]
+    pos = q_start + torch.arange(n)[:, None] - torch.arange(width)[None, :]  # [n, W] key of entry b
+    want = logits.gather(-1, pos.clamp_min(0)[None].expand(6, -1, -1)).masked_fill(pos[None] < 0, float("-inf"))
+    got = band_logits(q, k, q_start, 0.3, width)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    heads = torch.tensor([1, 4])
+    assert torch.equal(band_logits(q, k, q_start, 0.3, width, heads), got[heads])
