@@ -1,7 +1,7 @@
 """`python -m benchmarks.accuracy --quick` end to end on the tiny random model: prompts, one
-shared engine (full, and dynsplit and snapkv at 1/4 of the length, chosen per request),
-generation, scoring, JSON, table and plot, and the resume file. Checks the pipeline, not accuracy
-(the model is random)."""
+shared engine (full, and dynsplit, snapkv and dynsplit's other split rules at 1/4 of the length,
+chosen per request), generation, scoring, JSON, both tables and plots, and the resume file.
+Checks the pipeline, not accuracy (the model is random)."""
 
 import json
 import os
@@ -22,6 +22,9 @@ def test_quick_mode(tmp_path, tiny_model):
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "| full | all |" in run.stdout and "| dynsplit | 128 (0.25) |" in run.stdout
+    policy_table, split_table = run.stdout.split("**split rules by scenario")[:2]
+    assert "| snapkv |" in policy_table and "dynsplit-fixed" not in policy_table
+    assert "| dynsplit-punct | 128 (0.25) |" in split_table and "snapkv" not in split_table
 
     result = json.loads(out.read_text())
     for key in ("commit", "device", "date", "command", "model", "settings", "accuracy", "samples"):
@@ -29,13 +32,14 @@ def test_quick_mode(tmp_path, tiny_model):
     assert result["command"] == f"python -m benchmarks.accuracy --quick --out {out}"
     assert result["model"] == os.path.basename(tiny_model)
     records = result["samples"]
-    assert len(records) == 3 * len(QUICK["tasks"]) * QUICK["samples"]
-    assert {(r["policy"], r["budget"]) for r in records} == {("full", 512), ("dynsplit", 128), ("snapkv", 128)}
+    labels = QUICK["kv"].split(",")
+    assert len(records) == len(labels) * len(QUICK["tasks"]) * QUICK["samples"]
+    assert {(r["policy"], r["budget"]) for r in records} == {(p, 512 if p == "full" else 128) for p in labels}
     for r in records:
         assert r["task"] in QUICK["tasks"] and isinstance(r["output"], str) and 0.0 <= r["score"] <= 1.0
         assert r["prompt_tokens"] <= 512 - 16 and r["answers"]
     everything = {r["policy"]: r for r in result["accuracy"] if r["group"] == "all"}
-    assert set(everything) == {"full", "dynsplit", "snapkv"}
+    assert set(everything) == set(labels)
     # one prefill per prompt: every answer after the first found the prompt in the radix cache, all
     # but the last tokens SnapKV ranks with (its 32-token window, recomputed on a hit)
     for task in QUICK["tasks"]:
@@ -43,6 +47,7 @@ def test_quick_mode(tmp_path, tiny_model):
         assert rs[0]["cached_tokens"] < rs[0]["prompt_tokens"] // 2, rs[0]
         assert all(r["cached_tokens"] == r["prompt_tokens"] - 32 for r in rs[1:]), [r["cached_tokens"] for r in rs]
     assert (tmp_path / "accuracy_quick.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "accuracy_quick_split_rule.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "accuracy_quick.partial.jsonl").exists(), "a finished run removes its resume file"
 
     (tmp_path / "accuracy_quick.png").unlink()

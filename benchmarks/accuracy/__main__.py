@@ -1,15 +1,17 @@
 """Offline long-context accuracy suite: every KV policy at every budget, scored, tabled, plotted.
 
-    python -m benchmarks.accuracy                       # every policy, budgets 1/4, 1/8, 1/16, 2k/4k/8k, 30 samples
+    python -m benchmarks.accuracy                       # every policy and split rule, budgets 1/4, 1/8, 1/16, 2k/4k/8k, 30 samples
     python -m benchmarks.accuracy --kv full,dynsplit,snapkv --lengths 2048 --samples 5 --tasks niah
-    python -m benchmarks.accuracy --ablation            # DynSplit-KV's split rule, per scenario
+    python -m benchmarks.accuracy --ablation            # only DynSplit-KV's split rules, on 6 tasks
     python -m benchmarks.accuracy --quick               # pipeline check on the tiny random model
     python -m benchmarks.accuracy --replot [--out X.json]
 
 Runs SGLang in process on the embedded SmolLM2-135M-Instruct (or --model), greedy, chat template
 applied; by default one engine runs every policy (--kv-variants) and each prompt is prefilled
-once. Prints a table per length and writes JSON (commit, device, date, exact command, model,
-per-sample records, accuracy rows) and a PNG plot under benchmarks/results/. Every answer is
+once. The default run also answers with DynSplit-KV's other split rules (the ablation rides on
+the same prefills). Prints the policy table (by task family) and the split-rule table (by
+scenario) per length and writes JSON (commit, device, date, exact command, model, per-sample
+records, accuracy rows) and a PNG plot per table under benchmarks/results/. Every answer is
 saved to <out>.partial.jsonl at once; rerunning the same command resumes.
 """
 
@@ -21,32 +23,34 @@ import os
 import shlex
 import sys
 
-from benchmarks.accuracy.policies import ABLATION, parse_policies
+from benchmarks.accuracy.policies import ABLATION, VARIANTS, parse_policies
 from benchmarks.accuracy.run import ENGINES
 from benchmarks.common import RESULTS, run_info
 from dynsplit_sglang.config import POLICIES, parse_json_object
 
 ABLATION_TASKS = ("niah_single", "niah_multikey", "qa_squad", "code_return", "records_jsonl", "records_table")
-QUICK = dict(lengths=[512], samples=1, tasks=["niah_single", "code_return", "records_table"], kv="full,dynsplit,snapkv", budgets=[0.25])
+QUICK = dict(lengths=[512], samples=1, tasks=["niah_single", "code_return", "records_table"],
+             kv="full,dynsplit,snapkv,dynsplit-fixed,dynsplit-punct,dynsplit-type", budgets=[0.25])
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.splitlines()[0])
     p.add_argument("--kv", default=None, help="comma-separated policies: NAME, NAME:{json options}, LABEL=NAME:{...}, "
-                   "or an ablation variant (dynsplit-fixed, dynsplit-punct, dynsplit-position, dynsplit-type); default: every policy")
+                   "or a split-rule variant (dynsplit-fixed, dynsplit-punct, dynsplit-type); default: every policy and split rule")
     p.add_argument("--kv-config", default=None, help="JSON options given to every compressing policy (its own options win)")
     p.add_argument("--budgets", default="0.25,0.125,0.0625", help="KV budgets: <= 1 a fraction of the length, > 1 tokens")
     p.add_argument("--lengths", default="2048,4096,8192", help="length settings in tokens (prompt + answer)")
     p.add_argument("--samples", type=int, default=30, help="prompts per task and length (seeds 0..N-1)")
     p.add_argument("--tasks", default=None, help="'all', or task / family / scenario names, comma-separated")
-    p.add_argument("--ablation", action="store_true", help="full + the four split-rule variants of dynsplit on the "
-                   "prose/code/records tasks, reported per scenario")
+    p.add_argument("--ablation", action="store_true", help="only full + dynsplit's four split rules on the "
+                   "prose/code/records tasks, reported per scenario (the default run includes them on every task)")
     p.add_argument("--engines", choices=ENGINES, default="shared", help="shared: one engine runs every policy, "
                    "each request names its policy and budget, so a prompt is prefilled once; policy: one engine per "
                    "policy; budget: one per policy and budget")
     p.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--quick", action="store_true", help="tiny random model, 512 tokens, 1 sample of 3 tasks, full + "
-                   "dynsplit and snapkv at 1/4 in one shared engine: checks the pipeline and the scorer, not accuracy")
+                   "dynsplit, snapkv and the split rules at 1/4 in one shared engine: checks the pipeline and the "
+                   "scorer, not accuracy")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/accuracy[_ablation][_quick].json)")
     p.add_argument("--replot", action="store_true", help="only redraw the plot and table from the JSON at --out")
     p.add_argument("--progress", action="store_true", help="only print the table of the answers an unfinished run "
@@ -89,7 +93,7 @@ def main(argv=None):
     if args.replot:
         with open(out) as fh:
             result = json.load(fh)
-        return finish(result, out, result["settings"]["group"], write=False)
+        return finish(result, out, write=False)
     if args.progress:
         return progress(out.removesuffix(".json") + ".partial.jsonl", group)
 
@@ -114,7 +118,7 @@ def main(argv=None):
         lengths = [int(x) for x in args.lengths.split(",")]
         samples, budgets = args.samples, parse_budgets(args.budgets)
         tasks = select_tasks(args.tasks, ABLATION_TASKS if args.ablation else TASKS)
-        kv = args.kv or ",".join(ABLATION if args.ablation else POLICIES)
+        kv = args.kv or ",".join(ABLATION if args.ablation else (*POLICIES, *VARIANTS))
     try:
         policies = parse_policies(kv, parse_json_object(args.kv_config))
     except ValueError as e:  # a malformed --kv or --kv-config: one line, no traceback
@@ -162,13 +166,24 @@ def main(argv=None):
                            "samples": samples, "tasks": tasks, "group": group,
                            "engines": args.engines},
               "accuracy": aggregate(records), "samples": records}
-    finish(result, out, group)
+    finish(result, out)
     os.remove(partial)
     return result
 
 
+def views(labels: list[str], group: str) -> list[tuple[str, list[str], str]]:
+    """The tables of a run: (plot file suffix, policy labels in it, grouping). A run grouped by
+    family shows its policies, and the split-rule ablation per scenario if all its rows ran."""
+    if group == "scenario":
+        return [("", labels, group)]
+    out = [("", [p for p in labels if p not in VARIANTS], group)]
+    if all(p in labels for p in ABLATION):
+        out.append(("_split_rule", list(ABLATION), "scenario"))
+    return out
+
+
 def progress(partial: str, group: str) -> list[dict]:
-    """Print the table of the answers an unfinished run has saved (not a result: cells hold
+    """Print the tables of the answers an unfinished run has saved (not a result: cells hold
     whatever samples are done, so they are not comparable until the run ends)."""
     from benchmarks.accuracy.report import aggregate, markdown
 
@@ -182,19 +197,23 @@ def progress(partial: str, group: str) -> list[dict]:
     commits = sorted({r.get("commit", "unknown") for r in records})
     prompts = len({(r["task"], r["length"], r["seed"]) for r in records})
     print(f"PARTIAL: {len(records)} answers for {prompts} prompts in {partial} (not a result)\n")
-    print(markdown({"accuracy": aggregate(records), "model": records[0]["model"], "device": "unfinished run",
-                    "commit": ", ".join(commits), "date": "-", "command": "--progress"}, group))
+    result = {"accuracy": aggregate(records), "model": records[0]["model"], "device": "unfinished run",
+              "commit": ", ".join(commits), "date": "-", "command": "--progress"}
+    for _, labels, by in views(list(dict.fromkeys(r["policy"] for r in records)), group):
+        print(markdown(result, by, labels) + "\n")
     return records
 
 
-def finish(result: dict, out: str, group: str, write: bool = True) -> dict:
+def finish(result: dict, out: str, write: bool = True) -> dict:
     from benchmarks.accuracy.report import markdown, plot
 
     if write:
         with open(out, "w") as fh:
             json.dump(result, fh, indent=1)
-    plot(result, out.removesuffix(".json") + ".png", group)
-    print(markdown(result, group))
+    labels = [p["label"] for p in result["settings"]["policies"]]
+    for suffix, shown, group in views(labels, result["settings"]["group"]):
+        plot(result, out.removesuffix(".json") + suffix + ".png", group, shown)
+        print(markdown(result, group, shown) + "\n")
     return result
 
 

@@ -5,11 +5,12 @@
     full | dynsplit | quest | ...      a `--kv` policy with its defaults
     POLICY:{"key": value, ...}         that policy with options (passed as `kv_config`)
     LABEL=POLICY:{...}                 the same, named LABEL in tables and plots
-    dynsplit-fixed | dynsplit-punct | dynsplit-position | dynsplit-type
-                                       the split-rule ablation variants (`VARIANTS`)
+    dynsplit-fixed | dynsplit-punct | dynsplit-type
+                                       the split-rule ablation variants (`VARIANTS`; `dynsplit`
+                                       itself is DD-Select with per-position weighting)
 
 The ablation varies only DynSplit-KV's split rule; block size, Δ, budget and everything else
-stay at the same values, so all four variants have the same mean block length (C).
+stay at the same values, so all four split rules have the same mean block length (C).
 """
 
 from __future__ import annotations
@@ -47,12 +48,12 @@ VARIANTS = {
     "dynsplit-fixed": Policy("dynsplit-fixed", "dynsplit", {"split": "fixed_interval"}),
     # a pre-defined delimiter set: blocks end at punctuation, whatever its score (SepLLM/SentenceKV-style)
     "dynsplit-punct": Policy("dynsplit-punct", "dynsplit", {"split": "punctuation"}),
-    # DD-Select, each candidate position weighted by its own score (the paper's formula, the default)
-    "dynsplit-position": Policy("dynsplit-position", "dynsplit", {"split": "dd_select", "weighting": "position"}),
     # DD-Select, each delimiter type weighted by the mean score of its occurrences
     "dynsplit-type": Policy("dynsplit-type", "dynsplit", {"split": "dd_select", "weighting": "delimiter_type"}),
 }
-ABLATION = ("full", *VARIANTS)
+# The split-rule ablation's rows; plain `dynsplit` is DD-Select with each candidate position
+# weighted by its own score (the paper's formula, the default).
+ABLATION = ("full", "dynsplit-fixed", "dynsplit-punct", "dynsplit", "dynsplit-type")
 
 
 def split_top_level(text: str) -> list[str]:

@@ -42,16 +42,28 @@ def aggregate(records: list[dict]) -> list[dict]:
     return rows
 
 
-def markdown(result: dict, group: str) -> str:
-    """One table per length: a row per (policy, budget), a column per `group` value plus "all"."""
-    rows = [r for r in result["accuracy"] if r["group"] in (group, "all")]
+TITLES = {"family": "KV policies by task family", "scenario": "split rules by scenario", "task": "by task"}
+
+
+def _shown(rows: list[dict], policies) -> list[dict]:
+    """The rows of `policies` (all if None), in that order."""
+    if policies is None:
+        return rows
+    order = {p: i for i, p in enumerate(policies)}
+    return sorted((r for r in rows if r["policy"] in order), key=lambda r: order[r["policy"]])
+
+
+def markdown(result: dict, group: str, policies: list[str] | None = None) -> str:
+    """One table per length: a row per (policy, budget), a column per `group` value plus "all";
+    only `policies` (in that order) if given."""
+    rows = _shown([r for r in result["accuracy"] if r["group"] in (group, "all")], policies)
     names = sorted({r["name"] for r in rows if r["group"] == group})
     out = []
     for length in sorted({r["length"] for r in rows}):
         cell = {(r["policy"], r["budget_setting"], r["name"]): r for r in rows if r["length"] == length}
         settings = list(dict.fromkeys((r["policy"], r["budget_setting"]) for r in rows if r["length"] == length and r["group"] == "all"))
         prompt = round(_mean(r["mean_prompt_tokens"] for r in rows if r["length"] == length and r["group"] == "all"))
-        out += [f"**{length} tokens** (prompts {prompt} tokens on average; accuracy, mean over samples)", "",
+        out += [f"**{TITLES[group]}, {length} tokens** (prompts {prompt} tokens on average; accuracy, mean over samples)", "",
                 "| policy | KV budget | " + " | ".join(names) + " | all |", "| --- | --- |" + " --- |" * (len(names) + 1)]
         for policy, setting in settings:
             first = cell[(policy, setting, "all")]
@@ -65,15 +77,15 @@ def markdown(result: dict, group: str) -> str:
     return "\n".join(out)
 
 
-def plot(result: dict, path: str, group: str) -> None:
-    """Accuracy against KV budget (fraction of the length), a line per policy; a panel per
-    `group` value (columns) and length (rows); `full` as a dashed horizontal reference."""
+def plot(result: dict, path: str, group: str, policies: list[str] | None = None) -> None:
+    """Accuracy against KV budget (fraction of the length), a line per policy (only `policies` if
+    given); a panel per `group` value (columns) and length (rows); `full` as a dashed reference."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["accuracy"] if r["group"] == group]
+    rows = _shown([r for r in result["accuracy"] if r["group"] == group], policies)
     names = sorted({r["name"] for r in rows})
     lengths = sorted({r["length"] for r in rows})
     policies = list(dict.fromkeys(r["policy"] for r in rows))
@@ -111,7 +123,7 @@ def plot(result: dict, path: str, group: str) -> None:
                 handles.append(h)
                 labels.append(l)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
-    fig.suptitle(f"{result['model']}: accuracy by {group}", fontsize=10)
+    fig.suptitle(f"{result['model']}: {TITLES[group]}", fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
