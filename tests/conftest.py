@@ -3,8 +3,10 @@ import os
 import pytest
 import torch
 
-# Triton kernels run in the interpreter on CPU; must be set before triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without a GPU, Triton kernels run in the interpreter (fp32, small shapes); it must be set
+# before a kernel module is imported. With one, they compile for it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
