@@ -54,8 +54,9 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
         self._score_layers = self.policy.score_layers()
         self._query_layers = self.policy.query_layers()
         self._query_window = self.policy.query_window()
-        # A radix hit must recompute the prompt's last queries the policy ranks with.
-        prefix_reserve.set_reserve(self._query_window)
+        # A radix hit must recompute the prompt's last queries its policy ranks with.
+        members = getattr(self.policy, "members", {kv.policy: self.policy})
+        prefix_reserve.set_reserve({label: p.query_window() for label, p in members.items()}, kv.policy)
         request_options.enable(kv)
         self._row_request: dict[int, tuple[str, int, str]] = {}  # req_to_token row -> (rid, budget, policy)
         self._lock = threading.Lock()

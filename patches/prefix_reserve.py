@@ -5,25 +5,42 @@ tokens. SGLang keeps keys and values in the cache, not queries, so a hit that le
 `reserve` tokens to compute would rank with fewer queries than a miss. The hook lowers the longest
 prefix a request may match from input_len - 1 (SGLang's own limit) to input_len - reserve; the
 matched prefix is still reused, only the last tokens are recomputed.
+
+The reserve is the query window of the policy that answers the request (its
+`custom_params.kv_policy`, else the server's --kv policy), so in a server with --kv-variants a
+request of DynSplit-KV or Quest (window 0) does not pay SnapKV's window.
 """
 
 from __future__ import annotations
 
 from sglang.srt.plugins.hook_registry import HookType
 
-_reserve = 0
+_windows: dict[str, int] = {}  # policy label -> its query window
+_default = ""  # label of the --kv policy
 
 
-def set_reserve(tokens: int) -> None:
-    """Called by the attention backend, in the scheduler process, with its policy's window."""
-    global _reserve
-    _reserve = max(0, int(tokens))
+def set_reserve(windows: dict[str, int], default: str) -> None:
+    """Called by the attention backend, in the scheduler process: every policy's query window
+    by label, and the label of the policy a request without kv_policy gets."""
+    global _windows, _default
+    _windows = {label: max(0, int(w)) for label, w in windows.items()}
+    _default = default
+
+
+def reserve_of(req) -> int:
+    """Tokens a radix hit of this request must recompute."""
+    params = getattr(getattr(req, "sampling_params", None), "custom_params", None)
+    label = params.get("kv_policy") if isinstance(params, dict) else None
+    label = _default if label is None else label
+    # A label the server does not run was refused when the request was checked; be safe anyway.
+    return _windows[label] if label in _windows else max(_windows.values(), default=0)
 
 
 def limit_prefix(original, req, input_len: int, *args, **kwargs) -> int:
     limit = original(req, input_len, *args, **kwargs)
-    if _reserve:
-        limit = max(0, min(limit, input_len - _reserve))
+    reserve = reserve_of(req)
+    if reserve:
+        limit = max(0, min(limit, input_len - reserve))
     return limit
 
 

@@ -290,12 +290,20 @@ def test_request_budget_is_checked_against_the_policy():
         request_options.check({"kv_budget": 256})
 
 
-def test_prefix_reserve_leaves_the_window_to_recompute():
+def test_prefix_reserve_leaves_the_window_of_the_requests_policy_to_recompute():
+    from types import SimpleNamespace
+
+    def req(custom_params=None):
+        return SimpleNamespace(sampling_params=SimpleNamespace(custom_params=custom_params))
+
     original = lambda req, input_len: input_len - 1  # noqa: E731  SGLang's own limit
-    prefix_reserve.set_reserve(32)
+    prefix_reserve.set_reserve({"snapkv": 32, "dynsplit": 0, "wide": 64}, "snapkv")
     try:
-        assert prefix_reserve.limit_prefix(original, None, 100) == 68
-        assert prefix_reserve.limit_prefix(original, None, 10) == 0
+        assert prefix_reserve.limit_prefix(original, req(), 100) == 68  # the --kv policy's window
+        assert prefix_reserve.limit_prefix(original, req({"kv_budget": 50}), 10) == 0
+        assert prefix_reserve.limit_prefix(original, req({"kv_policy": "dynsplit"}), 100) == 99
+        assert prefix_reserve.limit_prefix(original, req({"kv_policy": "wide"}), 100) == 36
+        assert prefix_reserve.limit_prefix(original, req({"kv_policy": "unknown"}), 100) == 36  # the widest
     finally:
-        prefix_reserve.set_reserve(0)
-    assert prefix_reserve.limit_prefix(original, None, 100) == 99
+        prefix_reserve.set_reserve({}, "")
+    assert prefix_reserve.limit_prefix(original, req(), 100) == 99
