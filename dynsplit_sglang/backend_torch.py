@@ -323,14 +323,16 @@ def sparse_decode_attention(q, keys, values, slots, valid, scale):
     """
     num_heads, dim = q.shape
     num_kv_heads = slots.shape[0]
-    head = torch.arange(num_kv_heads, device=q.device)[:, None]
-    k = keys[slots, head].float()  # [KvH, B, D]
-    v = values[slots, head].float()
+    # Row (slot, head) of the [num_slots * KvH, D] view: index_select copies whole rows, several
+    # times faster on the CPU than indexing with a (slot, head) pair.
+    rows = (slots * num_kv_heads + torch.arange(num_kv_heads, device=q.device)[:, None]).view(-1)
+    k = keys.reshape(-1, dim).index_select(0, rows).view(num_kv_heads, -1, dim).float()  # [KvH, B, D]
+    v = values.reshape(-1, dim).index_select(0, rows).view(num_kv_heads, -1, dim).float()
     qg = q.float().view(num_kv_heads, num_heads // num_kv_heads, dim)
-    logits = torch.einsum("kgd,kbd->kgb", qg, k) * scale
+    logits = torch.matmul(qg, k.transpose(1, 2)) * scale  # [KvH, G, B]
     logits.masked_fill_(~valid[:, None, :], float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)
-    out = torch.einsum("kgb,kbd->kgd", torch.exp(logits - lse[..., None]), v)
+    out = torch.matmul(torch.exp(logits - lse[..., None]), v)
     return out.reshape(num_heads, dim).to(q.dtype), lse.reshape(num_heads)
 
 

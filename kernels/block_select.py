@@ -59,10 +59,15 @@ def select_positions(
         block_of[: int(block_end[-1]) + 1] = torch.repeat_interleave(
             torch.arange(num_blocks, device=device), block_end - block_start + 1
         )
-    keep = chosen[:, block_of] | ((pos < keep_head) | (pos >= keep_tail_from))[None, :]
+    keep = chosen.index_select(1, block_of)  # [KvH, seq_len]
+    keep[:, :keep_head] = True
+    keep[:, keep_tail_from:] = True
     counts = keep.sum(dim=1)
     width = int(counts.max())
-    # Stable sort of "not kept" puts each head's kept positions first, in ascending order.
-    positions = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+    # Kept positions in ascending order: each goes to its rank among its head's kept positions;
+    # dropped ones go to a spare last column. Padding stays 0.
+    rank = torch.where(keep, torch.cumsum(keep, dim=1) - 1, width)
+    positions = torch.zeros(num_kv_heads, width + 1, dtype=torch.int64, device=device)
+    positions.scatter_(1, rank, pos.expand(num_kv_heads, -1))
     valid = torch.arange(width, device=device)[None, :] < counts[:, None]
-    return positions.masked_fill(~valid, 0), valid
+    return positions[:, :width], valid
