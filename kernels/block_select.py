@@ -32,7 +32,10 @@ def select_positions(
     budget: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token positions each KV head attends to: always [0, keep_head) and [keep_tail_from, seq_len),
-    plus whole blocks in score order while they fit in the budget.
+    plus blocks in score order until the budget is full; the first block that does not fit whole
+    gives its leading positions, so a head keeps exactly min(budget, seq_len) positions (or
+    head + tail when those alone exceed the budget). A fixed count per step is what lets the GPU
+    path plan its attention once per step for every layer.
 
     scores:       [KvH, nb] block scores.
     block_start:  [nb] int64 first position of each closed block; block_end: [nb] last position.
@@ -49,17 +52,23 @@ def select_positions(
     hi = block_end.clamp_max(keep_tail_from - 1)
     cost = (hi - lo + 1).clamp_min(0)
     order = torch.argsort(scores, dim=1, descending=True, stable=True)  # [KvH, nb]
-    fits = torch.cumsum(cost[order], dim=1) <= room
-    chosen = torch.zeros(num_kv_heads, num_blocks + 1, dtype=torch.bool, device=device)
-    chosen[:, :num_blocks].scatter_(1, order, fits)
-    # Block of every position (num_blocks = none), then the kept-position mask per KV head.
+    before = torch.cumsum(cost[order], dim=1)  # cost of the blocks up to each, in score order
+    # Tokens each block contributes: all while it fits, then what is left of the room (the
+    # prefix sums are non-decreasing, so this is whole blocks, one cut block, then nothing).
+    taken = (room - before + cost[order]).clamp(min=0).minimum(cost[order])
+    taken_of = torch.zeros(num_kv_heads, num_blocks + 1, dtype=torch.int64, device=device)
+    taken_of[:, :num_blocks].scatter_(1, order, taken)
+    # Block of every position (num_blocks = none), then the kept-position mask per KV head:
+    # position p of block b is kept when it is among b's first taken_of[b] costed positions.
     pos = torch.arange(seq_len, device=device)
     block_of = torch.full((seq_len,), num_blocks, dtype=torch.int64, device=device)
+    first = torch.zeros(num_blocks + 1, dtype=torch.int64, device=device)
     if num_blocks:
         block_of[: int(block_end[-1]) + 1] = torch.repeat_interleave(
             torch.arange(num_blocks, device=device), block_end - block_start + 1
         )
-    keep = chosen.index_select(1, block_of)  # [KvH, seq_len]
+        first[:num_blocks] = lo
+    keep = (pos - first[block_of]) < taken_of.index_select(1, block_of)  # [KvH, seq_len]
     keep[:, :keep_head] = True
     keep[:, keep_tail_from:] = True
     counts = keep.sum(dim=1)

@@ -5,9 +5,10 @@
 
     for each request b and KV head h:
         keep positions [0, keep_head) and [keep_tail_from, seq_len),
-        plus whole closed blocks in descending Quest score (ties: lower block first) while the
+        plus closed blocks in descending Quest score (ties: lower block first) while the
         cumulative cost (a block's positions outside the always-kept ranges) stays <= room,
-        room = budget - kept head - kept tail;
+        room = budget - kept head - kept tail, and the first costed positions of the next block
+        up to the room left (so count = min(budget, seq_len) unless head + tail exceed budget);
         out[b, h, :count] = req_slots[b, kept positions in ascending order], 0 after count.
 
 Shapes (B requests, H query heads, KvH KV heads, D head dim, NB closed-block columns):
@@ -116,6 +117,21 @@ def _block_cost(start, end, head_n, tail_from):
 
 
 @triton.jit
+def _sort_keys(scores_ptr, records_ptr, b, row, i, stride_rb, stride_rn, num_blocks, NB_P2: tl.constexpr):
+    # tl.sort returns values only, so the block index rides in the low bits of an int64 key.
+    # fp32 -> int32 that orders like the float: flip the magnitude bits of negatives. -0.0 is
+    # made +0.0 first because torch's argsort treats them as equal (a tie, lower block first).
+    live = tl.load(records_ptr + b * stride_rb + i * stride_rn, mask=i < num_blocks, other=-1) >= 0
+    score = tl.load(scores_ptr + row + i, mask=live, other=0.0)
+    score = tl.where(score == 0.0, 0.0, score)
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    # Low part NB_P2 - i in [1, NB_P2]: among equal scores the lower block has the larger key.
+    key = ordered.to(tl.int64) * 4294967296 + (NB_P2 - i)
+    return tl.where(live, key, _KEY_NONE)
+
+
+@triton.jit
 def _choose_blocks_kernel(
     scores_ptr,  # [B, KvH, NB] fp32 contiguous
     records_ptr,  # [B, NB] int64
@@ -139,25 +155,9 @@ def _choose_blocks_kernel(
     room = tl.load(budgets_ptr + b).to(tl.int64) - head_n - (seq_len - tail_from)
 
     i = tl.arange(0, NB_P2)
-    rec = tl.load(records_ptr + b * stride_rb + i * stride_rn, mask=i < num_blocks, other=-1)
-    live = rec >= 0
-    rec = tl.where(live, rec, 0)
-    start = tl.load(rec_start_ptr + rec, mask=live, other=0)
-    end = tl.load(rec_end_ptr + rec, mask=live, other=-1)  # start 0, end -1: cost 0
-    cost = _block_cost(start, end, head_n, tail_from)
     row = (b * num_kv_heads + h) * num_blocks
-    score = tl.load(scores_ptr + row + i, mask=live, other=0.0)
-
-    # tl.sort returns values only, so the block index rides in the low bits of an int64 key.
-    # fp32 -> int32 that orders like the float: flip the magnitude bits of negatives. -0.0 is
-    # made +0.0 first because torch's argsort treats them as equal (a tie, lower block first).
-    score = tl.where(score == 0.0, 0.0, score)
-    bits = score.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    # Low part NB_P2 - i in [1, NB_P2]: among equal scores the lower block has the larger key.
-    key = ordered.to(tl.int64) * 4294967296 + (NB_P2 - i)
-    key = tl.where(live, key, _KEY_NONE)
-    skey = tl.sort(key, descending=True)
+    skey = tl.sort(_sort_keys(scores_ptr, records_ptr, b, row, i, stride_rb, stride_rn, num_blocks, NB_P2),
+                   descending=True)
 
     # Costs in score order: decode the block index, gather its record's extent.
     low = skey - ((skey >> 32) << 32)  # 0 for padding keys
@@ -170,13 +170,28 @@ def _choose_blocks_kernel(
     # Costs are >= 0, so the prefix sum is non-decreasing and the fitting blocks are a prefix of
     # the sorted order: the chosen ones are exactly those whose key is >= the last fitting key.
     # That turns "scatter the choice back to block order" into one comparison in block order.
-    fits = (tl.cumsum(scost, 0) <= room) & slive
+    # The first block that does not fit (the largest key below that) is cut to the room left.
+    before = tl.cumsum(scost, 0)
+    fits = (before <= room) & slive
     threshold = tl.min(tl.where(fits, skey, _KEY_MAX), axis=0)
+    cut_key = tl.max(tl.where(slive & ~fits, skey, _KEY_NONE), axis=0)
+    left = tl.maximum(room - tl.sum(tl.where(fits, scost, 0), axis=0), 0)
+    # Block order again. Reloading the blocks instead of keeping them from before the sort keeps
+    # the register pressure of a 4096-block row within 128 registers per thread (no spills).
+    key = _sort_keys(scores_ptr, records_ptr, b, row, i, stride_rb, stride_rn, num_blocks, NB_P2)
+    rec = tl.load(records_ptr + b * stride_rb + i * stride_rn, mask=i < num_blocks, other=-1)
+    live = rec >= 0
+    rec = tl.where(live, rec, 0)
+    start = tl.load(rec_start_ptr + rec, mask=live, other=0)
+    end = tl.load(rec_end_ptr + rec, mask=live, other=-1)  # start 0, end -1: cost 0
+    cost = _block_cost(start, end, head_n, tail_from)
     chosen = live & (key >= threshold)
+    cut = live & (key == cut_key)
 
-    # Output layout: head positions, then the chosen blocks' middle parts in block (= position)
-    # order, then the tail. incl[i] = end (exclusive) of block i's run among the middle outputs.
-    ccost = tl.where(chosen, cost, 0)
+    # Output layout: head positions, then the chosen blocks' middle parts (and the cut block's
+    # first `left` of them) in block (= position) order, then the tail. incl[i] = end
+    # (exclusive) of block i's run among the middle outputs.
+    ccost = tl.where(chosen, cost, tl.where(cut, tl.minimum(cost, left), 0))
     incl = tl.cumsum(ccost, 0)
     # A middle output m inside block i is position m + shift[i].
     shift = tl.maximum(start, head_n) - (incl - ccost)
@@ -406,10 +421,11 @@ def select_from_scores_reference(
     masked = scores.masked_fill(~live[:, None, :], float("-inf"))
     order = torch.argsort(masked, dim=2, descending=True, stable=True)  # [B, KvH, NB]
     sorted_cost = cost[:, None, :].expand(-1, num_kv_heads, -1).gather(2, order)
-    fits = torch.cumsum(sorted_cost, dim=2) <= room[:, None, None]
-    chosen = torch.zeros(batch, num_kv_heads, num_blocks, dtype=torch.bool, device=device)
-    chosen.scatter_(2, order, fits)
-    chosen &= live[:, None, :]
+    # Tokens each block gives: all while the room lasts, then the rest of the room, then none.
+    before = torch.cumsum(sorted_cost, dim=2)
+    sorted_taken = (room[:, None, None] - before + sorted_cost).clamp(min=0).minimum(sorted_cost)
+    taken = torch.zeros(batch, num_kv_heads, num_blocks, dtype=torch.int64, device=device)
+    taken.scatter_(2, order, sorted_taken)
 
     # Block of each position: the last block starting at or before it, if the position is inside.
     pos = torch.arange(max_len, device=device)
@@ -418,7 +434,10 @@ def select_from_scores_reference(
     block_of = block_of.clamp(0, max(num_blocks - 1, 0))
     if num_blocks:
         inside = (starts.gather(1, block_of) <= pos) & (pos <= end.gather(1, block_of))  # [B, max_len]
-        in_chosen = chosen.gather(2, block_of[:, None, :].expand(-1, num_kv_heads, -1)) & inside[:, None, :]
+        # A position is kept if it is among its block's first `taken` costed positions.
+        offset = pos - start.clamp_min(head_n).gather(1, block_of)  # [B, max_len]
+        block_taken = taken.gather(2, block_of[:, None, :].expand(-1, num_kv_heads, -1))
+        in_chosen = (offset[:, None, :] < block_taken) & inside[:, None, :]
     else:
         in_chosen = torch.zeros(batch, num_kv_heads, max_len, dtype=torch.bool, device=device)
     always = (pos < head_n) | (pos >= tail_from)  # [B, max_len]

@@ -165,8 +165,9 @@ def test_reference_matches_per_request_path(name):
     slots, counts = run(select_slots_reference, inputs, max_out, torch.int64)
     want_slots, want_counts = per_request(inputs, max_out)
     assert torch.equal(counts, want_counts) and torch.equal(slots, want_slots)
-    # Never more than the budget (all cases keep budget >= head + tail), always head and tail.
-    assert (counts <= inputs["budgets"][:, None]).all()
+    # Exactly min(budget, seq_len) (all cases keep budget >= head + tail): the budget is filled.
+    want = torch.minimum(inputs["budgets"], inputs["seq_lens"])[:, None].expand_as(counts)
+    assert torch.equal(counts.to(torch.int64), want)
     if name == "mixed":
         assert counts[0].tolist() == [int(inputs["seq_lens"][0])] * 2  # everything
         assert counts[1].tolist() == [int(inputs["budgets"][1])] * 2  # exactly head + tail

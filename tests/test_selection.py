@@ -27,7 +27,7 @@ def test_score_is_an_upper_bound_of_every_key_in_the_block():
         assert (scores[:, b] >= exact - 1e-5).all()
 
 
-def test_selection_keeps_sink_tail_recent_and_respects_budget():
+def test_selection_keeps_sink_tail_recent_and_fills_the_budget():
     starts, ends = make_blocks(30, 1)
     seq_len = int(ends[-1]) + 25  # 24 open tokens after the last closed block
     tail = int(ends[-1]) + 1
@@ -38,7 +38,8 @@ def test_selection_keeps_sink_tail_recent_and_respects_budget():
             pos, valid = select_positions(scores, starts, ends, seq_len, 4, keep_tail_from, budget)
             for h in range(3):
                 p = pos[h][valid[h]]
-                assert p.numel() <= budget
+                # exactly the budget: a fixed count per step (the GPU path plans once per step)
+                assert p.numel() == min(budget, seq_len)
                 assert p.unique().numel() == p.numel() and (p[1:] > p[:-1]).all()
                 assert set(range(4)) <= set(p.tolist())
                 assert set(range(keep_tail_from, seq_len)) <= set(p.tolist())
@@ -53,6 +54,19 @@ def test_selection_takes_blocks_in_score_order_whole():
     pos, valid = select_positions(scores, starts, ends, 90, 4, 80, 4 + 10 + 32)
     p = set(pos[0][valid[0]].tolist())
     assert p == set(range(4)) | set(range(80, 90)) | set(range(48, 64)) | set(range(16, 32))
+
+
+def test_selection_cuts_the_first_block_that_does_not_fit():
+    starts = torch.tensor([0, 16, 32, 48, 64])
+    ends = starts + 15
+    scores = torch.tensor([[0.0, 5.0, 1.0, 9.0, 2.0], [9.0, 0.0, 0.0, 0.0, 8.0]])
+    # room for 40 tokens: blocks 3 and 1, then the first 8 of block 4 (head 0); head 1: block 0
+    # (costs 12: its first 4 are the sink), block 4 (16), then 12 of block 1.
+    pos, valid = select_positions(scores, starts, ends, 90, 4, 80, 4 + 10 + 40)
+    always = set(range(4)) | set(range(80, 90))
+    assert set(pos[0][valid[0]].tolist()) == always | set(range(48, 64)) | set(range(16, 32)) | set(range(64, 72))
+    assert set(pos[1][valid[1]].tolist()) == always | set(range(4, 16)) | set(range(64, 80)) | set(range(16, 28))
+    assert valid.sum(1).tolist() == [54, 54]
 
 
 def test_selection_with_no_closed_block():
