@@ -14,7 +14,7 @@ when they alone exceed a budget, which config validation rules out). The counts 
 the host before the step, so indptr is too: one `plan` per step serves all layers, and each
 layer only rewrites the index list in place, with fixed shapes, which a CUDA graph can replay.
 
-Per step (host):   `plan(counts, max_out, ...)`   indptr from the counts, the scatter map, plan
+Per step (host):   `plan(counts, width, ...)`     indptr from the counts, the scatter map, plan
 Per layer (device): `write_indices(slots)`          selected slots [B, KvH, MAXB] -> folded list
                     `run(q, k_buffer, v_buffer)`    out [B, H, D], natural-log lse [B, H]
 
@@ -62,27 +62,34 @@ class FoldedSparseDecode:
              **plan_kwargs) -> None:
         """Plan one decode step. counts: slots each request attends to (the same for its KV heads
         and for every layer); width: MAXB of the [B, KvH, MAXB] selections of this step (>= every
-        count, <= max_out). Host work plus two small copies; no device sync."""
+        count, <= max_out). No device sync: FlashInfer plans from host indptr, and the scatter
+        map is built on the device from a small copy of it.
+
+        A wrapper in CUDA-graph mode has a fixed batch and the captured index writes a fixed
+        shape: make one of these per captured batch size and plan max_requests requests (pad
+        with count 1) of width max_out."""
         batch = len(counts)
         if batch > self.max_requests or width > self.max_out:
             raise ValueError(f"sparse decode planned for {self.max_requests} requests of {self.max_out} slots, "
                              f"got {batch} requests of {width}")
+        if getattr(self.wrapper, "is_cuda_graph_enabled", False) and (batch, width) != (self.max_requests, self.max_out):
+            raise ValueError(f"a CUDA-graph sparse decode plans exactly {self.max_requests} requests of "
+                             f"{self.max_out} slots, got {batch} of {width}")
         if any(c < 1 or c > width for c in counts):
             raise ValueError(f"every count must be in [1, {width}], got {counts}")
-        kvh = self.num_kv_heads
-        row_counts = torch.tensor(counts, dtype=torch.int64).repeat_interleave(kvh)  # [B * KvH]
-        indptr = torch.zeros(batch * kvh + 1, dtype=torch.int64)
-        indptr[1:] = torch.cumsum(row_counts, 0)
+        rows = batch * self.num_kv_heads
+        indptr = torch.zeros(rows + 1, dtype=torch.int32)
+        indptr[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int32).repeat_interleave(self.num_kv_heads), 0)
         total = int(indptr[-1])
         # Entry j of row r goes to indptr[r] + j while j < count, else to the dump entry.
-        j = torch.arange(width)
-        dest = torch.where(j[None, :] < row_counts[:, None], indptr[:-1, None] + j[None, :], self.indices.numel() - 1)
-        device = self.indptr.device
-        self.indptr[: batch * kvh + 1].copy_(indptr.to(torch.int32), non_blocking=True)
-        self.dest[: dest.numel()].copy_(dest.view(-1).to(device), non_blocking=True)
+        self.indptr[: rows + 1].copy_(indptr, non_blocking=True)
+        starts, ends = self.indptr[:rows, None].long(), self.indptr[1 : rows + 1, None].long()
+        j = torch.arange(width, device=self.dest.device)[None, :]
+        dump = self.indices.numel() - 1
+        self.dest[: rows * width].view(rows, width).copy_(torch.where(starts + j < ends, starts + j, dump))
         self._batch, self._width = batch, width
         self.wrapper.plan(
-            self.indptr[: batch * kvh + 1], self.indices[:total], self.last_page_len[: batch * kvh],
+            indptr, self.indices[:total], torch.ones(rows, dtype=torch.int32),
             self.group, 1, self.head_dim, 1,
             pos_encoding_mode="NONE", q_data_type=q_dtype, kv_data_type=kv_dtype, sm_scale=sm_scale, **plan_kwargs,
         )
@@ -115,7 +122,8 @@ def flashinfer_wrapper(workspace: torch.Tensor, use_cuda_graph: bool, use_tensor
     """`make_wrapper` for FlashInfer's decode wrapper (GPU only: imports flashinfer).
 
     In CUDA-graph mode the wrapper keeps the sparse decode's own indptr/indices buffers, so the
-    per-layer index writes land where the captured kernels read. fa2 explicitly: `auto` may pick
+    per-layer index writes land where the captured kernels read; its batch is then fixed to the
+    sparse decode's max_requests (FlashInfer takes it from the buffer sizes). fa2 explicitly: `auto` may pick
     a backend that copies the indices into a block table at plan time (later writes unseen)."""
     import flashinfer
 

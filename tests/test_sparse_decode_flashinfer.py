@@ -22,7 +22,7 @@ class FakeDecodeWrapper:
     """Torch stand-in for flashinfer.BatchDecodeWithPagedKVCacheWrapper (NHD, fa2 semantics)."""
 
     def __init__(self, use_cuda_graph=False, indptr_buffer=None, indices_buffer=None, last_page_len_buffer=None):
-        self.use_cuda_graph = use_cuda_graph
+        self.use_cuda_graph = self.is_cuda_graph_enabled = use_cuda_graph
         self.indptr, self.indices, self.last_page_len = indptr_buffer, indices_buffer, last_page_len_buffer
         self.plans = 0
 
@@ -33,6 +33,7 @@ class FakeDecodeWrapper:
         assert indices.numel() == int(indptr[-1]) and bool((last_page_len == 1).all())
         if self.use_cuda_graph:  # FlashInfer copies into the buffers it was built with
             assert indices.numel() <= self.indices.numel()
+            assert last_page_len.numel() == self.last_page_len.numel(), "the batch is fixed in graph mode"
             self.indptr.copy_(indptr)
             self.last_page_len.copy_(last_page_len)
             self.indices[: indices.numel()].copy_(indices)
@@ -153,6 +154,15 @@ def test_selection_kernel_output_feeds_the_index_list():
     want_out, want_lse = reference(q, keys, values, slots, counts, 0.3)
     torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_graph_mode_plans_the_fixed_batch_and_width_only():
+    sparse = FoldedSparseDecode(fake(True), 2, 2, 8, max_requests=3, max_out=16, device="cpu")
+    with pytest.raises(ValueError, match="exactly 3 requests of 16 slots, got 2 of 16"):
+        sparse.plan([4, 4], 16, torch.float32, torch.float32, 1.0)
+    with pytest.raises(ValueError, match="exactly 3 requests of 16 slots, got 3 of 8"):
+        sparse.plan([4, 4, 4], 8, torch.float32, torch.float32, 1.0)
+    sparse.plan([4, 16, 1], 16, torch.float32, torch.float32, 1.0)
 
 
 def test_plan_rejects_counts_outside_the_buffers():
