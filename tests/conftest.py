@@ -1,4 +1,6 @@
 import os
+import signal
+import sys
 
 import pytest
 import torch
@@ -8,6 +10,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# A terminated test run unwinds like Ctrl-C, so fixtures stop the servers and engines they started.
+signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def pytest_collection_modifyitems(config, items):

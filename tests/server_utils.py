@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -10,6 +11,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the process that started it dies (Linux), so a
+    killed pytest leaves no server behind (SGLang's own subprocesses follow their parent)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -28,7 +36,8 @@ def launch_server(model_path: str, *args: str, timeout: float = 300, log_path: s
         "--max-total-tokens", "20000", "--skip-server-warmup", *args,
     ]
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_die_with_parent)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout
