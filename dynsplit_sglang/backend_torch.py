@@ -216,13 +216,14 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
                 scaling=layer.scaling, enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num,
             )
             o3[idx] = o_dense
-        self._last_lse = {}
-        for i in sparse:
-            r = self._reqs[i]
-            positions, valid = self.policy.select(layer.layer_id, i, q3[i])
-            o3[i], self._last_lse[i] = sparse_decode_attention(
-                q3[i], keys, values, r.row_slots[positions], valid, layer.scaling
-            )
+        order = sorted(sparse)
+        idx = torch.tensor(order, device=q3.device)
+        positions, valid = self.policy.select_batch(layer.layer_id, order, q3[idx])
+        rows = self.req_to_token_pool.req_to_token.index_select(0, fb.req_pool_indices[idx]).to(torch.int64)
+        slots = rows.gather(1, positions.reshape(len(order), -1)).view_as(positions)
+        out, lse = sparse_decode_attention_batched(q3[idx], keys, values, slots, valid, layer.scaling)
+        o3[idx] = out
+        self._last_lse = {i: lse[k] for k, i in enumerate(order)}
         return o3.view(q3.shape[0], -1)
 
     def _observe_decode(self, q3, layer, sparse: set[int]) -> None:
@@ -321,19 +322,45 @@ def sparse_decode_attention(q, keys, values, slots, valid, scale):
     slots:  [KvH, B] int64 KV slots each KV head attends to; valid: [KvH, B] bool.
     returns output [H, D] (dtype of q) and the log-sum-exp [H] fp32 of the attended logits.
     """
-    num_heads, dim = q.shape
-    num_kv_heads = slots.shape[0]
+    out, lse = _sparse_attention(q[None], keys, values, slots[None], valid[None], scale)
+    return out[0], lse[0]
+
+
+def sparse_decode_attention_batched(q, keys, values, slots, valid, scale):
+    """`sparse_decode_attention` for R requests: q [R, H, D], slots and valid [R, KvH, B] (each
+    row's valid entries first). returns output [R, H, D] and lse [R, H].
+
+    Requests are grouped by the width of their own selection and each group runs as one batch
+    cut to that width, so every request gets exactly the shapes it would get alone and the same
+    bits (CPU kernels round by shape; padding to the batch's widest would change the last bit and
+    make a request's tokens depend on what else is in its batch)."""
+    num_heads, dim = q.shape[1], q.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[0], num_heads, dtype=torch.float32, device=q.device)
+    widths = valid.sum(dim=2).amax(dim=1).tolist()  # [R] width of each request's own selection
+    for width in sorted(set(widths)):
+        group = torch.tensor([k for k, w in enumerate(widths) if w == width], device=q.device)
+        out[group], lse[group] = _sparse_attention(
+            q[group], keys, values, slots[group, :, :width], valid[group, :, :width], scale
+        )
+    return out, lse
+
+
+def _sparse_attention(q, keys, values, slots, valid, scale):
+    """q [R, H, D]; slots, valid [R, KvH, B] -> output [R, H, D] (dtype of q), lse [R, H] fp32."""
+    batch, num_heads, dim = q.shape
+    num_kv_heads = slots.shape[1]
     # Row (slot, head) of the [num_slots * KvH, D] view: index_select copies whole rows, several
     # times faster on the CPU than indexing with a (slot, head) pair.
     rows = (slots * num_kv_heads + torch.arange(num_kv_heads, device=q.device)[:, None]).view(-1)
-    k = keys.reshape(-1, dim).index_select(0, rows).view(num_kv_heads, -1, dim).float()  # [KvH, B, D]
-    v = values.reshape(-1, dim).index_select(0, rows).view(num_kv_heads, -1, dim).float()
-    qg = q.float().view(num_kv_heads, num_heads // num_kv_heads, dim)
-    logits = torch.matmul(qg, k.transpose(1, 2)) * scale  # [KvH, G, B]
-    logits.masked_fill_(~valid[:, None, :], float("-inf"))
+    k = keys.reshape(-1, dim).index_select(0, rows).view(batch, num_kv_heads, -1, dim).float()  # [R, KvH, B, D]
+    v = values.reshape(-1, dim).index_select(0, rows).view(batch, num_kv_heads, -1, dim).float()
+    qg = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, dim)
+    logits = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [R, KvH, G, B]
+    logits.masked_fill_(~valid[:, :, None, :], float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)
     out = torch.matmul(torch.exp(logits - lse[..., None]), v)
-    return out.reshape(num_heads, dim).to(q.dtype), lse.reshape(num_heads)
+    return out.reshape(batch, num_heads, dim).to(q.dtype), lse.reshape(batch, num_heads)
 
 
 def _query_heads_per_kv_head(hf_config) -> int:

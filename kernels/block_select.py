@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -80,3 +82,73 @@ def select_positions(
     positions.scatter_(1, rank, pos.expand(num_kv_heads, -1))
     valid = torch.arange(width, device=device)[None, :] < counts[:, None]
     return positions[:, :width], valid
+
+
+def select_positions_batched(
+    scores: torch.Tensor,
+    records: torch.Tensor,
+    rec_start: torch.Tensor,
+    rec_end: torch.Tensor,
+    seq_lens: torch.Tensor,
+    keep_head: torch.Tensor,
+    keep_tail_from: torch.Tensor,
+    budgets: torch.Tensor,
+    max_len: int,
+    width: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`select_positions` for a batch of requests at once (same rule, same positions).
+
+    scores:   [B, KvH, NB] fp32 scores of each request's closed blocks (any value where records
+              is -1).
+    records:  [B, NB] int64 record ids of the closed blocks in position order, -1 after the last.
+    rec_start, rec_end: [capacity] int64 first / last position of each record's block.
+    seq_lens, keep_head, keep_tail_from, budgets: [B] int64; max_len >= every seq_len.
+    returns:  positions [B, KvH, W] int64 (ascending, 0 after the kept ones) and counts [B, KvH]
+              (kept positions, which may exceed W); W = width, or the largest count if None.
+    """
+    device = scores.device
+    batch, num_kv_heads, num_blocks = scores.shape
+    live = records >= 0  # [B, NB]
+    rec = records.clamp_min(0)
+    tail_from = keep_tail_from[:, None]  # [B, 1]
+    head_n = torch.minimum(keep_head, keep_tail_from)[:, None]
+    room = budgets - head_n[:, 0] - (seq_lens - keep_tail_from)  # [B]
+    start, end = rec_start[rec], rec_end[rec]  # [B, NB]
+    cost = ((end.clamp_max(tail_from - 1) - start.clamp_min(head_n) + 1).clamp_min(0)) * live
+
+    # Padding sorts after every real block (stable: after a real -inf too) and costs nothing.
+    masked = scores.masked_fill(~live[:, None, :], float("-inf"))
+    order = torch.argsort(masked, dim=2, descending=True, stable=True)  # [B, KvH, NB]
+    sorted_cost = cost[:, None, :].expand(-1, num_kv_heads, -1).gather(2, order)
+    # Tokens each block gives: all while the room lasts, then the rest of the room, then none.
+    before = torch.cumsum(sorted_cost, dim=2)
+    sorted_taken = (room[:, None, None] - before + sorted_cost).clamp(min=0).minimum(sorted_cost)
+    taken = torch.zeros(batch, num_kv_heads, num_blocks, dtype=torch.int64, device=device)
+    taken.scatter_(2, order, sorted_taken)
+
+    # Block of each position: the last block starting at or before it, if the position is inside.
+    pos = torch.arange(max_len, device=device)
+    starts = torch.where(live, start, max_len)  # ascending per row, padding past every position
+    block_of = torch.searchsorted(starts.contiguous(), pos.expand(batch, -1).contiguous(), right=True) - 1
+    block_of = block_of.clamp(0, max(num_blocks - 1, 0))
+    if num_blocks:
+        inside = (starts.gather(1, block_of) <= pos) & (pos <= end.gather(1, block_of))  # [B, max_len]
+        # A position is kept if it is among its block's first `taken` costed positions.
+        offset = pos - start.clamp_min(head_n).gather(1, block_of)  # [B, max_len]
+        block_taken = taken.gather(2, block_of[:, None, :].expand(-1, num_kv_heads, -1))
+        keep = (offset[:, None, :] < block_taken) & inside[:, None, :]
+    else:
+        keep = torch.zeros(batch, num_kv_heads, max_len, dtype=torch.bool, device=device)
+    always = (pos < head_n) | (pos >= tail_from)  # [B, max_len]
+    keep = (keep | always[:, None, :]) & (pos < seq_lens[:, None])[:, None, :]
+
+    counts = keep.sum(dim=2)  # [B, KvH]
+    if width is None:
+        width = int(counts.max()) if counts.numel() else 0
+    # Each kept position goes to its rank among its row's kept positions; the rest (and ranks
+    # past the width) to a spare last column.
+    rank = torch.cumsum(keep, dim=2) - 1
+    rank = torch.where(keep & (rank < width), rank, width)
+    positions = torch.zeros(batch, num_kv_heads, width + 1, dtype=torch.int64, device=device)
+    positions.scatter_(2, rank, pos.expand(batch, num_kv_heads, -1))
+    return positions[:, :, :width], counts

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dynsplit_sglang.kernels.block_select import score_blocks
+from dynsplit_sglang.kernels.block_select import score_blocks, select_positions_batched
 
 # Blocks scored per program of kernel 1. A [BLOCK_N, D] tile of kmin and of kmax is live at once;
 # 32 x 128 fp32 x 2 stays in registers with 4 warps.
@@ -401,54 +401,19 @@ def select_from_scores_reference(
     slots_out: torch.Tensor,
     counts_out: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The selection half of the reference, from given scores [B, KvH, NB] fp32 (batched torch).
-
-    It builds a kept-position mask over [B, KvH, max_len], unlike the kernels, which map output
-    indices to positions, so the two are independent implementations of the same rule.
+    """The selection half of the reference, from given scores [B, KvH, NB] fp32 (batched torch):
+    `block_select.select_positions_batched` mapped to KV slots. It builds a kept-position mask
+    over [B, KvH, max_len], unlike the kernels, which map output indices to positions, so the two
+    are independent implementations of the same rule.
     """
-    device = scores.device
-    batch, num_kv_heads, num_blocks = scores.shape
+    batch, num_kv_heads, _ = scores.shape
     max_len = req_slots.shape[1]
-    live = records >= 0  # [B, NB]
-    rec = records.clamp_min(0)
-    tail_from = keep_tail_from[:, None]  # [B, 1]
-    head_n = torch.minimum(keep_head, keep_tail_from)[:, None]
-    room = budgets - head_n[:, 0] - (seq_lens - keep_tail_from)  # [B]
-    start, end = rec_start[rec], rec_end[rec]  # [B, NB]
-    cost = ((end.clamp_max(tail_from - 1) - start.clamp_min(head_n) + 1).clamp_min(0)) * live
-
-    # Padding sorts after every real block (stable: after a real -inf too) and costs nothing.
-    masked = scores.masked_fill(~live[:, None, :], float("-inf"))
-    order = torch.argsort(masked, dim=2, descending=True, stable=True)  # [B, KvH, NB]
-    sorted_cost = cost[:, None, :].expand(-1, num_kv_heads, -1).gather(2, order)
-    # Tokens each block gives: all while the room lasts, then the rest of the room, then none.
-    before = torch.cumsum(sorted_cost, dim=2)
-    sorted_taken = (room[:, None, None] - before + sorted_cost).clamp(min=0).minimum(sorted_cost)
-    taken = torch.zeros(batch, num_kv_heads, num_blocks, dtype=torch.int64, device=device)
-    taken.scatter_(2, order, sorted_taken)
-
-    # Block of each position: the last block starting at or before it, if the position is inside.
-    pos = torch.arange(max_len, device=device)
-    starts = torch.where(live, start, max_len)  # ascending per row, padding past every position
-    block_of = torch.searchsorted(starts.contiguous(), pos.expand(batch, -1).contiguous(), right=True) - 1
-    block_of = block_of.clamp(0, max(num_blocks - 1, 0))
-    if num_blocks:
-        inside = (starts.gather(1, block_of) <= pos) & (pos <= end.gather(1, block_of))  # [B, max_len]
-        # A position is kept if it is among its block's first `taken` costed positions.
-        offset = pos - start.clamp_min(head_n).gather(1, block_of)  # [B, max_len]
-        block_taken = taken.gather(2, block_of[:, None, :].expand(-1, num_kv_heads, -1))
-        in_chosen = (offset[:, None, :] < block_taken) & inside[:, None, :]
-    else:
-        in_chosen = torch.zeros(batch, num_kv_heads, max_len, dtype=torch.bool, device=device)
-    always = (pos < head_n) | (pos >= tail_from)  # [B, max_len]
-    keep = (in_chosen | always[:, None, :]) & (pos < seq_lens[:, None])[:, None, :]
-
-    counts = keep.sum(dim=2)  # [B, KvH]
-    # Stable sort of "not kept" puts each row's kept positions first, in ascending order.
     width = min(max_len, slots_out.shape[2])
-    positions = torch.argsort((~keep).to(torch.int8), dim=2, stable=True)[:, :, :width]
-    slots = req_slots[:, None, :].expand(-1, num_kv_heads, -1).gather(2, positions)
-    valid = torch.arange(width, device=device) < counts[:, :, None]
+    positions, counts = select_positions_batched(
+        scores, records, rec_start, rec_end, seq_lens, keep_head, keep_tail_from, budgets, max_len, width
+    )
+    slots = req_slots.gather(1, positions.reshape(batch, -1)).view(batch, num_kv_heads, width)
+    valid = torch.arange(width, device=scores.device) < counts[:, :, None]
     slots_out.zero_()
     slots_out[:, :, :width] = torch.where(valid, slots, 0)
     counts_out.copy_(counts)

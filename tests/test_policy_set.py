@@ -40,9 +40,16 @@ def run(policy, keys, queries, labels, steps=3):
                 for i, (r, label) in enumerate(zip(rows, labels))]
         policy.begin_forward(reqs, True)
         q = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
-        for i in range(len(reqs)):
-            positions, valid = policy.select(1, i, q)
+        picks = [policy.select(1, i, q) for i in range(len(reqs))]
+        for i, (positions, valid) in enumerate(picks):
             kept[i].append([set(p[v].tolist()) for p, v in zip(positions, valid)])
+        # The batched selection the backend uses gives every request exactly its own selection.
+        order = list(range(len(reqs)))[::-1]
+        positions, valid = policy.select_batch(1, order, q.expand(len(reqs), -1, -1))
+        for k, i in enumerate(order):
+            width = picks[i][0].shape[1]
+            assert torch.equal(positions[k, :, :width][picks[i][1]], picks[i][0][picks[i][1]])
+            assert torch.equal(valid[k, :, :width], picks[i][1]) and not valid[k, :, width:].any()
         policy.end_forward(reqs, [keys] * SHAPE.num_layers)
     return kept
 

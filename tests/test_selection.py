@@ -1,6 +1,6 @@
 import torch
 
-from dynsplit_sglang.kernels.block_select import score_blocks, select_positions
+from dynsplit_sglang.kernels.block_select import score_blocks, select_positions, select_positions_batched
 from dynsplit_sglang.kernels.block_summary import block_min_max
 
 
@@ -72,3 +72,31 @@ def test_selection_cuts_the_first_block_that_does_not_fit():
 def test_selection_with_no_closed_block():
     pos, valid = select_positions(torch.zeros(2, 0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 50, 4, 10, 64)
     assert pos[0][valid[0]].tolist() == list(range(4)) + list(range(10, 50))
+
+
+def test_batched_selection_is_the_per_request_selection():
+    g = torch.Generator().manual_seed(3)
+    reqs, capacity = [], 0
+    for n_blocks, open_len, budget in ((30, 7, 120), (0, 9, 64), (12, 3, 500), (25, 20, 64), (18, 1, 100)):
+        starts, ends = make_blocks(n_blocks, n_blocks)
+        tail = int(ends[-1]) + 1 if n_blocks else 0
+        reqs.append((starts, ends, tail + open_len, budget, capacity))
+        capacity += n_blocks
+    rec_start = torch.cat([r[0] for r in reqs])
+    rec_end = torch.cat([r[1] for r in reqs])
+    nb = max(r[0].numel() for r in reqs)
+    records = torch.full((len(reqs), nb), -1)
+    scores = torch.randn(len(reqs), 2, nb, generator=g)
+    seq_lens, tails, budgets = [], [], []
+    for b, (starts, ends, seq_len, budget, first) in enumerate(reqs):
+        records[b, : starts.numel()] = torch.arange(first, first + starts.numel())
+        seq_lens.append(seq_len)
+        tails.append(max(0, min(int(ends[-1]) + 1 if ends.numel() else 0, seq_len - 8)))
+        budgets.append(budget)
+    t = lambda v: torch.tensor(v)
+    positions, counts = select_positions_batched(scores, records, rec_start, rec_end, t(seq_lens), t([4] * 5),
+                                                 t(tails), t(budgets), max(seq_lens))
+    for b, (starts, ends, seq_len, budget, _) in enumerate(reqs):
+        want, valid = select_positions(scores[b, :, : starts.numel()], starts, ends, seq_len, 4, tails[b], budget)
+        assert counts[b].tolist() == valid.sum(1).tolist() == [min(budget, seq_len)] * 2
+        assert torch.equal(positions[b, :, : want.shape[1]], want)

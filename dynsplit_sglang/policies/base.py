@@ -122,6 +122,12 @@ class KVPolicy(abc.ABC):
         for this layer (the budget itself, or the layer's share for per-layer budgets).
         """
 
+    def select_batch(self, layer_id: int, req_indices: list[int], q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`select` for several requests at once: q [R, H, D] holds the decode queries of
+        `req_indices`. returns positions [R, KvH, W] int64 and valid [R, KvH, W] bool, row k the
+        selection of req_indices[k] padded to the widest. The default asks `select` per request."""
+        return pad_selections([self.select(layer_id, i, q[k]) for k, i in enumerate(req_indices)])
+
     # --- slot lifetime ------------------------------------------------------------------------
     def release_slots(self, slots: torch.Tensor) -> None:
         """The KV allocator freed these slots."""
@@ -135,3 +141,16 @@ class KVPolicy(abc.ABC):
 
     def trace(self, event: dict) -> None:
         """Record a debugging event (a no-op unless the policy was configured to trace)."""
+
+
+def pad_selections(picks: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-request (positions [KvH, B_k], valid [KvH, B_k]) stacked to [R, KvH, max B_k] (padding:
+    position 0, not valid)."""
+    width = max(p.shape[1] for p, _ in picks)
+    num_kv_heads, device = picks[0][0].shape[0], picks[0][0].device
+    positions = torch.zeros(len(picks), num_kv_heads, width, dtype=torch.int64, device=device)
+    valid = torch.zeros(len(picks), num_kv_heads, width, dtype=torch.bool, device=device)
+    for k, (p, v) in enumerate(picks):
+        positions[k, :, : p.shape[1]] = p
+        valid[k, :, : v.shape[1]] = v
+    return positions, valid

@@ -10,7 +10,7 @@ import torch
 from dynsplit_sglang.block_table import BlockTable, ModelShape
 from dynsplit_sglang.config import DynamicKVOptions, DynSplitConfig, KVConfig
 from dynsplit_sglang.delimiters import candidate_token_mask
-from dynsplit_sglang.kernels.block_select import score_blocks, select_positions
+from dynsplit_sglang.kernels.block_select import score_blocks, select_positions, select_positions_batched
 from dynsplit_sglang.kernels.dd_select import band_rows_from_logits, candidate_scores
 from dynsplit_sglang.layer_budgets import dynamickv
 from dynsplit_sglang.policies.base import KVPolicy, RequestView
@@ -90,6 +90,20 @@ class DynSplitPolicy(KVPolicy):
                 starts, ends = self.table.rec_start[recs], self.table.rec_end[recs]
                 tail = 0 if recs.numel() == 0 else int(ends[-1]) + 1
                 self._decode_blocks.append((recs, starts, ends, tail, r.seq_len))
+            self._step = self._step_tensors(reqs)
+
+    def _step_tensors(self, reqs: list[RequestView]) -> dict:
+        """What `select_batch` needs for every request of a decode step, built once per step:
+        records [n, NB] (-1 padded), seq_lens, keep_tail_from [n] int64."""
+        device = self.table.rec_start.device
+        num_blocks = max((b[0].numel() for b in self._decode_blocks), default=0)
+        records = torch.full((len(reqs), num_blocks), -1, dtype=torch.int64, device=device)
+        for k, (recs, *_rest) in enumerate(self._decode_blocks):
+            records[k, : recs.numel()] = recs
+        seq_lens = [b[4] for b in self._decode_blocks]
+        tail_from = [max(0, min(b[3], b[4] - self.cfg.recent_tokens)) for b in self._decode_blocks]
+        return {"records": records, "seq_lens": torch.tensor(seq_lens, device=device),
+                "keep_tail_from": torch.tensor(tail_from, device=device), "max_len": max(seq_lens, default=0)}
 
     def observe(self, layer_id, req_index, band_logits, lse) -> None:
         rows = band_rows_from_logits(band_logits, lse, self.cfg.lookahead, self.cfg.local_window, self.cfg.alpha)
@@ -171,6 +185,28 @@ class DynSplitPolicy(KVPolicy):
         scores = score_blocks(q, t.kmin[layer_id].index_select(0, recs), t.kmax[layer_id].index_select(0, recs))
         keep_tail_from = max(0, min(tail, seq_len - self.cfg.recent_tokens))
         return select_positions(scores, starts, ends, seq_len, self.cfg.sink_tokens, keep_tail_from, budget)
+
+    def select_batch(self, layer_id, req_indices, q):
+        """`select` for several requests: the same scores (request by request, so bit for bit
+        those of `select`) and one batched selection (`select_positions_batched`, same rule)."""
+        t, step = self.table, self._step
+        rows = torch.tensor(req_indices, device=t.rec_start.device)
+        records = step["records"].index_select(0, rows)
+        scores = torch.zeros(len(req_indices), self.shape.num_kv_heads, records.shape[1], device=q.device)
+        for k, i in enumerate(req_indices):
+            recs = self._decode_blocks[i][0]
+            if recs.numel():
+                scores[k, :, : recs.numel()] = score_blocks(
+                    q[k], t.kmin[layer_id].index_select(0, recs), t.kmax[layer_id].index_select(0, recs)
+                )
+        budgets = torch.tensor([self.layer_budget(self._reqs[i], layer_id) for i in req_indices], device=rows.device)
+        seq_lens = step["seq_lens"].index_select(0, rows)
+        positions, counts = select_positions_batched(
+            scores, records, t.rec_start, t.rec_end, seq_lens, torch.full_like(seq_lens, self.cfg.sink_tokens),
+            step["keep_tail_from"].index_select(0, rows), budgets, step["max_len"],
+        )
+        valid = torch.arange(positions.shape[2], device=positions.device) < counts[:, :, None]
+        return positions, valid
 
     # --- slot lifetime ------------------------------------------------------------------------
     def release_slots(self, slots: torch.Tensor) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from dynsplit_sglang.block_table import ModelShape
 from dynsplit_sglang.config import KVConfig
-from dynsplit_sglang.policies.base import KVPolicy, RequestView
+from dynsplit_sglang.policies.base import KVPolicy, RequestView, pad_selections
 
 
 def build_policy(kv: KVConfig, shape: ModelShape, num_slots: int, dtype, device, tokens=None) -> KVPolicy:
@@ -100,6 +100,19 @@ class PolicySet(KVPolicy):
     def select(self, layer_id: int, req_index: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         label = self._reqs[req_index].policy or self.default
         return self.members[label].select(layer_id, req_index, q)
+
+    def select_batch(self, layer_id: int, req_indices: list[int], q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each member selects for its own requests in one call; rows in the order asked."""
+        groups: dict[str, list[int]] = {}
+        for k, i in enumerate(req_indices):
+            groups.setdefault(self._reqs[i].policy or self.default, []).append(k)
+        if len(groups) == 1:
+            return self.members[next(iter(groups))].select_batch(layer_id, req_indices, q)
+        picks = {}
+        for label, ks in groups.items():
+            positions, valid = self.members[label].select_batch(layer_id, [req_indices[k] for k in ks], q[ks])
+            picks.update({k: (positions[j], valid[j]) for j, k in enumerate(ks)})
+        return pad_selections([picks[k] for k in range(len(req_indices))])
 
     # --- slot lifetime ------------------------------------------------------------------------
     def release_slots(self, slots: torch.Tensor) -> None:

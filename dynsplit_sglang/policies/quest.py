@@ -12,6 +12,7 @@ import dataclasses
 import torch
 
 from dynsplit_sglang.config import DynSplitConfig, KVConfig
+from dynsplit_sglang.policies.base import KVPolicy
 from dynsplit_sglang.policies.dynsplit import DynSplitPolicy
 
 
@@ -36,3 +37,8 @@ class QuestPolicy(DynSplitPolicy):
             positions = torch.arange(n, device=q.device)[None, :].expand(self.shape.num_kv_heads, -1)
             return positions, torch.ones_like(positions, dtype=torch.bool)
         return super().select(layer_id, req_index, q)
+
+    def select_batch(self, layer_id, req_indices, q):
+        if layer_id < self.quest.dense_layers:
+            return KVPolicy.select_batch(self, layer_id, req_indices, q)
+        return super().select_batch(layer_id, req_indices, q)
