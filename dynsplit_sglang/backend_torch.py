@@ -24,6 +24,7 @@ from dynsplit_sglang.config import KVConfig
 from dynsplit_sglang import request_options
 from dynsplit_sglang.delimiters import TokenTexts
 from dynsplit_sglang.kernels.dd_select import band_logits, band_logits_and_lse
+from dynsplit_sglang.kernels.sparse_attention import sparse_decode_attention_batched
 from dynsplit_sglang.patches import prefix_reserve
 from dynsplit_sglang.policies import RequestView
 from dynsplit_sglang.policies.policy_set import build_policy
@@ -313,54 +314,6 @@ def attention_with_lse_formula(q, k, v, scale, causal):
         outs.append(torch.einsum("bhqk,bhkd->bhqd", torch.exp(logits - lse[..., None]), v))
         lses.append(lse)
     return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
-
-
-def sparse_decode_attention(q, keys, values, slots, valid, scale):
-    """Attention of one decode query over a different set of KV slots per KV head.
-
-    q:      [H, D] query; keys, values: [num_slots, KvH, D] one layer's KV buffers.
-    slots:  [KvH, B] int64 KV slots each KV head attends to; valid: [KvH, B] bool.
-    returns output [H, D] (dtype of q) and the log-sum-exp [H] fp32 of the attended logits.
-    """
-    out, lse = _sparse_attention(q[None], keys, values, slots[None], valid[None], scale)
-    return out[0], lse[0]
-
-
-def sparse_decode_attention_batched(q, keys, values, slots, valid, scale):
-    """`sparse_decode_attention` for R requests: q [R, H, D], slots and valid [R, KvH, B] (each
-    row's valid entries first). returns output [R, H, D] and lse [R, H].
-
-    Requests are grouped by the width of their own selection and each group runs as one batch
-    cut to that width, so every request gets exactly the shapes it would get alone and the same
-    bits (CPU kernels round by shape; padding to the batch's widest would change the last bit and
-    make a request's tokens depend on what else is in its batch)."""
-    num_heads, dim = q.shape[1], q.shape[2]
-    out = torch.empty_like(q)
-    lse = torch.empty(q.shape[0], num_heads, dtype=torch.float32, device=q.device)
-    widths = valid.sum(dim=2).amax(dim=1).tolist()  # [R] width of each request's own selection
-    for width in sorted(set(widths)):
-        group = torch.tensor([k for k, w in enumerate(widths) if w == width], device=q.device)
-        out[group], lse[group] = _sparse_attention(
-            q[group], keys, values, slots[group, :, :width], valid[group, :, :width], scale
-        )
-    return out, lse
-
-
-def _sparse_attention(q, keys, values, slots, valid, scale):
-    """q [R, H, D]; slots, valid [R, KvH, B] -> output [R, H, D] (dtype of q), lse [R, H] fp32."""
-    batch, num_heads, dim = q.shape
-    num_kv_heads = slots.shape[1]
-    # Row (slot, head) of the [num_slots * KvH, D] view: index_select copies whole rows, several
-    # times faster on the CPU than indexing with a (slot, head) pair.
-    rows = (slots * num_kv_heads + torch.arange(num_kv_heads, device=q.device)[:, None]).view(-1)
-    k = keys.reshape(-1, dim).index_select(0, rows).view(batch, num_kv_heads, -1, dim).float()  # [R, KvH, B, D]
-    v = values.reshape(-1, dim).index_select(0, rows).view(batch, num_kv_heads, -1, dim).float()
-    qg = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, dim)
-    logits = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [R, KvH, G, B]
-    logits.masked_fill_(~valid[:, :, None, :], float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)
-    out = torch.matmul(torch.exp(logits - lse[..., None]), v)
-    return out.reshape(batch, num_heads, dim).to(q.dtype), lse.reshape(batch, num_heads)
 
 
 def _query_heads_per_kv_head(hf_config) -> int:

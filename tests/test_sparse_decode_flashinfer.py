@@ -1,61 +1,22 @@
 """FlashInfer sparse decode with KV heads folded into the batch (dynsplit_sglang/sparse_decode_flashinfer.py).
 
-On CPU a torch stand-in with FlashInfer's plan/run contract checks the folding, the per-step plan
-and the in-place per-layer index writes against the torch path's `sparse_decode_attention`. The
-stand-in keeps what FlashInfer's fa2 decode wrapper keeps: in eager mode a reference to the
-indices tensor given to plan (so later in-place writes are seen), in CUDA-graph mode its own
-preallocated buffers (copied into at plan); and it returns a base-2 lse like FlashInfer.
-`-m gpu` runs the real wrapper, eager and replayed from a captured CUDA graph, in bf16.
+On CPU a torch stand-in with FlashInfer's plan/run contract (`benchmarks/gpu/fake_flashinfer.py`)
+checks the folding, the per-step plan and the in-place per-layer index writes against the torch
+path's `sparse_decode_attention`. The stand-in keeps what FlashInfer's fa2 decode wrapper keeps:
+in eager mode a reference to the indices tensor given to plan (so later in-place writes are seen),
+in CUDA-graph mode its own preallocated buffers (copied into at plan); and it returns a base-2 lse
+like FlashInfer. `-m gpu` runs the real wrapper, eager and replayed from a captured CUDA graph, in
+bf16, against the same torch path.
 """
-
-import math
 
 import pytest
 import torch
 
-from dynsplit_sglang.backend_torch import sparse_decode_attention
+from benchmarks.gpu.fake_flashinfer import FakeDecodeWrapper
 from dynsplit_sglang.kernels.block_select_triton import select_slots_reference
+from dynsplit_sglang.kernels.sparse_attention import sparse_decode_attention
 from dynsplit_sglang.sparse_decode_flashinfer import FoldedSparseDecode, flashinfer_wrapper
 
-
-class FakeDecodeWrapper:
-    """Torch stand-in for flashinfer.BatchDecodeWithPagedKVCacheWrapper (NHD, fa2 semantics)."""
-
-    def __init__(self, use_cuda_graph=False, indptr_buffer=None, indices_buffer=None, last_page_len_buffer=None):
-        self.use_cuda_graph = self.is_cuda_graph_enabled = use_cuda_graph
-        self.indptr, self.indices, self.last_page_len = indptr_buffer, indices_buffer, last_page_len_buffer
-        self.plans = 0
-
-    def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, *,
-             pos_encoding_mode, q_data_type, kv_data_type, sm_scale):
-        assert indptr.dtype == indices.dtype == last_page_len.dtype == torch.int32
-        assert pos_encoding_mode == "NONE" and page_size == 1 and num_kv_heads == 1
-        assert indices.numel() == int(indptr[-1]) and bool((last_page_len == 1).all())
-        if self.use_cuda_graph:  # FlashInfer copies into the buffers it was built with
-            assert indices.numel() <= self.indices.numel()
-            assert last_page_len.numel() == self.last_page_len.numel(), "the batch is fixed in graph mode"
-            self.indptr.copy_(indptr)
-            self.last_page_len.copy_(last_page_len)
-            self.indices[: indices.numel()].copy_(indices)
-        else:  # FlashInfer keeps `indices.to(device)`: the very tensor when already there
-            self.indptr, self.indices, self.last_page_len = indptr, indices, last_page_len
-        self.group, self.head_dim, self.scale = num_qo_heads, head_dim, sm_scale
-        self.plans += 1
-
-    def run(self, q, paged_kv_cache, *, return_lse=False):
-        k_pages, v_pages = paged_kv_cache
-        rows = self.indptr.numel() - 1
-        assert q.shape == (rows, self.group, self.head_dim)
-        assert k_pages.shape[1:3] == (1, 1)  # page size 1, one KV head per folded row
-        out = torch.empty_like(q)
-        lse = torch.empty(rows, self.group, dtype=torch.float32)
-        for r in range(rows):
-            pages = self.indices[int(self.indptr[r]) : int(self.indptr[r + 1])].long()
-            k, v = k_pages[pages, 0, 0].float(), v_pages[pages, 0, 0].float()
-            logits = q[r].float() @ k.T * self.scale  # [G, n]
-            lse[r] = torch.logsumexp(logits, -1) / math.log(2)
-            out[r] = (torch.softmax(logits, -1) @ v).to(q.dtype)
-        return (out, lse) if return_lse else out
 
 
 def fake(use_cuda_graph):
@@ -77,6 +38,7 @@ def random_selection(batch, kv_heads, width, counts, num_slots, g):
 
 
 def reference(q, keys, values, slots, counts, scale):
+    """out [B, H, D], natural-log lse [B, H] of q [B, H, D] over the first counts[b] of slots [B, KvH, W]."""
     outs, lses = [], []
     for b, c in enumerate(counts):
         valid = torch.ones(slots.shape[1], c, dtype=torch.bool)
@@ -95,6 +57,7 @@ def test_one_plan_serves_every_layer_with_in_place_index_writes(use_cuda_graph):
     sparse = FoldedSparseDecode(fake(use_cuda_graph), kv_heads, group, dim, max_requests=batch, max_out=width,
                                 device="cpu")
     sparse.plan(counts, width, torch.float32, torch.float32, scale)
+    assert sparse.wrapper.num_kv_heads == 1  # one KV head per folded row
     for layer in range(3):  # every layer its own KV, queries and selection, one plan
         keys, values = torch.randn(2, num_slots, kv_heads, dim, generator=g)
         q = torch.randn(batch, kv_heads * group, dim, generator=g)
