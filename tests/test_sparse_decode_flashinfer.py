@@ -48,6 +48,15 @@ def reference(q, keys, values, slots, counts, scale):
     return torch.stack(outs), torch.stack(lses)
 
 
+def attend_and_check(sparse, q, keys, values, slots, counts, scale):
+    """Write one layer's selection, attend, and compare with the torch path (fp32)."""
+    sparse.write_indices(slots)
+    out, lse = sparse.run(q, keys, values)
+    want_out, want_lse = reference(q, keys, values, slots, counts, scale)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)  # natural log, like the torch path
+
+
 @pytest.mark.parametrize("use_cuda_graph", [False, True])
 def test_one_plan_serves_every_layer_with_in_place_index_writes(use_cuda_graph):
     g = torch.Generator().manual_seed(0)
@@ -62,11 +71,7 @@ def test_one_plan_serves_every_layer_with_in_place_index_writes(use_cuda_graph):
         keys, values = torch.randn(2, num_slots, kv_heads, dim, generator=g)
         q = torch.randn(batch, kv_heads * group, dim, generator=g)
         slots = random_selection(batch, kv_heads, width, counts, num_slots, g)
-        sparse.write_indices(slots)
-        out, lse = sparse.run(q, keys, values)
-        want_out, want_lse = reference(q, keys, values, slots, counts, scale)
-        torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)  # natural log, like the torch path
+        attend_and_check(sparse, q, keys, values, slots, counts, scale)
     assert sparse.wrapper.plans == 1
 
 
@@ -78,11 +83,7 @@ def test_smaller_batch_and_width_than_the_buffers():
         keys, values = torch.randn(2, 50, 2, 8, generator=g)
         q = torch.randn(len(counts), 8, 8, generator=g)
         slots = random_selection(len(counts), 2, width, counts, 50, g)
-        sparse.write_indices(slots)
-        out, lse = sparse.run(q, keys, values)
-        want_out, want_lse = reference(q, keys, values, slots, counts, 0.5)
-        torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+        attend_and_check(sparse, q, keys, values, slots, counts, 0.5)
 
 
 def test_selection_kernel_output_feeds_the_index_list():
@@ -112,11 +113,7 @@ def test_selection_kernel_output_feeds_the_index_list():
     sparse = FoldedSparseDecode(fake(False), kv_heads, group, dim, max_requests=2, max_out=width, device="cpu")
     sparse.plan(counts, width, torch.float32, torch.float32, 0.3)
     keys, values = torch.randn(2, num_slots, kv_heads, dim, generator=g)
-    sparse.write_indices(slots)
-    out, lse = sparse.run(q, keys, values)
-    want_out, want_lse = reference(q, keys, values, slots, counts, 0.3)
-    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    attend_and_check(sparse, q, keys, values, slots, counts, 0.3)
 
 
 def test_graph_mode_plans_the_fixed_batch_and_width_only():

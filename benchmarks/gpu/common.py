@@ -178,6 +178,15 @@ def markdown(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def footer(result: dict) -> list[str]:
+    """A report's last lines: the first calls' compile seconds, then device, versions, commit,
+    date and the exact command."""
+    compile_s = ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in result["compile_s"].items())
+    return [f"first calls (compile), s: {compile_s}",
+            f"{result['device']}; torch {result['torch']}, triton {result['triton']}, flashinfer "
+            f"{result['flashinfer']}; commit {result['commit']}; {result['date']}; `{result['command']}`"]
+
+
 def log(msg: str) -> None:
     print(msg, flush=True)
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.gpu.common import (
-    LLAMA_8B, TINY, GiB, capture, expected_blocks, full_decode_plan, header, host_ms, kv_bytes, log, make_env,
+    LLAMA_8B, TINY, GiB, capture, expected_blocks, footer, full_decode_plan, header, host_ms, kv_bytes, log, make_env,
     make_layout, markdown, median_ms, output_path, random_bounds, record_bytes, short_error, use_tensor_cores,
     write_json,
 )
@@ -317,10 +317,7 @@ def report(result: dict) -> str:
                      f"{'holds' if t['holds'] else 'MISSED'} ("
                      + ", ".join(f"budget {b}: x{v:.3g}" for b, v in t["per_budget"].items())
                      + f"; {'/'.join(t['timing'])} timing)")
-    compile_s = ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in result["compile_s"].items())
-    lines += ["", result["note"], f"first calls (compile), s: {compile_s}",
-              f"{result['device']}; torch {result['torch']}, triton {result['triton']}, flashinfer {result['flashinfer']}; "
-              f"commit {result['commit']}; {result['date']}; `{result['command']}`"]
+    lines += ["", result["note"], *footer(result)]
     return "\n".join(lines)
 
 

@@ -29,7 +29,7 @@ import torch
 
 from benchmarks.gpu.common import (
     BLOCK_MAX, BLOCK_MIN, KEEP_HEAD, LLAMA_8B, RECENT, TINY, GiB, capture, check_attention, expected_blocks,
-    full_decode_plan, header, host_ms, kv_bytes, log, make_env, make_layout, markdown, median_ms, output_path,
+    footer, full_decode_plan, header, host_ms, kv_bytes, log, make_env, make_layout, markdown, median_ms, output_path,
     random_bounds, record_bytes, short_error, use_tensor_cores, write_json,
 )
 from dynsplit_sglang.sparse_decode_flashinfer import FoldedSparseDecode
@@ -352,10 +352,7 @@ def report(result: dict) -> str:
                   f"target: attention >= {TARGET_SPEEDUP}x faster than full at context {a['context']}, budget "
                   f"{a['budget']}: {'holds' if a['holds'] else 'MISSED'} (min x{g3(a['min'])}; with selection "
                   f"x{g3(a['min_including_selection'])})"]
-    compile_s = ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in result["compile_s"].items())
-    lines += ["", f"first calls (compile), s: {compile_s}",
-              f"{result['device']}; torch {result['torch']}, triton {result['triton']}, flashinfer "
-              f"{result['flashinfer']}; commit {result['commit']}; {result['date']}; `{result['command']}`"]
+    lines += ["", *footer(result)]
     return "\n".join(lines)
 
 
