@@ -2,7 +2,9 @@
 
 Quest is DynSplit-KV with rigid blocks: the same block records, scoring (the upper bound
 sum_d max(q_d kmin_d, q_d kmax_d)) and budget-filling selection, with blocks cut every `page_size`
-tokens and no sink or recent window beyond the unfinished page (as in Quest).
+tokens and no sink or recent window beyond the unfinished page (as in Quest). Quest counts its
+budget in whole pages with the unfinished one among them; here the budget is in tokens and the
+last page in score order is cut to fill it, so both attend to about the same number of tokens.
 """
 
 from __future__ import annotations
