@@ -120,6 +120,14 @@ def make_env(smoke: bool) -> Env:
     return Env(device, torch.bfloat16, False, select_slots, flashinfer, workspace)
 
 
+def start(argv, parse_args, json_name: str):
+    """A benchmark's start: (args, env, shapes, JSON path) from its command line (sys.argv if None)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    env = make_env(args.smoke)
+    return argv, args, env, TINY if args.smoke else LLAMA_8B, output_path(json_name, args.out, args.smoke)
+
+
 def versions(env: Env) -> dict:
     import triton
 

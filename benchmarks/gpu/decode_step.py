@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.gpu.common import (
-    LLAMA_8B, TINY, GiB, capture, expected_blocks, footer, full_decode_plan, header, host_ms, kv_bytes, log, make_env,
-    make_layout, markdown, median_ms, output_path, random_bounds, record_bytes, short_error, use_tensor_cores,
-    write_json,
+    GiB, capture, expected_blocks, footer, full_decode_plan, header, host_ms, kv_bytes, log, make_layout, markdown,
+    median_ms, random_bounds, record_bytes, short_error, start, use_tensor_cores, write_json,
 )
 from benchmarks.gpu.kernels import warm_up
 from dynsplit_sglang.sparse_decode_flashinfer import FoldedSparseDecode
@@ -322,11 +320,7 @@ def report(result: dict) -> str:
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    env = make_env(args.smoke)
-    shapes = TINY if args.smoke else LLAMA_8B
-    path = output_path("gpu_decode_step.json", args.out, args.smoke)
+    argv, args, env, shapes, path = start(argv, parse_args, "gpu_decode_step.json")
     model = Model(env, shapes)
     result = {
         **header("benchmarks.gpu.decode_step", argv, env),

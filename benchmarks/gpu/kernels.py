@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import time
 
 import torch
 
 from benchmarks.gpu.common import (
-    BLOCK_MAX, BLOCK_MIN, KEEP_HEAD, LLAMA_8B, RECENT, TINY, GiB, capture, check_attention, expected_blocks,
-    footer, full_decode_plan, header, host_ms, kv_bytes, log, make_env, make_layout, markdown, median_ms, output_path,
-    random_bounds, record_bytes, short_error, use_tensor_cores, write_json,
+    BLOCK_MAX, BLOCK_MIN, KEEP_HEAD, RECENT, GiB, capture, check_attention, expected_blocks, footer, full_decode_plan,
+    header, host_ms, kv_bytes, log, make_layout, markdown, median_ms, random_bounds, record_bytes, short_error, start,
+    use_tensor_cores, write_json,
 )
 from dynsplit_sglang.sparse_decode_flashinfer import FoldedSparseDecode
 
@@ -357,11 +356,7 @@ def report(result: dict) -> str:
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    env = make_env(args.smoke)
-    shapes = TINY if args.smoke else LLAMA_8B
-    path = output_path("gpu_kernels.json", args.out, args.smoke)
+    argv, args, env, shapes, path = start(argv, parse_args, "gpu_kernels.json")
     result = {
         **header("benchmarks.gpu.kernels", argv, env),
         "shapes": {k: shapes[k] for k in ("num_heads", "num_kv_heads", "head_dim")}, "dtype": str(env.dtype),
