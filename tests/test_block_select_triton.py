@@ -12,10 +12,6 @@ where two blocks' scores are within that rounding. The CPU cases avoid such near
 fp32 data) or make every sum exact (small integers, where ties are exact and plentiful).
 """
 
-import os
-import subprocess
-import sys
-import textwrap
 from dataclasses import dataclass
 
 import pytest
@@ -28,6 +24,7 @@ from dynsplit_sglang.kernels.block_select_triton import (
     select_slots,
     select_slots_reference,
 )
+from tests.sm90 import lower_in_subprocess
 
 
 @dataclass
@@ -302,49 +299,32 @@ def test_select_slots_cuda_graph():
 
 # --- compile check without a GPU ------------------------------------------------------------------
 
-COMPILE_SCRIPT = textwrap.dedent(
-    """
-    import re, subprocess, tempfile
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
-    from dynsplit_sglang.kernels import block_select_triton as m
+COMPILE_SCRIPT = """
+from dynsplit_sglang.kernels import block_select_triton as m
 
-    assert triton.__version__.startswith("3.8"), triton.__version__  # ASTSource/signature API is pinned
+INDEX = ["records_ptr", "rec_start_ptr", "rec_end_ptr", "seq_lens_ptr", "keep_head_ptr",
+         "keep_tail_from_ptr", "budgets_ptr", "incl_ptr", "shift_ptr", "req_slots_ptr", "out_ptr"]
 
-    INDEX = ["records_ptr", "rec_start_ptr", "rec_end_ptr", "seq_lens_ptr", "keep_head_ptr",
-             "keep_tail_from_ptr", "budgets_ptr", "incl_ptr", "shift_ptr", "req_slots_ptr", "out_ptr"]
+def signature(fn, ptrs, constexprs):
+    # Pointers by name, constexprs by name, every other (stride / size) argument i64.
+    types = {**{n: "*i64" for n in INDEX}, **ptrs}
+    sig = {n: "constexpr" if n in constexprs else types.get(n, "i64") for n in fn.arg_names}
+    assert all(t[0] == "*" for n, t in sig.items() if n.endswith("_ptr")), sig
+    return sig
 
-    def lower(fn, ptrs, constexprs, num_warps=4):
-        # Pointers by name, constexprs by name, every other (stride / size) argument i64.
-        types = {**{n: "*i64" for n in INDEX}, **ptrs}
-        sig = {n: "constexpr" if n in constexprs else types.get(n, "i64") for n in fn.arg_names}
-        assert all(t[0] == "*" for n, t in sig.items() if n.endswith("_ptr")), sig
-        c = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": num_warps})
-        assert ".target sm_90" in c.asm["ptx"] and c.asm["cubin"]
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-            f.write(c.asm["ptx"]); f.flush()
-            log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", f.name, "-o", "/dev/null"],
-                                 capture_output=True, text=True, check=True).stderr
-        spills = [int(s) for s in re.findall(r"(\\d+) bytes spill stores", log)]
-        assert spills and max(spills) == 0, log
-        print(fn.__name__, constexprs, "ok")
-
-    for dt in ("bf16", "fp16", "fp32"):
-        keys = {"q_ptr": f"*{dt}", "kmin_ptr": f"*{dt}", "kmax_ptr": f"*{dt}", "scores_ptr": "*fp32"}
-        lower(m._block_scores_kernel, keys, {"BLOCK_G": 8, "BLOCK_N": m.BLOCK_N, "BLOCK_D": 128})
-    for nb_p2 in (64, 4096):  # the test size and a ~200k-token context of 48-token blocks
-        lower(m._choose_blocks_kernel, {"scores_ptr": "*fp32", "counts_ptr": "*i32"}, {"NB_P2": nb_p2},
-              m._choose_warps(nb_p2))
-    lower(m._expand_kernel, {"counts_ptr": "*i32"}, {"BLOCK_O": m.BLOCK_O, "SEARCH_STEPS": 13})
-    """
-)
+for dt in ("bf16", "fp16", "fp32"):
+    keys = {"q_ptr": f"*{dt}", "kmin_ptr": f"*{dt}", "kmax_ptr": f"*{dt}", "scores_ptr": "*fp32"}
+    c = {"BLOCK_G": 8, "BLOCK_N": m.BLOCK_N, "BLOCK_D": 128}
+    lower(m._block_scores_kernel, signature(m._block_scores_kernel, keys, c), c)
+for nb_p2 in (64, 4096):  # the test size and a ~200k-token context of 48-token blocks
+    c = {"NB_P2": nb_p2}
+    lower(m._choose_blocks_kernel, signature(m._choose_blocks_kernel, {"scores_ptr": "*fp32", "counts_ptr": "*i32"}, c),
+          c, m._choose_warps(nb_p2))
+c = {"BLOCK_O": m.BLOCK_O, "SEARCH_STEPS": 13}
+lower(m._expand_kernel, signature(m._expand_kernel, {"counts_ptr": "*i32"}, c), c)
+"""
 
 
 def test_kernels_lower_to_sm90_without_a_gpu():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run_ = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert run_.returncode == 0, run_.stdout + run_.stderr
-    assert run_.stdout.count(" ok") == 6, run_.stdout
+    stdout = lower_in_subprocess(COMPILE_SCRIPT)
+    assert stdout.count(" ok") == 6, stdout

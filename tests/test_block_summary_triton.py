@@ -5,11 +5,6 @@ imported): fp32, small shapes. `-m gpu` runs bf16/fp16 on bigger shapes and a CU
 The compile check lowers the kernels to sm_90 PTX/cubin without a GPU, in a subprocess.
 """
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -20,6 +15,7 @@ from dynsplit_sglang.kernels.block_summary_triton import (
     update_open_summaries,
     update_open_summaries_reference,
 )
+from tests.sm90 import lower_in_subprocess
 
 
 def random_blocks(lengths, num_slots, capacity, seed, pad=-1):
@@ -182,43 +178,19 @@ def test_update_open_summaries_gpu_and_cuda_graph(dtype):
 
 # --- compile check without a GPU ------------------------------------------------------------------
 
-COMPILE_SCRIPT = textwrap.dedent(
-    """
-    import re, subprocess, tempfile
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
-    from dynsplit_sglang.kernels import block_summary_triton as m
+COMPILE_SCRIPT = """
+from dynsplit_sglang.kernels import block_summary_triton as m
 
-    assert triton.__version__.startswith("3.8"), triton.__version__  # ASTSource/signature API is pinned
-
-    def lower(fn, types, constexprs):
-        sig = dict(zip(fn.arg_names, types))
-        assert len(sig) == len(fn.arg_names)
-        c = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32))
-        assert ".target sm_90" in c.asm["ptx"] and c.asm["cubin"]
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-            f.write(c.asm["ptx"]); f.flush()
-            log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", f.name, "-o", "/dev/null"],
-                                 capture_output=True, text=True, check=True).stderr
-        spills = [int(s) for s in re.findall(r"(\\d+) bytes spill stores", log)]
-        assert spills and max(spills) == 0, log
-        print(fn.__name__, "ok")
-
-    for dt in ("bf16", "fp16", "fp32"):
-        lower(m._build_summaries_kernel,
-              [f"*{dt}", "*i64", "*i64", "*i64", f"*{dt}", f"*{dt}"] + ["i64"] * 8 + ["i32"] + ["constexpr"] * 2,
-              {"BLOCK_P": m.BLOCK_P, "BLOCK_D": 128})
-        lower(m._update_open_summaries_kernel,
-              [f"*{dt}", "*i64", "*i64", "*i1", f"*{dt}", f"*{dt}"] + ["i64"] * 6 + ["i32"] * 2 + ["constexpr"] * 2,
-              {"BLOCK_H": 8, "BLOCK_D": 128})
-    """
-)
+for dt in ("bf16", "fp16", "fp32"):
+    fn = m._build_summaries_kernel
+    types = [f"*{dt}", "*i64", "*i64", "*i64", f"*{dt}", f"*{dt}"] + ["i64"] * 8 + ["i32"] + ["constexpr"] * 2
+    lower(fn, dict(zip(fn.arg_names, types)), {"BLOCK_P": m.BLOCK_P, "BLOCK_D": 128}, name=fn.__name__)
+    fn = m._update_open_summaries_kernel
+    types = [f"*{dt}", "*i64", "*i64", "*i1", f"*{dt}", f"*{dt}"] + ["i64"] * 6 + ["i32"] * 2 + ["constexpr"] * 2
+    lower(fn, dict(zip(fn.arg_names, types)), {"BLOCK_H": 8, "BLOCK_D": 128}, name=fn.__name__)
+"""
 
 
 def test_kernels_lower_to_sm90_without_a_gpu():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count(" ok") == 6
+    stdout = lower_in_subprocess(COMPILE_SCRIPT)
+    assert stdout.count(" ok") == 6

@@ -5,16 +5,12 @@ imported): fp32, small shapes. `-m gpu` runs bf16/fp16 on prefill-sized shapes. 
 lowers the kernel to sm_90 PTX/cubin without a GPU, in a subprocess.
 """
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 from dynsplit_sglang.kernels.dd_select import dd_band_rows, row_lse
 from dynsplit_sglang.kernels.dd_select_triton import dd_band_rows_from_lse, dd_band_rows_from_lse_reference
+from tests.sm90 import lower_in_subprocess
 
 
 def make_inputs(n, q_start, heads, kv_heads, dim, dtype=torch.float32, device="cpu", seed=0):
@@ -82,42 +78,22 @@ def test_kernel_matches_reference_gpu(dtype, q_start):
 
 # --- compile check without a GPU ------------------------------------------------------------------
 
-COMPILE_SCRIPT = textwrap.dedent(
-    """
-    import re, subprocess, tempfile
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
-    from dynsplit_sglang.kernels import dd_select_triton as m
+COMPILE_SCRIPT = """
+import triton
+from dynsplit_sglang.kernels import dd_select_triton as m
 
-    assert triton.__version__.startswith("3.8"), triton.__version__  # ASTSource/signature API is pinned
-    fn = m._dd_band_rows_kernel
-    W = 8 + 16  # the default lookahead + local_window
-    # fp16 lowers like bf16 (both are cast to fp32 right after the load); ~3 s per variant.
-    for dt, has_heads in (("bf16", False), ("bf16", True), ("fp32", True)):
-        types = [f"*{dt}", f"*{dt}", "*fp32", "*i64", "*fp32"] + ["i32"] * 6 + ["i64"] * 10 + ["fp32"] * 2
-        types += ["constexpr"] * 7
-        sig = dict(zip(fn.arg_names, types))
-        assert len(sig) == len(fn.arg_names)
-        constexprs = {"LOOKAHEAD": 8, "LOCAL": 16, "HAS_HEADS": has_heads, "BLOCK_N": m.BLOCK_N,
-                      "BLOCK_K": triton.next_power_of_2(m.BLOCK_N + W - 1), "BLOCK_D": m.BLOCK_D, "BLOCK_L": 8}
-        c = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": m.NUM_WARPS})
-        assert ".target sm_90" in c.asm["ptx"] and c.asm["cubin"]
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-            f.write(c.asm["ptx"]); f.flush()
-            log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", f.name, "-o", "/dev/null"],
-                                 capture_output=True, text=True, check=True).stderr
-        spills = [int(s) for s in re.findall(r"(\\d+) bytes spill stores", log)]
-        assert spills and max(spills) == 0, log
-        print(dt, has_heads, "ok")
-    """
-)
+fn = m._dd_band_rows_kernel
+W = 8 + 16  # the default lookahead + local_window
+# fp16 lowers like bf16 (both are cast to fp32 right after the load); ~3 s per variant.
+for dt, has_heads in (("bf16", False), ("bf16", True), ("fp32", True)):
+    types = [f"*{dt}", f"*{dt}", "*fp32", "*i64", "*fp32"] + ["i32"] * 6 + ["i64"] * 10 + ["fp32"] * 2
+    types += ["constexpr"] * 7
+    constexprs = {"LOOKAHEAD": 8, "LOCAL": 16, "HAS_HEADS": has_heads, "BLOCK_N": m.BLOCK_N,
+                  "BLOCK_K": triton.next_power_of_2(m.BLOCK_N + W - 1), "BLOCK_D": m.BLOCK_D, "BLOCK_L": 8}
+    lower(fn, dict(zip(fn.arg_names, types)), constexprs, m.NUM_WARPS, name=f"{dt} {has_heads}")
+"""
 
 
 def test_kernel_lowers_to_sm90_without_a_gpu():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count(" ok") == 3
+    stdout = lower_in_subprocess(COMPILE_SCRIPT)
+    assert stdout.count(" ok") == 3
