@@ -45,43 +45,27 @@ def select_positions(
     returns:      positions [KvH, B] int64 (ascending, padded with 0) and valid [KvH, B] bool,
                   with B <= budget. Positions are the original ones (RoPE untouched).
     """
+    # One rule, one implementation: this is the batched selection for a batch of one.
     device = scores.device
-    num_kv_heads, num_blocks = scores.shape
-    keep_head = min(keep_head, keep_tail_from)
-    room = budget - keep_head - (seq_len - keep_tail_from)
-    # Only the part of a block outside the always-kept ranges costs budget.
-    lo = block_start.clamp_min(keep_head)
-    hi = block_end.clamp_max(keep_tail_from - 1)
-    cost = (hi - lo + 1).clamp_min(0)
-    order = torch.argsort(scores, dim=1, descending=True, stable=True)  # [KvH, nb]
-    before = torch.cumsum(cost[order], dim=1)  # cost of the blocks up to each, in score order
-    # Tokens each block contributes: all while it fits, then what is left of the room (the
-    # prefix sums are non-decreasing, so this is whole blocks, one cut block, then nothing).
-    taken = (room - before + cost[order]).clamp(min=0).minimum(cost[order])
-    taken_of = torch.zeros(num_kv_heads, num_blocks + 1, dtype=torch.int64, device=device)
-    taken_of[:, :num_blocks].scatter_(1, order, taken)
-    # Block of every position (num_blocks = none), then the kept-position mask per KV head:
-    # position p of block b is kept when it is among b's first taken_of[b] costed positions.
-    pos = torch.arange(seq_len, device=device)
-    block_of = torch.full((seq_len,), num_blocks, dtype=torch.int64, device=device)
-    first = torch.zeros(num_blocks + 1, dtype=torch.int64, device=device)
-    if num_blocks:
-        block_of[: int(block_end[-1]) + 1] = torch.repeat_interleave(
-            torch.arange(num_blocks, device=device), block_end - block_start + 1
-        )
-        first[:num_blocks] = lo
-    keep = (pos - first[block_of]) < taken_of.index_select(1, block_of)  # [KvH, seq_len]
-    keep[:, :keep_head] = True
-    keep[:, keep_tail_from:] = True
-    counts = keep.sum(dim=1)
-    width = int(counts.max())
-    # Kept positions in ascending order: each goes to its rank among its head's kept positions;
-    # dropped ones go to a spare last column. Padding stays 0.
-    rank = torch.where(keep, torch.cumsum(keep, dim=1) - 1, width)
-    positions = torch.zeros(num_kv_heads, width + 1, dtype=torch.int64, device=device)
-    positions.scatter_(1, rank, pos.expand(num_kv_heads, -1))
-    valid = torch.arange(width, device=device)[None, :] < counts[:, None]
-    return positions[:, :width], valid
+    num_blocks = scores.shape[1]
+
+    def one(value: int) -> torch.Tensor:
+        return torch.tensor([value], dtype=torch.int64, device=device)
+
+    positions, counts = select_positions_batched(
+        scores[None],
+        torch.arange(num_blocks, device=device)[None],
+        block_start,
+        block_end,
+        one(seq_len),
+        one(keep_head),
+        one(keep_tail_from),
+        one(budget),
+        max_len=seq_len,
+    )
+    width = positions.shape[2]
+    valid = torch.arange(width, device=device)[None, :] < counts[0][:, None]
+    return positions[0], valid
 
 
 def select_positions_batched(
