@@ -19,7 +19,7 @@ import requests
 from transformers import AutoTokenizer
 
 from tests.engine_utils import SAMPLE_TEXT
-from tests.server_utils import launch_server
+from benchmarks.server import launch_server
 
 pytestmark = pytest.mark.server
 

@@ -11,6 +11,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from typing import Sequence
+
+# The CPU recipe: fp32 (bf16 matmuls are slow on CPUs without AMX) and a small KV pool.
+CPU_ARGS = ("--device", "cpu", "--dtype", "float32", "--max-total-tokens", "20000")
 
 
 def _die_with_parent() -> None:
@@ -26,14 +30,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _tail(log_path: str | None, lines: int = 20) -> str:
+    if not log_path:
+        return ""
+    with open(log_path, errors="replace") as f:
+        return "\n" + "".join(f.readlines()[-lines:])
+
+
 @contextlib.contextmanager
-def launch_server(model_path: str, *args: str, timeout: float = 300, log_path: str | None = None):
+def launch_server(model_path: str, *args: str, **kwargs):
     """Start a CPU server with the given extra flags; yields its base URL; stops it after."""
+    with start_server(model_path, *args, **kwargs) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def start_server(
+    model_path: str, *args: str, device_args: Sequence[str] = CPU_ARGS, timeout: float = 300,
+    log_path: str | None = None,
+):
+    """Start a server with the given extra flags (on the CPU unless device_args says otherwise);
+    yields (base URL, the launcher's Popen, which leads the server's process group); stops it after."""
     port = free_port()
     cmd = [
         sys.executable, "-m", "sglang.launch_server", "--model-path", model_path,
-        "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
-        "--max-total-tokens", "20000", "--skip-server-warmup", *args,
+        "--host", "127.0.0.1", "--port", str(port), *device_args, "--skip-server-warmup", *args,
     ]
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -43,7 +64,7 @@ def launch_server(model_path: str, *args: str, timeout: float = 300, log_path: s
         deadline = time.time() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: {' '.join(cmd)}")
+                raise RuntimeError(f"server exited with {proc.returncode}: {' '.join(cmd)}{_tail(log_path)}")
             try:
                 with urllib.request.urlopen(url + "/health", timeout=5) as r:
                     if r.status == 200:
@@ -53,7 +74,7 @@ def launch_server(model_path: str, *args: str, timeout: float = 300, log_path: s
             if time.time() > deadline:
                 raise TimeoutError(f"server not ready after {timeout} s")
             time.sleep(1)
-        yield url
+        yield url, proc
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)

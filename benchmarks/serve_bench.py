@@ -1,0 +1,341 @@
+"""Decode throughput and memory of a real SGLang server, `--kv dynsplit` against `--kv full`.
+
+Made for GPU boxes where SGLang installs (`make install`, or `pip install sglang==0.5.23` and this
+repo):
+
+    python -m benchmarks.serve_bench                 # Llama-3.1-8B-shaped model, random weights:
+                                                     # 32k x 8 requests, 128k x the largest batch full fits
+    python -m benchmarks.serve_bench --model-path M  # a real model folder instead (weights still dummy)
+    python -m benchmarks.serve_bench --smoke         # tiny random model on the CPU: checks the pipeline (CI)
+
+Each policy gets its own server (`python -m sglang.launch_server --load-format dummy
+--skip-tokenizer-init --disable-radix-cache`): random prompt ids, greedy, `ignore_eos`, so every
+request prefills its whole prompt and decodes exactly --new-tokens. A setting's requests are sent
+at once and streamed. Decode throughput counts only the tokens made while every request of the
+batch is decoding (after the last first token, before the first request finishes), so prefill and
+ramp-up stay out of it. Memory: the server's own account (`/server_info`: weights, KV pool and its
+token capacity) and the peak memory seen while the setting ran (nvidia-smi on a GPU, the server
+processes' resident memory on a CPU). "Context" is the sequence length reached at the last
+token: prompt = context - new tokens.
+
+Prints a table and writes benchmarks/results/serve_bench.json (serve_bench_smoke.json for --smoke).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from benchmarks.common import RESULTS, run_info
+from benchmarks.server import CPU_ARGS, start_server
+
+# Llama-3.1-8B's shape (config.json of meta-llama/Llama-3.1-8B-Instruct, weights not needed).
+LLAMA_8B_SHAPE = dict(
+    architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+    max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192},
+    bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False, torch_dtype="bfloat16",
+)
+
+
+def llama_8b_shape_path() -> Path:
+    """A model folder with only Llama-3.1-8B's config.json (for --load-format dummy), made once."""
+    from transformers import LlamaConfig
+
+    from dynsplit_sglang.default_model import cache_dir
+
+    folder = cache_dir() / "llama-3.1-8b-shape"
+    if not (folder / "config.json").exists():
+        LlamaConfig(**LLAMA_8B_SHAPE).save_pretrained(folder)
+    return folder
+
+
+@dataclass
+class Setting:
+    """One measured point: `batch` requests whose sequences reach `context` tokens."""
+
+    context: int
+    batch: Optional[int]  # None: the largest batch the first policy's KV pool holds
+
+
+def parse_settings(text: str) -> list[Setting]:
+    """'32768x8,131072xmax' -> settings; a clear error for anything else."""
+    settings = []
+    for item in text.split(","):
+        context, sep, batch = item.strip().partition("x")
+        try:
+            if not sep:
+                raise ValueError
+            setting = Setting(int(context), None if batch == "max" else int(batch))
+        except ValueError:
+            raise SystemExit(f"--settings: {item!r} is not CONTEXTxBATCH (e.g. 32768x8 or 131072xmax)") from None
+        if setting.context <= 0 or (setting.batch is not None and setting.batch <= 0):
+            raise SystemExit(f"--settings: {item!r} needs a positive context and batch")
+        settings.append(setting)
+    return settings
+
+
+@dataclass
+class Stream:
+    """Arrival times of one streamed request's tokens."""
+
+    times: list[float] = field(default_factory=list)  # one per chunk
+    tokens: list[int] = field(default_factory=list)  # completion tokens so far, per chunk
+    error: Optional[str] = None
+
+    def tokens_at(self, t: float) -> int:
+        """Completion tokens received by time t."""
+        n = 0
+        for when, count in zip(self.times, self.tokens):
+            if when > t:
+                break
+            n = count
+        return n
+
+
+def stream_request(url: str, input_ids: list[int], new_tokens: int, out: Stream) -> None:
+    body = {
+        "input_ids": input_ids,
+        "sampling_params": {"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True},
+        "stream": True,
+    }
+    request = urllib.request.Request(
+        url + "/generate", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=3600) as response:
+            for raw in response:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if "error" in chunk:
+                    out.error = str(chunk["error"])
+                    return
+                out.times.append(time.perf_counter())
+                out.tokens.append(int(chunk["meta_info"]["completion_tokens"]))
+    except OSError as e:
+        out.error = f"{type(e).__name__}: {e}"
+
+
+def decode_window(streams: list[Stream]) -> tuple[float, int]:
+    """(seconds, tokens) of the stretch when every request was decoding: from the last first token
+    to the first finish. (0, 0) when the requests never all decoded together."""
+    start = max(s.times[0] for s in streams)
+    end = min(s.times[-1] for s in streams)
+    if end <= start:
+        return 0.0, 0
+    return end - start, sum(s.tokens_at(end) - s.tokens_at(start) for s in streams)
+
+
+class PeakMemory:
+    """Polls the memory in use in a thread and keeps the maximum (GiB)."""
+
+    def __init__(self, read: Callable[[], float], every: float = 0.25):
+        self.read, self.every, self.peak = read, every, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.read())
+            except (OSError, ValueError, subprocess.SubprocessError):
+                pass
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.read())
+
+
+def gpu_memory_gib() -> float:
+    """Memory in use on the first visible GPU, as nvidia-smi reports it (the server is another process)."""
+    index = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+    out = subprocess.run(
+        ["nvidia-smi", "-i", index, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+        capture_output=True, text=True, check=True, timeout=10,
+    ).stdout
+    return float(out.split()[0]) / 1024
+
+
+def process_group_rss_gib(leader_pid: int) -> Callable[[], float]:
+    """Resident memory of every process in the server's process group (GiB)."""
+    import psutil
+
+    def read() -> float:
+        total = 0
+        for p in psutil.process_iter(["pid"]):
+            try:
+                if os.getpgid(p.pid) == leader_pid:
+                    total += p.memory_info().rss
+            except (psutil.Error, ProcessLookupError):
+                continue
+        return total / 2**30
+
+    return read
+
+
+def server_memory(url: str) -> dict:
+    """The server's own memory account: weights and KV pool (GB) and the pool's token capacity."""
+    with urllib.request.urlopen(url + "/server_info", timeout=30) as r:
+        info = json.load(r)
+    usage = (info.get("internal_states") or [{}])[0].get("memory_usage", {})
+    return {
+        "weight_gb": usage.get("weight"),
+        "kv_pool_gb": usage.get("kvcache"),
+        "kv_pool_tokens": usage.get("token_capacity") or info.get("max_total_num_tokens"),
+    }
+
+
+def run_setting(url: str, context: int, batch: int, new_tokens: int, vocab: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab) for _ in range(context - new_tokens)] for _ in range(batch)]
+    streams = [Stream() for _ in prompts]
+    threads = [threading.Thread(target=stream_request, args=(url, p, new_tokens, s)) for p, s in zip(prompts, streams)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    errors = [s.error for s in streams if s.error or not s.times]
+    if errors:
+        raise RuntimeError(f"context {context} x {batch}: a request failed: {errors[0] or 'no tokens came back'}")
+    seconds, tokens = decode_window(streams)
+    steps = tokens / batch
+    if not steps:
+        print(f"  context {context} x {batch}: the requests never decoded all together (not all admitted at "
+              f"once, or their tokens arrived in one chunk); no decode rate", flush=True)
+    return {
+        "wall_s": round(time.perf_counter() - t0, 3),
+        "first_token_s": round(max(s.times[0] for s in streams) - t0, 3),
+        "decode_window_steps": round(steps, 1),
+        "decode_tokens_per_s": round(tokens / seconds, 2) if seconds else None,
+        "decode_step_ms": round(1000 * seconds / steps, 3) if steps else None,
+    }
+
+
+def max_batch(pool_tokens: int, context: int) -> int:
+    """The largest batch of `context`-token sequences the KV pool holds, with 5% of the pool left
+    for what SGLang's admission keeps in reserve (a batch that fills the pool exactly is not
+    admitted at once, and its requests would not decode together)."""
+    return max(1, int(0.95 * int(pool_tokens)) // context)
+
+
+def server_args(policy: str, budget: int) -> list[str]:
+    common = ["--load-format", "dummy", "--skip-tokenizer-init", "--disable-radix-cache", "--kv", policy]
+    return common + (["--kv-budget", str(budget)] if policy != "full" else [])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-path", default=None, help="model folder (default: a Llama-3.1-8B-shaped config)")
+    p.add_argument("--kv", default="full,dynsplit", help="policies, one server each, in this order")
+    p.add_argument("--kv-budget", type=int, default=4096)
+    p.add_argument("--settings", default="32768x8,131072xmax",
+                   help="CONTEXTxBATCH,...; BATCH 'max' is the largest batch the first policy's KV pool holds")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens each request decodes")
+    p.add_argument("--server-args", default="", help="extra flags for every server, e.g. '--mem-fraction-static 0.85'")
+    p.add_argument("--smoke", action="store_true", help="tiny random model on the CPU, short contexts: pipeline check")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/serve_bench[_smoke].json)")
+    args = p.parse_args(argv)
+
+    info = run_info()
+    policies = [x.strip() for x in args.kv.split(",") if x.strip()]
+    if args.smoke:
+        from dynsplit_sglang.default_model import tiny_model_path
+
+        model, device_args = str(tiny_model_path()), list(CPU_ARGS)
+        settings, new_tokens, budget = [Setting(512, 2), Setting(1024, None)], 16, 128
+        device_args[device_args.index("--max-total-tokens") + 1] = "4096"
+    else:
+        model = args.model_path or str(llama_8b_shape_path())
+        device_args = []
+        settings, new_tokens, budget = parse_settings(args.settings), args.new_tokens, args.kv_budget
+    for s in settings:
+        if s.context <= new_tokens:
+            raise SystemExit(f"--settings: context {s.context} must exceed --new-tokens {new_tokens}")
+    with open(os.path.join(model, "config.json")) as f:
+        config = json.load(f)
+    vocab = config.get("text_config", config)["vocab_size"]
+    out = args.out or os.path.join(RESULTS, "serve_bench_smoke.json" if args.smoke else "serve_bench.json")
+    log_dir = out.removesuffix(".json") + "_logs"
+    os.makedirs(log_dir, exist_ok=True)
+    on_gpu = not args.smoke
+
+    rows, batches = [], {}
+    for policy in policies:
+        log = os.path.join(log_dir, f"{policy}.log")
+        print(f"[{policy}] starting the server (log: {log})", flush=True)
+        extra = server_args(policy, budget) + args.server_args.split()
+        if args.smoke and policy == "full":
+            extra += ["--attention-backend", "torch_native"]  # SGLang's CPU attention
+        with start_server(model, *extra, device_args=device_args, timeout=1800, log_path=log) as (url, proc):
+            memory = server_memory(url)
+            run_setting(url, 64 + 4, 1, 4, vocab, seed=0)  # warm-up: lazy init, kernel compilation
+            read = gpu_memory_gib if on_gpu else process_group_rss_gib(proc.pid)
+            for i, s in enumerate(settings):
+                if i not in batches:  # 'max' is resolved once, on the first policy's pool
+                    batches[i] = s.batch or max_batch(memory["kv_pool_tokens"], s.context)
+                batch = batches[i]
+                print(f"[{policy}] context {s.context} x {batch} requests ...", flush=True)
+                with PeakMemory(read) as peak:
+                    measured = run_setting(url, s.context, batch, new_tokens, vocab, seed=1 + i)
+                row = {
+                    "policy": policy, "budget": None if policy == "full" else budget, "context": s.context,
+                    "batch": batch, "new_tokens": new_tokens, **measured, **memory,
+                    "peak_memory_gib": round(peak.peak, 3),
+                }
+                rows.append(row)
+                print(f"[{policy}]   {row['decode_tokens_per_s']} tok/s, step {row['decode_step_ms']} ms, "
+                      f"peak {row['peak_memory_gib']} GiB", flush=True)
+
+    result = {
+        **info, "model": model, "model_shape": {k: config.get(k) for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size")},
+        "memory_source": "nvidia-smi memory.used" if on_gpu else "server process group RSS",
+        "args": {k: v for k, v in vars(args).items()}, "rows": rows,
+    }
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(markdown(result))
+    print(f"wrote {out}")
+    return result
+
+
+def markdown(result: dict) -> str:
+    """The README table: one row per policy and setting, dynsplit's speed-up over full beside it."""
+    full = {(r["context"], r["batch"]): r for r in result["rows"] if r["policy"] == "full"}
+    lines = [
+        "| policy | context | batch | decode tok/s | step ms | vs full | KV pool GB | peak GiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        ref = full.get((r["context"], r["batch"]))
+        speedup = ""
+        if ref and r["policy"] != "full" and r["decode_tokens_per_s"] and ref["decode_tokens_per_s"]:
+            speedup = f"{r['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}x"
+        name = r["policy"] + ("" if r["budget"] is None else f" ({r['budget']})")
+        lines.append(f"| {name} | {r['context']} | {r['batch']} | {r['decode_tokens_per_s']} | {r['decode_step_ms']} | "
+                     f"{speedup} | {r['kv_pool_gb']} | {r['peak_memory_gib']} |")
+    return "\n".join(lines) + f"\n\n{result['device']}, {result['date']}, commit {result['commit']}"
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

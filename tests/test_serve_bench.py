@@ -1,0 +1,54 @@
+"""The server benchmark: its measuring rules on made-up streams, and the whole run on the CPU."""
+
+import json
+
+import pytest
+
+from benchmarks import serve_bench
+from benchmarks.serve_bench import Setting, Stream, decode_window, max_batch, parse_settings
+
+
+def test_settings_parse_and_bad_ones_are_named():
+    assert parse_settings("32768x8, 131072xmax") == [Setting(32768, 8), Setting(131072, None)]
+    for bad in ("32768", "32kx8", "32768x0", "0x4", "8xmany"):
+        with pytest.raises(SystemExit, match="--settings"):
+            parse_settings(bad)
+
+
+def test_decode_window_counts_only_while_all_requests_decode():
+    # a: first token at t=10, then one token per time unit; b: prefilled later, first token at 20.
+    a = Stream(times=[10.0 + i for i in range(40)], tokens=list(range(1, 41)))  # last at 49
+    b = Stream(times=[20.0 + i for i in range(40)], tokens=list(range(1, 41)))  # last at 59
+    seconds, tokens = decode_window([a, b])
+    assert seconds == 49 - 20
+    # a: 11 tokens by t=20, 40 by t=49; b: 1 -> 30; 29 each
+    assert tokens == 29 + 29
+    # tokens that arrive coalesced in one chunk count at the chunk's time
+    assert Stream(times=[1.0, 2.0], tokens=[1, 9]).tokens_at(1.5) == 1
+    # a request that finished before another one's first token: no common window
+    assert decode_window([Stream(times=[0.0, 1.0], tokens=[1, 2]), Stream(times=[2.0, 3.0], tokens=[1, 2])]) == (0.0, 0)
+
+
+def test_max_batch_leaves_room_for_the_admission_reserve():
+    assert max_batch(430_000, 131_072) == 3
+    assert max_batch(4096, 1024) == 3  # 4 would fill the pool exactly and not be admitted at once
+    assert max_batch(1000, 4096) == 1
+
+
+def test_smoke_run_end_to_end(tmp_path, capsys):
+    """Two CPU servers (full, dynsplit) on the tiny random model; checks the pipeline, not speed."""
+    out = tmp_path / "serve.json"
+    result = serve_bench.main(["--smoke", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == result["rows"]
+    for key in ("commit", "device", "date", "command"):
+        assert saved[key]
+    rows = {(r["policy"], r["context"]): r for r in saved["rows"]}
+    assert set(rows) == {(p, c) for p in ("full", "dynsplit") for c in (512, 1024)}
+    for r in rows.values():
+        assert r["batch"] == (2 if r["context"] == 512 else 3)  # 'max' from full's 4096-token pool
+        assert r["kv_pool_tokens"] == 4096 and r["weight_gb"] is not None
+        assert r["peak_memory_gib"] > 0 and 0 < r["first_token_s"] <= r["wall_s"]
+    assert rows[("dynsplit", 512)]["budget"] == 128 and rows[("full", 512)]["budget"] is None
+    table = capsys.readouterr().out
+    assert "| dynsplit (128) | 512 | 2 |" in table and "| full | 1024 | 3 |" in table
