@@ -24,6 +24,7 @@ from dynsplit_sglang.config import KVConfig
 from dynsplit_sglang import request_options
 from dynsplit_sglang.delimiters import TokenTexts
 from dynsplit_sglang.kernels.dd_select import band_logits, band_logits_and_lse
+from dynsplit_sglang.kernels.dense_attention import extend_attention
 from dynsplit_sglang.kernels.sparse_attention import sparse_decode_attention_batched
 from dynsplit_sglang.patches import prefix_reserve
 from dynsplit_sglang.policies import RequestView
@@ -242,78 +243,6 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
             if heads is not None:
                 band, lse = band[heads], lse[heads]
             self.policy.observe(layer.layer_id, i, band, lse.view(-1, 1))
-
-
-def extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
-                     prefix_lens, extend_lens, scale) -> list[torch.Tensor]:
-    """Causal attention of each request's new tokens over its whole sequence, written into output.
-
-    query, output: [T, H, D] the new tokens of every request, back to back.
-    k_cache, v_cache: [num_slots, KvH, D]; req_to_token: [rows, max_len] KV slots per position.
-    req_pool_indices, seq_lens, prefix_lens, extend_lens: [R] per request.
-    returns: per request the [H, n] fp32 log-sum-exp of each new query's logits (DD-Select needs
-    it, and the kernel computes it anyway).
-
-    SGLang's torch-native backend pads each request's queries to the whole sequence and computes
-    the cached prefix's attention again, N x N work for every prefill chunk and every radix hit.
-    Here only the n new queries attend: a miss is one causal kernel call (the very call SDPA makes
-    on the CPU, so bit-identical to `--kv full`); with a cached prefix the queries attend to the
-    prefix (no mask) and to themselves (causal) in two kernel calls merged by their lse, n x N
-    work without an explicit mask (which would send SDPA to a slower kernel). The merge rounds
-    differently from one call over the whole row (about 1e-7, tests/test_backend_ops.py).
-    """
-    q_all = query.movedim(0, 1)  # [H, T, D]
-    lses = []
-    start = 0
-    for row, total, prefix, n in zip(req_pool_indices.tolist(), seq_lens.tolist(), prefix_lens.tolist(), extend_lens.tolist()):
-        slots = req_to_token[row, :total]
-        q = q_all[None, :, start : start + n]
-        k, v = k_cache[slots].movedim(0, 1)[None], v_cache[slots].movedim(0, 1)[None]
-        if prefix == 0:
-            out, lse = attention_with_lse(q, k, v, scale, causal=True)
-        else:
-            o1, l1 = attention_with_lse(q, k[:, :, :prefix], v[:, :, :prefix], scale, causal=False)
-            o2, l2 = attention_with_lse(q, k[:, :, prefix:], v[:, :, prefix:], scale, causal=True)
-            lse = torch.logaddexp(l1, l2)
-            out = o1.float() * (l1 - lse).exp()[..., None] + o2.float() * (l2 - lse).exp()[..., None]
-        output[start : start + n] = out[0].movedim(0, 1).to(output.dtype)
-        lses.append(lse[0])
-        start += n
-    return lses
-
-
-def attention_with_lse(q, k, v, scale, causal):
-    """Softmax attention and its log-sum-exp.
-
-    q: [1, H, n, D]; k, v: [1, KvH, T, D] (grouped-query heads allowed); causal needs n == T.
-    returns out [1, H, n, D] (dtype of q) and lse [1, H, n] fp32.
-
-    On the CPU this is the flash kernel F.scaled_dot_product_attention itself dispatches to (it
-    returns the lse, the public function drops it); elsewhere the plain formula, in query chunks
-    so the logits stay small (the GPU issue replaces this path with FlashInfer).
-    """
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-        return out, lse.float()
-    return attention_with_lse_formula(q, k, v, scale, causal)
-
-
-def attention_with_lse_formula(q, k, v, scale, causal):
-    """`attention_with_lse` written out (same arguments and results), in query chunks of 1024."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1).float(), v.repeat_interleave(group, dim=1).float()
-    key_pos = torch.arange(k.shape[2], device=q.device)
-    outs, lses = [], []
-    for c0 in range(0, q.shape[2], 1024):
-        qc = q[:, :, c0 : c0 + 1024].float()
-        logits = torch.einsum("bhqd,bhkd->bhqk", qc, k) * scale
-        if causal:
-            query_pos = c0 + torch.arange(qc.shape[2], device=q.device)
-            logits.masked_fill_(key_pos[None, :] > query_pos[:, None], float("-inf"))
-        lse = torch.logsumexp(logits, dim=-1)
-        outs.append(torch.einsum("bhqk,bhkd->bhqd", torch.exp(logits - lse[..., None]), v))
-        lses.append(lse)
-    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
 
 
 def _query_heads_per_kv_head(hf_config) -> int:

@@ -1,11 +1,11 @@
-"""The backend's own attention ops against SGLang's torch-native ones."""
+"""The backend's prefill attention against SGLang's torch-native one."""
 
 import pytest
 import torch
 
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
-from dynsplit_sglang.backend_torch import attention_with_lse, attention_with_lse_formula, extend_attention
+from dynsplit_sglang.kernels.dense_attention import extend_attention
 from dynsplit_sglang.kernels.dd_select import row_lse
 
 
@@ -36,16 +36,3 @@ def test_extend_attention_matches_sglangs_padded_extend(lens):
         keys = k_cache[req_to_token[i, : p + n]]
         torch.testing.assert_close(lses[i], row_lse(query[start : start + n], keys, p, 0.125), rtol=0, atol=2e-5)
         start += n
-
-
-@pytest.mark.parametrize("causal", [True, False])
-def test_cpu_kernel_matches_the_formula(causal):
-    """The CPU flash kernel (out and lse) against the plain formula the other devices use;
-    2100 queries cross the formula's 1024-query chunks."""
-    torch.manual_seed(1)
-    n = 2100
-    q, k, v = torch.randn(1, 9, n, 64), torch.randn(1, 3, n if causal else 700, 64), torch.randn(1, 3, n if causal else 700, 64)
-    out, lse = attention_with_lse(q, k, v, 0.125, causal)
-    want_out, want_lse = attention_with_lse_formula(q, k, v, 0.125, causal)
-    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=2e-6)
-    torch.testing.assert_close(lse, want_lse, rtol=0, atol=2e-5)
