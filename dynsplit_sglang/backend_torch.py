@@ -25,10 +25,10 @@ from dynsplit_sglang import request_options
 from dynsplit_sglang.delimiters import TokenTexts
 from dynsplit_sglang.kernels.dd_select import band_logits, band_logits_and_lse
 from dynsplit_sglang.kernels.dense_attention import extend_attention
-from dynsplit_sglang.kernels.sparse_attention import sparse_decode_attention_batched
 from dynsplit_sglang.patches import prefix_reserve
 from dynsplit_sglang.policies import RequestView
 from dynsplit_sglang.policies.policy_set import build_policy
+from dynsplit_sglang.sparse_decode_flashinfer import sparse_attention_op
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,11 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
         tokens = TokenTexts(model_runner.server_args.tokenizer_path, mc.vocab_size)
         self.kv = kv
         self.policy = build_policy(kv, self.shape, keys0.shape[0], keys0.dtype, self.device, tokens)
+        # The decode attention over the selected slots: the torch op, or FlashInfer's paged decode
+        # with the KV heads folded into the batch ($DYNSPLIT_SPARSE_ATTENTION=flashinfer, CUDA).
+        self._sparse_attention_name, self._sparse_attention = sparse_attention_op(
+            self.device, self.shape.num_kv_heads, self.shape.num_heads // self.shape.num_kv_heads, self.shape.head_dim
+        )
         self._score_layers = self.policy.score_layers()
         self._query_layers = self.policy.query_layers()
         self._query_window = self.policy.query_window()
@@ -69,8 +74,9 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
         self._hook_allocator(self._allocator)
         self.policy.trace({"event": "init", "kv_available": self._kv_available_at_start, **self.policy.stats()})
         logger.info(
-            "dynsplit-sglang: --kv %s, budget %d, score layers %s%s", kv.policy, kv.budget, sorted(self._score_layers),
-            f", variants {', '.join(kv.variants)}" if kv.variants else "",
+            "dynsplit-sglang: --kv %s, budget %d, score layers %s%s, sparse decode attention: %s", kv.policy,
+            kv.budget, sorted(self._score_layers), f", variants {', '.join(kv.variants)}" if kv.variants else "",
+            self._sparse_attention_name,
         )
 
     # --- slot lifetime: policy state lives and dies with the KV slots -------------------------
@@ -223,7 +229,7 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
         positions, valid = self.policy.select_batch(layer.layer_id, order, q3[idx])
         rows = self.req_to_token_pool.req_to_token.index_select(0, fb.req_pool_indices[idx]).to(torch.int64)
         slots = rows.gather(1, positions.reshape(len(order), -1)).view_as(positions)
-        out, lse = sparse_decode_attention_batched(q3[idx], keys, values, slots, valid, layer.scaling)
+        out, lse = self._sparse_attention(q3[idx], keys, values, slots, valid, layer.scaling)
         o3[idx] = out
         self._last_lse = {i: lse[k] for k, i in enumerate(order)}
         return o3.view(q3.shape[0], -1)

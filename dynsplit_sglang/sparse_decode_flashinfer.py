@@ -25,6 +25,7 @@ signature: FlashInfer's own (`flashinfer_wrapper`) on a GPU, a torch stand-in in
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -137,3 +138,87 @@ def flashinfer_wrapper(workspace: torch.Tensor, use_cuda_graph: bool, use_tensor
         )
 
     return make
+
+
+# --- in the server: the sparse attention op of the torch backend's decode steps ----------------------
+
+SPARSE_ATTENTION_ENV = "DYNSPLIT_SPARSE_ATTENTION"
+WORKSPACE_BYTES = 128 << 20  # FlashInfer's usual decode workspace
+
+
+class FlashInferSparseAttention:
+    """`kernels.sparse_attention.sparse_decode_attention_batched` on FlashInfer (eager, one GPU).
+
+    Same call and results: (q [R, H, D], keys, values [num_slots, KvH, D], slots, valid [R, KvH, W]
+    with each row's valid entries first, scale) -> out [R, H, D], natural-log lse [R, H].
+
+    The plan depends only on the per-request counts, the width and the dtypes, so it is made again
+    only when they change: the counts are min(budget, seq_len) at every layer of a dynsplit or quest
+    step, which is one plan per step at most. Every layer's selection is written into the planned
+    index list in place. The buffers grow (doubling) when a step has more requests or a wider
+    selection than any before. A request whose KV heads keep different counts (no policy does
+    today) cannot share one indptr row layout, so such a call goes to the torch op.
+    """
+
+    def __init__(self, make_wrapper_for, num_kv_heads: int, group: int, head_dim: int, device):
+        """make_wrapper_for(): a fresh `make_wrapper` for FoldedSparseDecode (e.g. `flashinfer_wrapper(...)`)."""
+        self.make_wrapper_for = make_wrapper_for
+        self.num_kv_heads, self.group, self.head_dim, self.device = num_kv_heads, group, head_dim, device
+        self.sparse: FoldedSparseDecode | None = None
+        self._planned = None
+        self.plans = 0
+
+    def _fit(self, requests: int, width: int) -> FoldedSparseDecode:
+        """The sparse decode, rebuilt with doubled room in the dimension that ran out."""
+        sparse = self.sparse
+        if sparse is not None and requests <= sparse.max_requests and width <= sparse.max_out:
+            return sparse
+        room_requests, room_width = (sparse.max_requests, sparse.max_out) if sparse else (4, 512)
+        if requests > room_requests:
+            room_requests = max(requests, 2 * room_requests)
+        if width > room_width:
+            room_width = max(width, 2 * room_width)
+        self.sparse = FoldedSparseDecode(self.make_wrapper_for(), self.num_kv_heads, self.group, self.head_dim,
+                                         room_requests, room_width, self.device)
+        self._planned = None
+        return self.sparse
+
+    def __call__(self, q, keys, values, slots, valid, scale):
+        counts = valid.sum(dim=2).tolist()  # [R][KvH]; the one host sync of a layer
+        per_request = [row[0] for row in counts]
+        if any(min(row) != max(row) for row in counts) or min(per_request) < 1:
+            from dynsplit_sglang.kernels.sparse_attention import sparse_decode_attention_batched
+
+            return sparse_decode_attention_batched(q, keys, values, slots, valid, scale)
+        width = slots.shape[2]
+        sparse = self._fit(len(per_request), width)
+        key = (tuple(per_request), width, q.dtype, keys.dtype, float(scale))
+        if key != self._planned:
+            sparse.plan(per_request, width, q.dtype, keys.dtype, float(scale))
+            self._planned = key
+            self.plans += 1
+        sparse.write_indices(slots)
+        return sparse.run(q, keys, values)
+
+
+def sparse_attention_op(device, num_kv_heads: int, group: int, head_dim: int, env=None):
+    """The sparse attention op the torch backend's decode uses, chosen by $DYNSPLIT_SPARSE_ATTENTION:
+    `torch` (default) the torch op, `flashinfer` FlashInferSparseAttention (CUDA, flashinfer
+    installed). returns (name, op); a wrong value or an impossible choice is a ValueError naming it."""
+    from dynsplit_sglang.kernels.sparse_attention import sparse_decode_attention_batched
+
+    choice = (env if env is not None else os.environ).get(SPARSE_ATTENTION_ENV, "torch").strip().lower() or "torch"
+    if choice == "torch":
+        return "torch", sparse_decode_attention_batched
+    if choice != "flashinfer":
+        raise ValueError(f"${SPARSE_ATTENTION_ENV}={choice!r}: valid values are 'torch' and 'flashinfer'")
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"${SPARSE_ATTENTION_ENV}=flashinfer needs a CUDA device; this server runs on {device}")
+    try:
+        import flashinfer  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"${SPARSE_ATTENTION_ENV}=flashinfer needs the flashinfer-python package ({e})") from None
+    workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+    op = FlashInferSparseAttention(lambda: flashinfer_wrapper(workspace, use_cuda_graph=False), num_kv_heads, group,
+                                   head_dim, device)
+    return "flashinfer", op

@@ -14,9 +14,10 @@ import torch
 
 from benchmarks.gpu.fake_flashinfer import FakeDecodeWrapper
 from dynsplit_sglang.kernels.block_select_triton import select_slots_reference
-from dynsplit_sglang.kernels.sparse_attention import sparse_decode_attention
-from dynsplit_sglang.sparse_decode_flashinfer import FoldedSparseDecode, flashinfer_wrapper
-
+from dynsplit_sglang.kernels.sparse_attention import sparse_decode_attention, sparse_decode_attention_batched
+from dynsplit_sglang.sparse_decode_flashinfer import (
+    FlashInferSparseAttention, FoldedSparseDecode, flashinfer_wrapper, sparse_attention_op,
+)
 
 
 def fake(use_cuda_graph):
@@ -137,6 +138,56 @@ def test_plan_rejects_counts_outside_the_buffers():
         sparse.plan([0, 4], 8, torch.float32, torch.float32, 1.0)
 
 
+# --- the server's sparse attention op on FlashInfer ----------------------------------------------------
+
+
+def selection_with_valid(counts, kv_heads, width, num_slots, g, head_counts=None):
+    """slots [R, KvH, width] and valid (the first counts[r] of each row, or head_counts[r][h])."""
+    slots = random_selection(len(counts), kv_heads, width, counts, num_slots, g)
+    per_head = head_counts or [[c] * kv_heads for c in counts]
+    valid = torch.arange(width)[None, None, :] < torch.tensor(per_head)[:, :, None]
+    return slots, valid
+
+
+def test_server_op_is_the_torch_op_and_plans_only_when_counts_change():
+    g = torch.Generator().manual_seed(3)
+    kv_heads, group, dim, num_slots, scale = 2, 3, 16, 3000, 0.3
+    op = FlashInferSparseAttention(lambda: fake(False), kv_heads, group, dim, "cpu")
+    keys, values = torch.randn(2, num_slots, kv_heads, dim, generator=g)
+    steps = [
+        ([30, 7, 64], 64),  # first step: one plan for every layer
+        ([30, 7, 64], 64),  # same counts next step: the plan is reused
+        ([31, 8, 64], 64),  # the counts grew: plan again
+        ([5, 700, 9, 9, 9, 9], 700),  # more requests, wider: bigger buffers, plan again
+    ]
+    for counts, width in steps:
+        for layer in range(3):
+            q = torch.randn(len(counts), kv_heads * group, dim, generator=g)
+            slots, valid = selection_with_valid(counts, kv_heads, width, num_slots, g)
+            out, lse = op(q, keys, values, slots, valid, scale)
+            want_out, want_lse = sparse_decode_attention_batched(q, keys, values, slots, valid, scale)
+            torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    assert op.plans == 3
+    assert op.sparse.max_requests >= 6 and op.sparse.max_out >= 700
+    # KV heads of one request keeping different counts: the torch op answers, nothing is planned
+    slots, valid = selection_with_valid([10, 4], kv_heads, 12, num_slots, g, head_counts=[[10, 12], [4, 4]])
+    q = torch.randn(2, kv_heads * group, dim, generator=g)
+    out, _ = op(q, keys, values, slots, valid, scale)
+    torch.testing.assert_close(out, sparse_decode_attention_batched(q, keys, values, slots, valid, scale)[0])
+    assert op.plans == 3
+
+
+def test_server_op_choice_and_its_errors():
+    name, op = sparse_attention_op("cpu", 2, 2, 8, env={})
+    assert name == "torch" and op is sparse_decode_attention_batched
+    assert sparse_attention_op("cpu", 2, 2, 8, env={"DYNSPLIT_SPARSE_ATTENTION": " Torch "})[0] == "torch"
+    with pytest.raises(ValueError, match=r"\$DYNSPLIT_SPARSE_ATTENTION='cuda': valid values are 'torch' and 'flashinfer'"):
+        sparse_attention_op("cpu", 2, 2, 8, env={"DYNSPLIT_SPARSE_ATTENTION": "cuda"})
+    with pytest.raises(ValueError, match="flashinfer needs a CUDA device; this server runs on cpu"):
+        sparse_attention_op("cpu", 2, 2, 8, env={"DYNSPLIT_SPARSE_ATTENTION": "flashinfer"})
+
+
 # --- GPU: the real FlashInfer wrapper ---------------------------------------------------------------
 
 
@@ -196,3 +247,21 @@ def test_flashinfer_sparse_decode_cuda_graph_replay():
         torch.cuda.synchronize()
         torch.testing.assert_close(out, want_out, rtol=0, atol=0)
         torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_server_op_on_flashinfer_matches_the_torch_op():
+    name, op = sparse_attention_op("cuda", 8, 4, 128, env={"DYNSPLIT_SPARSE_ATTENTION": "flashinfer"})
+    assert name == "flashinfer"
+    g = torch.Generator().manual_seed(4)
+    keys, values = torch.randn(2, 40_000, 8, 128, generator=g).to("cuda", torch.bfloat16)
+    for counts in ([4096, 4096, 1000, 77], [4096, 4096, 1001, 78]):  # two steps, two layers each
+        for layer in range(2):
+            q = torch.randn(len(counts), 32, 128, generator=g).to("cuda", torch.bfloat16)
+            slots, valid = selection_with_valid(counts, 8, 4096, keys.shape[0], g)
+            slots, valid = slots.cuda(), valid.cuda()
+            out, lse = op(q, keys, values, slots, valid, 128 ** -0.5)
+            want_out, want_lse = sparse_decode_attention_batched(q, keys, values, slots, valid, 128 ** -0.5)
+            torch.testing.assert_close(out.float(), want_out.float(), rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(lse, want_lse, rtol=1e-3, atol=1e-2)
+    assert op.plans == 2
