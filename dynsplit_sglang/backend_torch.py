@@ -28,7 +28,7 @@ from dynsplit_sglang.kernels.dense_attention import extend_attention
 from dynsplit_sglang.patches import prefix_reserve
 from dynsplit_sglang.policies import RequestView
 from dynsplit_sglang.policies.policy_set import build_policy
-from dynsplit_sglang.sparse_decode_flashinfer import sparse_attention_op
+from dynsplit_sglang.gpu_path import selection_kernel, sparse_attention_op
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
         self._sparse_attention_name, self._sparse_attention = sparse_attention_op(
             self.device, self.shape.num_kv_heads, self.shape.num_heads // self.shape.num_kv_heads, self.shape.head_dim
         )
+        self._selection_name = selection_kernel(self.device)
+        self.policy.use_gpu_selection(self._selection_name == "triton")
         self._score_layers = self.policy.score_layers()
         self._query_layers = self.policy.query_layers()
         self._query_window = self.policy.query_window()
@@ -74,9 +76,9 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
         self._hook_allocator(self._allocator)
         self.policy.trace({"event": "init", "kv_available": self._kv_available_at_start, **self.policy.stats()})
         logger.info(
-            "dynsplit-sglang: --kv %s, budget %d, score layers %s%s, sparse decode attention: %s", kv.policy,
-            kv.budget, sorted(self._score_layers), f", variants {', '.join(kv.variants)}" if kv.variants else "",
-            self._sparse_attention_name,
+            "dynsplit-sglang: --kv %s, budget %d, score layers %s%s, decode selection: %s, sparse attention: %s",
+            kv.policy, kv.budget, sorted(self._score_layers), f", variants {', '.join(kv.variants)}" if kv.variants else "",
+            self._selection_name, self._sparse_attention_name,
         )
 
     # --- slot lifetime: policy state lives and dies with the KV slots -------------------------
@@ -226,9 +228,8 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
             o3[idx] = o_dense
         order = sorted(sparse)
         idx = torch.tensor(order, device=q3.device)
-        positions, valid = self.policy.select_batch(layer.layer_id, order, q3[idx])
         rows = self.req_to_token_pool.req_to_token.index_select(0, fb.req_pool_indices[idx]).to(torch.int64)
-        slots = rows.gather(1, positions.reshape(len(order), -1)).view_as(positions)
+        slots, valid = self.policy.select_slots_batch(layer.layer_id, order, q3[idx], rows)
         out, lse = self._sparse_attention(q3[idx], keys, values, slots, valid, layer.scaling)
         o3[idx] = out
         self._last_lse = {i: lse[k] for k, i in enumerate(order)}

@@ -25,7 +25,6 @@ signature: FlashInfer's own (`flashinfer_wrapper`) on a GPU, a torch stand-in in
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -142,7 +141,6 @@ def flashinfer_wrapper(workspace: torch.Tensor, use_cuda_graph: bool, use_tensor
 
 # --- in the server: the sparse attention op of the torch backend's decode steps ----------------------
 
-SPARSE_ATTENTION_ENV = "DYNSPLIT_SPARSE_ATTENTION"
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's usual decode workspace
 
 
@@ -199,26 +197,3 @@ class FlashInferSparseAttention:
             self.plans += 1
         sparse.write_indices(slots)
         return sparse.run(q, keys, values)
-
-
-def sparse_attention_op(device, num_kv_heads: int, group: int, head_dim: int, env=None):
-    """The sparse attention op the torch backend's decode uses, chosen by $DYNSPLIT_SPARSE_ATTENTION:
-    `torch` (default) the torch op, `flashinfer` FlashInferSparseAttention (CUDA, flashinfer
-    installed). returns (name, op); a wrong value or an impossible choice is a ValueError naming it."""
-    from dynsplit_sglang.kernels.sparse_attention import sparse_decode_attention_batched
-
-    choice = (env if env is not None else os.environ).get(SPARSE_ATTENTION_ENV, "torch").strip().lower() or "torch"
-    if choice == "torch":
-        return "torch", sparse_decode_attention_batched
-    if choice != "flashinfer":
-        raise ValueError(f"${SPARSE_ATTENTION_ENV}={choice!r}: valid values are 'torch' and 'flashinfer'")
-    if torch.device(device).type != "cuda":
-        raise ValueError(f"${SPARSE_ATTENTION_ENV}=flashinfer needs a CUDA device; this server runs on {device}")
-    try:
-        import flashinfer  # noqa: F401
-    except ImportError as e:
-        raise ValueError(f"${SPARSE_ATTENTION_ENV}=flashinfer needs the flashinfer-python package ({e})") from None
-    workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-    op = FlashInferSparseAttention(lambda: flashinfer_wrapper(workspace, use_cuda_graph=False), num_kv_heads, group,
-                                   head_dim, device)
-    return "flashinfer", op

@@ -325,6 +325,47 @@ lower(m._expand_kernel, signature(m._expand_kernel, {"counts_ptr": "*i32"}, c), 
 """
 
 
+@pytest.mark.parametrize("name", ["dynsplit", "fixed", "quest"])
+def test_policy_gpu_selection_is_its_torch_selection(name):
+    """DynSplitPolicy / QuestPolicy.select_slots_batch with the GPU selection on ($DYNSPLIT_SELECTION=triton)
+    against the same policy's torch path, as the backend calls them: a decode batch of three
+    requests at different lengths and budgets, every layer. Small integer keys and queries make
+    every score exact, so the two agree exactly (ties included)."""
+    from dynsplit_sglang.config import DynSplitConfig, QuestOptions
+    from dynsplit_sglang.policies import RequestView
+    from tests.test_policies import SHAPE, make_policy
+
+    options = {"dynsplit": DynSplitConfig(candidates="all"), "fixed": DynSplitConfig(split="fixed_interval"),
+               "quest": QuestOptions()}[name]
+    policy = make_policy(options, 64)
+    g = torch.Generator().manual_seed(7)
+    keys = torch.randint(-3, 4, (256, SHAPE.num_kv_heads, SHAPE.head_dim), generator=g).float()
+    lens, budgets, starts = [100, 70, 75], [64, 64, 72], [0, 101, 172]
+    rows = [torch.arange(s, s + n + 1) for s, n in zip(starts, lens)]  # prompt + one decode slot
+    reqs = [RequestView(r[:n], 0, torch.zeros(n, dtype=torch.int64), f"r{i}", i, b)
+            for i, (r, n, b) in enumerate(zip(rows, lens, budgets))]
+    policy.begin_forward(reqs, False)
+    policy.end_forward(reqs, [keys] * SHAPE.num_layers)
+    reqs = [RequestView(r, n, torch.zeros(1, dtype=torch.int64), f"r{i}", i, b)
+            for i, (r, n, b) in enumerate(zip(rows, lens, budgets))]
+    policy.begin_forward(reqs, True)
+    req_slots = torch.zeros(3, max(lens) + 1, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        req_slots[i, : r.numel()] = r
+    order = [2, 0, 1]
+    for layer in range(SHAPE.num_layers):
+        q = torch.randint(-3, 4, (3, SHAPE.num_heads, SHAPE.head_dim), generator=g).float()
+        want, want_valid = policy.select_slots_batch(layer, order, q, req_slots[order])
+        policy.use_gpu_selection(True)
+        got, got_valid = policy.select_slots_batch(layer, order, q, req_slots[order])
+        policy.use_gpu_selection(False)
+        assert torch.equal(got_valid.sum(-1), want_valid.sum(-1))
+        assert got_valid.sum(-1).tolist() == [[min(budgets[i], lens[i] + 1)] * SHAPE.num_kv_heads for i in order]
+        width = want.shape[2]
+        assert torch.equal(got[:, :, :width][got_valid[:, :, :width]], want[want_valid])
+    policy.end_forward(reqs, [keys] * SHAPE.num_layers)
+
+
 def test_kernels_lower_to_sm90_without_a_gpu():
     stdout = lower_in_subprocess(COMPILE_SCRIPT)
     assert stdout.count(" ok") == 6, stdout

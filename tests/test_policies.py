@@ -157,12 +157,13 @@ def test_pyramidkv_budgets_fall_with_depth_and_keep_the_mean():
 
 
 def test_dynamickv_budgets_sum_to_the_model_budget_and_follow_the_scores():
+    torch.manual_seed(0)
     scores = torch.rand(4, 2, 200) * 0.01
     scores[1, :, :50] = 1.0  # layer 1 holds most of the global top scores
-    scores[3, 0, :10] = 1.0
+    scores[3, :, :20] = 1.0  # layer 3 some (10 on one head was within the noise: 1 seed in 10 failed)
     budgets = dynamickv(scores, 40, r_max=10, cap=200)
     assert sum(budgets) == 4 * 40
-    assert budgets[1] == max(budgets) and budgets[1] > budgets[3] > min(budgets[0], budgets[2])
+    assert budgets[1] == max(budgets) and budgets[1] > budgets[3] > max(budgets[0], budgets[2])
     assert all(b <= 200 for b in budgets)
     # through the policy: per-layer sizes sum to the whole-model budget
     policy = make_policy(DynamicKVOptions(window=4, kernel_size=1), budget=24)

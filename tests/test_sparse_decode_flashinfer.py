@@ -15,9 +15,8 @@ import torch
 from benchmarks.gpu.fake_flashinfer import FakeDecodeWrapper
 from dynsplit_sglang.kernels.block_select_triton import select_slots_reference
 from dynsplit_sglang.kernels.sparse_attention import sparse_decode_attention, sparse_decode_attention_batched
-from dynsplit_sglang.sparse_decode_flashinfer import (
-    FlashInferSparseAttention, FoldedSparseDecode, flashinfer_wrapper, sparse_attention_op,
-)
+from dynsplit_sglang.gpu_path import selection_kernel, sparse_attention_op
+from dynsplit_sglang.sparse_decode_flashinfer import FlashInferSparseAttention, FoldedSparseDecode, flashinfer_wrapper
 
 
 def fake(use_cuda_graph):
@@ -186,6 +185,11 @@ def test_server_op_choice_and_its_errors():
         sparse_attention_op("cpu", 2, 2, 8, env={"DYNSPLIT_SPARSE_ATTENTION": "cuda"})
     with pytest.raises(ValueError, match="flashinfer needs a CUDA device; this server runs on cpu"):
         sparse_attention_op("cpu", 2, 2, 8, env={"DYNSPLIT_SPARSE_ATTENTION": "flashinfer"})
+    assert selection_kernel("cpu", env={}) == "torch"
+    with pytest.raises(ValueError, match=r"\$DYNSPLIT_SELECTION='cuda': valid values are 'torch' and 'triton'"):
+        selection_kernel("cpu", env={"DYNSPLIT_SELECTION": "cuda"})
+    with pytest.raises(ValueError, match=r"\$DYNSPLIT_SELECTION=triton needs a CUDA device"):
+        selection_kernel("cpu", env={"DYNSPLIT_SELECTION": "triton"})
 
 
 # --- GPU: the real FlashInfer wrapper ---------------------------------------------------------------

@@ -128,6 +128,20 @@ class KVPolicy(abc.ABC):
         selection of req_indices[k] padded to the widest. The default asks `select` per request."""
         return pad_selections([self.select(layer_id, i, q[k]) for k, i in enumerate(req_indices)])
 
+    def select_slots_batch(
+        self, layer_id: int, req_indices: list[int], q: torch.Tensor, req_slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`select_batch` as KV slots: req_slots [R, max_len] int64 holds the req_to_token row of
+        each request (row k for req_indices[k]). returns slots [R, KvH, W] int64 and valid
+        [R, KvH, W] bool. The default maps `select_batch`'s positions; a policy with a GPU kernel
+        that writes slots directly overrides it."""
+        positions, valid = self.select_batch(layer_id, req_indices, q)
+        slots = req_slots.gather(1, positions.reshape(len(req_indices), -1)).view_as(positions)
+        return slots, valid
+
+    def use_gpu_selection(self, on: bool) -> None:
+        """Select with the policy's GPU kernel, if it has one ($DYNSPLIT_SELECTION=triton)."""
+
     # --- slot lifetime ------------------------------------------------------------------------
     def release_slots(self, slots: torch.Tensor) -> None:
         """The KV allocator freed these slots."""

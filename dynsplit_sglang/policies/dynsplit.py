@@ -58,6 +58,7 @@ class DynSplitPolicy(KVPolicy):
         self._reqs: list[RequestView] = []
         self._is_decode = False
         self._rows: list[torch.Tensor] = []  # per request: [n, L] sum of DD rows over score layers
+        self._gpu_selection = False  # select_slots_batch on the Triton kernel ($DYNSPLIT_SELECTION)
         self._decode_blocks: list[tuple] = []  # per request: (record ids, starts, ends, tail start, seq_len)
 
     # --- statistics --------------------------------------------------------------------------
@@ -207,6 +208,33 @@ class DynSplitPolicy(KVPolicy):
         )
         valid = torch.arange(positions.shape[2], device=positions.device) < counts[:, :, None]
         return positions, valid
+
+    def use_gpu_selection(self, on: bool) -> None:
+        self._gpu_selection = on
+
+    def select_slots_batch(self, layer_id, req_indices, q, req_slots):
+        """With the GPU selection on: the Triton kernel `select_slots` scores, chooses and maps to
+        slots for the whole batch in three launches (the same rule as `select_batch`; scores
+        summed in another order, so near-ties may go the other way)."""
+        if not self._gpu_selection:
+            return super().select_slots_batch(layer_id, req_indices, q, req_slots)
+        from dynsplit_sglang.kernels.block_select_triton import select_slots
+
+        t, step = self.table, self._step
+        rows = torch.tensor(req_indices, device=t.rec_start.device)
+        budgets = [self.layer_budget(self._reqs[i], layer_id) for i in req_indices]
+        # Selection fills the budget, so the widest row is the largest min(budget, seq_len).
+        width = max(min(b, self._decode_blocks[i][4]) for b, i in zip(budgets, req_indices))
+        seq_lens = step["seq_lens"].index_select(0, rows)
+        slots = torch.empty(len(req_indices), self.shape.num_kv_heads, width, dtype=torch.int64, device=q.device)
+        counts = torch.empty(len(req_indices), self.shape.num_kv_heads, dtype=torch.int64, device=q.device)
+        select_slots(
+            q, t.kmin[layer_id], t.kmax[layer_id], step["records"].index_select(0, rows), t.rec_start, t.rec_end,
+            req_slots.to(torch.int64), seq_lens, torch.full_like(seq_lens, self.cfg.sink_tokens),
+            step["keep_tail_from"].index_select(0, rows), torch.tensor(budgets, device=seq_lens.device), slots, counts,
+        )
+        valid = torch.arange(width, device=q.device) < counts[:, :, None]
+        return slots, valid
 
     # --- slot lifetime ------------------------------------------------------------------------
     def release_slots(self, slots: torch.Tensor) -> None:

@@ -103,16 +103,30 @@ class PolicySet(KVPolicy):
 
     def select_batch(self, layer_id: int, req_indices: list[int], q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each member selects for its own requests in one call; rows in the order asked."""
+        return self._by_member(req_indices, lambda member, ks: member.select_batch(
+            layer_id, [req_indices[k] for k in ks], q[ks]))
+
+    def select_slots_batch(self, layer_id, req_indices, q, req_slots):
+        return self._by_member(req_indices, lambda member, ks: member.select_slots_batch(
+            layer_id, [req_indices[k] for k in ks], q[ks], req_slots[ks]))
+
+    def _by_member(self, req_indices: list[int], select) -> tuple[torch.Tensor, torch.Tensor]:
+        """select(member, ks) for the rows ks of each member's requests, stacked in the order asked."""
         groups: dict[str, list[int]] = {}
         for k, i in enumerate(req_indices):
             groups.setdefault(self._reqs[i].policy or self.default, []).append(k)
         if len(groups) == 1:
-            return self.members[next(iter(groups))].select_batch(layer_id, req_indices, q)
+            label = next(iter(groups))
+            return select(self.members[label], groups[label])
         picks = {}
         for label, ks in groups.items():
-            positions, valid = self.members[label].select_batch(layer_id, [req_indices[k] for k in ks], q[ks])
-            picks.update({k: (positions[j], valid[j]) for j, k in enumerate(ks)})
+            chosen, valid = select(self.members[label], ks)
+            picks.update({k: (chosen[j], valid[j]) for j, k in enumerate(ks)})
         return pad_selections([picks[k] for k in range(len(req_indices))])
+
+    def use_gpu_selection(self, on: bool) -> None:
+        for p in self.members.values():
+            p.use_gpu_selection(on)
 
     # --- slot lifetime ------------------------------------------------------------------------
     def release_slots(self, slots: torch.Tensor) -> None:

@@ -44,3 +44,8 @@ class QuestPolicy(DynSplitPolicy):
         if layer_id < self.quest.dense_layers:
             return KVPolicy.select_batch(self, layer_id, req_indices, q)
         return super().select_batch(layer_id, req_indices, q)
+
+    def select_slots_batch(self, layer_id, req_indices, q, req_slots):
+        if layer_id < self.quest.dense_layers:
+            return KVPolicy.select_slots_batch(self, layer_id, req_indices, q, req_slots)
+        return super().select_slots_batch(layer_id, req_indices, q, req_slots)
