@@ -325,45 +325,50 @@ lower(m._expand_kernel, signature(m._expand_kernel, {"counts_ptr": "*i32"}, c), 
 """
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name", ["dynsplit", "fixed", "quest"])
-def test_policy_gpu_selection_is_its_torch_selection(name):
+def test_policy_gpu_selection_is_its_torch_selection(name, device):
     """DynSplitPolicy / QuestPolicy.select_slots_batch with the GPU selection on ($DYNSPLIT_SELECTION=triton)
     against the same policy's torch path, as the backend calls them: a decode batch of three
     requests at different lengths and budgets, every layer. Small integer keys and queries make
-    every score exact, so the two agree exactly (ties included)."""
-    from dynsplit_sglang.config import DynSplitConfig, QuestOptions
-    from dynsplit_sglang.policies import RequestView
-    from tests.test_policies import SHAPE, make_policy
+    every score exact, so the two agree exactly (ties included). No SGLang import (the GPU box
+    runs the cuda case)."""
+    from dynsplit_sglang.block_table import ModelShape
+    from dynsplit_sglang.config import DynSplitConfig, KVConfig, QuestOptions
+    from dynsplit_sglang.policies import POLICY_CLASSES, RequestView
 
-    options = {"dynsplit": DynSplitConfig(candidates="all"), "fixed": DynSplitConfig(split="fixed_interval"),
+    shape = ModelShape(num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8)
+    options = {"dynsplit": DynSplitConfig(candidates="all"), "fixed": DynSplitConfig(split="fixed_interval", candidates="all"),
                "quest": QuestOptions()}[name]
-    policy = make_policy(options, 64)
+    kv = KVConfig(policy=options.policy, budget=64, options=options)
+    kv.validate()
+    policy = POLICY_CLASSES[options.policy](kv, shape, 256, torch.float32, device)
     g = torch.Generator().manual_seed(7)
-    keys = torch.randint(-3, 4, (256, SHAPE.num_kv_heads, SHAPE.head_dim), generator=g).float()
+    keys = torch.randint(-3, 4, (256, shape.num_kv_heads, shape.head_dim), generator=g).float().to(device)
     lens, budgets, starts = [100, 70, 75], [64, 64, 72], [0, 101, 172]
-    rows = [torch.arange(s, s + n + 1) for s, n in zip(starts, lens)]  # prompt + one decode slot
-    reqs = [RequestView(r[:n], 0, torch.zeros(n, dtype=torch.int64), f"r{i}", i, b)
-            for i, (r, n, b) in enumerate(zip(rows, lens, budgets))]
+    rows = [torch.arange(s, s + n + 1, device=device) for s, n in zip(starts, lens)]  # prompt + one decode slot
+    ids = [torch.zeros(n, dtype=torch.int64, device=device) for n in lens]
+    reqs = [RequestView(r[:n], 0, i, f"r{k}", k, b) for k, (r, n, i, b) in enumerate(zip(rows, lens, ids, budgets))]
     policy.begin_forward(reqs, False)
-    policy.end_forward(reqs, [keys] * SHAPE.num_layers)
-    reqs = [RequestView(r, n, torch.zeros(1, dtype=torch.int64), f"r{i}", i, b)
-            for i, (r, n, b) in enumerate(zip(rows, lens, budgets))]
+    policy.end_forward(reqs, [keys] * shape.num_layers)
+    one = torch.zeros(1, dtype=torch.int64, device=device)
+    reqs = [RequestView(r, n, one, f"r{k}", k, b) for k, (r, n, b) in enumerate(zip(rows, lens, budgets))]
     policy.begin_forward(reqs, True)
-    req_slots = torch.zeros(3, max(lens) + 1, dtype=torch.int64)
-    for i, r in enumerate(rows):
-        req_slots[i, : r.numel()] = r
+    req_slots = torch.zeros(3, max(lens) + 1, dtype=torch.int64, device=device)
+    for k, r in enumerate(rows):
+        req_slots[k, : r.numel()] = r
     order = [2, 0, 1]
-    for layer in range(SHAPE.num_layers):
-        q = torch.randint(-3, 4, (3, SHAPE.num_heads, SHAPE.head_dim), generator=g).float()
+    for layer in range(shape.num_layers):
+        q = torch.randint(-3, 4, (3, shape.num_heads, shape.head_dim), generator=g).float().to(device)
         want, want_valid = policy.select_slots_batch(layer, order, q, req_slots[order])
         policy.use_gpu_selection(True)
         got, got_valid = policy.select_slots_batch(layer, order, q, req_slots[order])
         policy.use_gpu_selection(False)
+        assert got_valid.sum(-1).tolist() == [[min(budgets[i], lens[i] + 1)] * shape.num_kv_heads for i in order]
         assert torch.equal(got_valid.sum(-1), want_valid.sum(-1))
-        assert got_valid.sum(-1).tolist() == [[min(budgets[i], lens[i] + 1)] * SHAPE.num_kv_heads for i in order]
         width = want.shape[2]
         assert torch.equal(got[:, :, :width][got_valid[:, :, :width]], want[want_valid])
-    policy.end_forward(reqs, [keys] * SHAPE.num_layers)
+    policy.end_forward(reqs, [keys] * shape.num_layers)
 
 
 def test_kernels_lower_to_sm90_without_a_gpu():
