@@ -12,6 +12,7 @@ resolves, so an SGLang upgrade fails loudly instead of silently serving without 
 | request_budget    | SamplingParams.verify (after)                                 | check custom_params.kv_budget and kv_policy like the other sampling parameters |
 | request_budget    | Req.__init__ (after)                                          | record custom_params.kv_budget and kv_policy for the attention backend |
 | cuda_graph        | attention_hook.handle_attention_backend_compatibility (after) | the torch path has no CUDA-graph support: disable graphs for it, as SGLang does for torch_native |
+| pool_memory       | DefaultPoolConfigurator._compute_cell_size (after)            | size the KV pool with the policy's per-slot tables included, so they fit beside it |
 | cpu_rotary_import | (import system, only without CUDA and without vllm)           | SGLang's RotaryEmbedding imports vllm._custom_ops on a plain CPU, then never calls it |
 """
 
@@ -19,9 +20,9 @@ from __future__ import annotations
 
 import pkgutil
 
-from dynsplit_sglang.patches import cpu_rotary_import, cuda_graph, kv_cli, prefix_reserve, request_budget
+from dynsplit_sglang.patches import cpu_rotary_import, cuda_graph, kv_cli, pool_memory, prefix_reserve, request_budget
 
-HOOKS = kv_cli.HOOKS + cuda_graph.HOOKS + prefix_reserve.HOOKS + request_budget.HOOKS
+HOOKS = kv_cli.HOOKS + cuda_graph.HOOKS + pool_memory.HOOKS + prefix_reserve.HOOKS + request_budget.HOOKS
 ATTRIBUTES = ["sglang.srt.entrypoints.engine.Engine.server_args_class"]
 
 
