@@ -97,3 +97,27 @@ def test_smoke_output_never_lands_in_results(tmp_path):
     assert output_path("gpu_kernels.json", str(tmp_path / "x.json"), smoke=True) == str(tmp_path / "x.json")
     with pytest.raises(SystemExit, match="does not write into"):
         output_path("gpu_kernels.json", os.path.join(RESULTS, "x.json"), smoke=True)
+
+
+def test_gpu_test_files_collect_without_sglang(tmp_path):
+    """The GPU box has no SGLang: run_all.sh runs `pytest -m gpu` on the files that have gpu tests,
+    so none of them may import SGLang (an import there fails the whole GPU test step)."""
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text(
+        "import sys\n"
+        "class _NoSGLang:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'sglang' or name.startswith('sglang.'):\n"
+        "            raise ImportError('the GPU box has no ' + name)\n"
+        "sys.meta_path.insert(0, _NoSGLang())\n"
+    )
+    files = sorted(
+        os.path.join("tests", n) for n in os.listdir(os.path.join(REPO, "tests"))
+        if n.startswith("test_") and n.endswith(".py") and "pytest.mark.gpu" in open(os.path.join(REPO, "tests", n)).read()
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path) + os.pathsep + REPO)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "benchmarks.gpu.source_tree", "-m", "gpu",
+                           "--collect-only", "-q", *files], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "error" not in proc.stdout.lower()
