@@ -15,6 +15,7 @@ import threading
 
 import torch
 
+from sglang.srt.arg_groups.overrides import resolved_view
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool
@@ -50,7 +51,9 @@ class SparseTorchAttnBackend(TorchNativeAttnBackend):
             num_kv_heads=pool.head_num,
             head_dim=pool.head_dim,
         )
-        tokens = TokenTexts(model_runner.server_args.tokenizer_path, mc.vocab_size)
+        # The resolved value: the ServerArgs field stays None when the tokenizer is the model's own
+        # (SGLang 0.5.23 records defaults as resolutions), which once left every token a candidate.
+        tokens = TokenTexts(resolved_view(model_runner.server_args).tokenizer_path, mc.vocab_size)
         self.kv = kv
         self.policy = build_policy(kv, self.shape, keys0.shape[0], keys0.dtype, self.device, tokens)
         # The decode attention over the selected slots: the torch op, or FlashInfer's paged decode

@@ -7,7 +7,8 @@ slot or block record leaks.
 """
 
 import pytest
-from transformers import AutoTokenizer
+import torch
+from transformers import AutoConfig, AutoTokenizer
 
 from tests.engine_utils import SAMPLE_TEXT, engine, flush, generate, read_trace
 
@@ -53,6 +54,31 @@ def test_blocks_have_bounded_lengths(uncached, prompts):
             assert s1 == e0 + 1
         assert all(12 <= e - s + 1 <= 20 for s, e in bl)
         assert len(prompt) + 12 - (bl[-1][1] + 1) <= 28  # the open tail is at most C+Δ+lookahead
+
+
+def test_blocks_end_at_the_tokenizers_delimiters(tiny_model, prompts, uncached):
+    """The engine classifies tokens with the model's own tokenizer: each prompt block ends at a
+    delimiter token whenever its end window holds one. (SGLang 0.5.23 leaves
+    ServerArgs.tokenizer_path None when the tokenizer is the model's; reading that field once made
+    every token a candidate, and the punctuation rule the same as fixed intervals.)"""
+    from dynsplit_sglang.config import DynSplitConfig
+    from dynsplit_sglang.delimiters import TokenTexts, candidate_token_mask
+
+    cfg = DynSplitConfig()
+    vocab = AutoConfig.from_pretrained(tiny_model).vocab_size
+    is_delimiter = candidate_token_mask(TokenTexts(tiny_model, vocab), "delimiters", vocab)
+    _, blocks, _ = uncached
+    checked = 0
+    for prompt, bl in zip(prompts, blocks):
+        ids = torch.tensor(prompt)
+        for start, end in bl:
+            lo = start + cfg.window_lo
+            if lo + cfg.window_width > len(prompt):
+                break  # decided in generated text
+            if is_delimiter[ids[lo : lo + cfg.window_width]].any():
+                assert is_delimiter[ids[end]], (start, end)
+                checked += 1
+    assert checked >= 30
 
 
 def test_no_leak_without_radix_cache(uncached):
