@@ -1,10 +1,15 @@
-"""Torch stand-in for FlashInfer's paged decode wrapper, for CPU tests and the GPU benchmarks' --smoke.
+"""Torch stand-ins for FlashInfer's attention wrappers, for CPU tests and the GPU benchmarks' --smoke.
 
-It keeps what FlashInfer's fa2 `BatchDecodeWithPagedKVCacheWrapper` keeps (checked against the
-0.7.2.post1 source): in eager mode a reference to the indices tensor given to `plan` (FlashInfer
-stores `indices.to(device)`, the very tensor when it is already there, so later in-place writes
-are seen), in CUDA-graph mode its own preallocated buffers, copied into at `plan`. Like
-FlashInfer it returns a base-2 lse. Page size 1, NHD layout, grouped-query attention.
+`FakeDecodeWrapper` keeps what FlashInfer's fa2 `BatchDecodeWithPagedKVCacheWrapper` keeps
+(checked against the 0.7.2.post1 source): in eager mode a reference to the indices tensor given to
+`plan` (FlashInfer stores `indices.to(device)`, the very tensor when it is already there, so later
+in-place writes are seen), in CUDA-graph mode its own preallocated buffers, copied into at `plan`.
+`FakeRaggedPrefillWrapper` and `FakePagedPrefillWrapper` stand in for the two prefill wrappers.
+All take both the current API (`plan`, `run`) and the legacy one SGLang 0.5.23 calls
+(`begin_forward`, `forward`, `forward_return_lse`, which set the mask and scale at run time).
+Like FlashInfer they return a base-2 lse, and `fake_merge_state` merges in base 2. Page size 1,
+NHD layout, grouped-query attention; a causal mask is aligned bottom-right (query i of n attends
+keys up to i + kv_len - n), as FlashInfer aligns it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,69 @@ import math
 import torch
 
 
-class FakeDecodeWrapper:
+LOG2E = 1.0 / math.log(2.0)
+
+
+def attend(q, k, v, causal, sm_scale, window_left=-1, logits_soft_cap=None):
+    """One request: q [n, Hq, D], k, v [m, Hkv, D] -> out [n, Hq, D] (dtype of q), base-2 lse [n, Hq] fp32.
+    A query with no key gets out 0 and lse -inf (FlashInfer's convention)."""
+    n, hq, d = q.shape
+    m, hkv = k.shape[0], k.shape[1]
+    group = hq // hkv
+    kk = k.float().repeat_interleave(group, dim=1)  # [m, Hq, D]
+    vv = v.float().repeat_interleave(group, dim=1)
+    logits = torch.einsum("nhd,mhd->hnm", q.float(), kk) * sm_scale  # [Hq, n, m]
+    if logits_soft_cap:
+        logits = logits_soft_cap * torch.tanh(logits / logits_soft_cap)
+    last = torch.arange(n)[:, None] + (m - n)  # bottom-right: the last key each query may see
+    keys = torch.arange(m)[None, :]
+    allowed = torch.ones(n, m, dtype=torch.bool)
+    if causal:
+        allowed &= keys <= last
+    if window_left is not None and window_left >= 0:
+        allowed &= keys >= last - window_left
+    logits = logits.masked_fill(~allowed.to(logits.device)[None], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # [Hq, n]
+    probs = torch.exp(logits - lse[..., None]).nan_to_num(0.0)
+    out = torch.einsum("hnm,mhd->nhd", probs, vv)
+    return out.to(q.dtype), (lse * LOG2E).T.contiguous()
+
+
+def _pages(paged_kv_cache):
+    """(k, v) as [slots, Hkv, D]: SGLang passes its 3-D pool buffers, FlashInfer's own API 4-D pages of 1."""
+    k, v = paged_kv_cache
+    if k.dim() == 4:
+        assert k.shape[1] == 1, "page size 1 only"
+        k, v = k[:, 0], v[:, 0]
+    return k, v
+
+
+class _Legacy:
+    """FlashInfer's deprecated entry points: they store the mask and scale, then run."""
+
+    causal, window_left, logits_soft_cap, scale = False, -1, None, None
+
+    def forward(self, *inputs, causal=None, window_left=-1, logits_soft_cap=None, sm_scale=None, **unused):
+        self._set(causal, window_left, logits_soft_cap, sm_scale)
+        return self.run(*inputs)
+
+    def forward_return_lse(self, *inputs, causal=None, window_left=-1, logits_soft_cap=None, sm_scale=None,
+                           **unused):
+        self._set(causal, window_left, logits_soft_cap, sm_scale)
+        return self.run(*inputs, return_lse=True)
+
+    def _set(self, causal, window_left, logits_soft_cap, sm_scale):
+        if causal is not None:
+            self.causal = causal
+        self.window_left, self.logits_soft_cap = window_left, logits_soft_cap
+        if sm_scale is not None:
+            self.scale = sm_scale
+
+    def _scale(self, head_dim):
+        return self.scale if self.scale is not None else head_dim ** -0.5
+
+
+class FakeDecodeWrapper(_Legacy):
     """Torch stand-in for flashinfer.BatchDecodeWithPagedKVCacheWrapper (NHD, fa2 semantics, page size 1)."""
 
     def __init__(self, use_cuda_graph=False, indptr_buffer=None, indices_buffer=None, last_page_len_buffer=None,
@@ -26,11 +93,13 @@ class FakeDecodeWrapper:
         self.plans = 0
 
     def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, *,
-             pos_encoding_mode, q_data_type, kv_data_type, sm_scale):
-        """indptr [rows + 1], indices [indptr[-1]], last_page_len [rows], all int32 (FlashInfer's signature)."""
+             pos_encoding_mode="NONE", q_data_type=None, kv_data_type=None, data_type=None, sm_scale=None,
+             window_left=-1, logits_soft_cap=None, **unused):
+        """indptr [rows + 1], indices [>= indptr[-1]], last_page_len [rows], all int32 (FlashInfer's signature)."""
         assert indptr.dtype == indices.dtype == last_page_len.dtype == torch.int32
         assert pos_encoding_mode == "NONE" and page_size == 1 and num_qo_heads % num_kv_heads == 0
-        assert indices.numel() == int(indptr[-1]) and bool((last_page_len == 1).all())
+        rows = indptr.numel() - 1
+        assert indices.numel() >= int(indptr[-1]) and bool((last_page_len[:rows] == 1).all())
         if self.use_cuda_graph:  # FlashInfer copies into the buffers it was built with
             assert indices.numel() <= self.indices.numel()
             assert last_page_len.numel() == self.last_page_len.numel(), "the batch is fixed in graph mode"
@@ -39,26 +108,94 @@ class FakeDecodeWrapper:
             self.indices[: indices.numel()].copy_(indices)
         else:  # FlashInfer keeps `indices.to(device)`: the very tensor when already there
             self.indptr, self.indices, self.last_page_len = indptr, indices, last_page_len
-        self.num_qo_heads, self.num_kv_heads = num_qo_heads, num_kv_heads
-        self.head_dim, self.scale = head_dim, sm_scale
+        self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
+        self.scale, self.window_left, self.logits_soft_cap = sm_scale, window_left, logits_soft_cap
         self.plans += 1
 
-    def run(self, q, paged_kv_cache, *, return_lse=False):
-        """q [rows, num_qo_heads, D]; paged_kv_cache (k, v), each [num_pages, 1, num_kv_heads, D].
-        returns out [rows, num_qo_heads, D] (dtype of q) and, if asked, the base-2 lse [rows, num_qo_heads]."""
-        k_pages, v_pages = paged_kv_cache
+    begin_forward = plan
+
+    def run(self, q, paged_kv_cache, *, return_lse=False, **unused):
+        """q [rows, num_qo_heads, D]; paged_kv_cache (k, v), each [num_pages, 1, num_kv_heads, D] or
+        [num_slots, num_kv_heads, D]. returns out [rows, num_qo_heads, D] (dtype of q) and, if asked,
+        the base-2 lse [rows, num_qo_heads]."""
+        k_pages, v_pages = _pages(paged_kv_cache)
         rows = self.indptr.numel() - 1
         assert q.shape == (rows, self.num_qo_heads, self.head_dim), (q.shape, rows)
-        assert k_pages.shape[1:] == (1, self.num_kv_heads, self.head_dim), k_pages.shape
-        group = self.num_qo_heads // self.num_kv_heads
+        assert k_pages.shape[1:] == (self.num_kv_heads, self.head_dim), k_pages.shape
         out = torch.empty_like(q)
         lse = torch.empty(rows, self.num_qo_heads, dtype=torch.float32, device=q.device)
         for r in range(rows):
             pages = self.indices[int(self.indptr[r]) : int(self.indptr[r + 1])].long()
-            for h in range(self.num_kv_heads):
-                heads = slice(h * group, (h + 1) * group)
-                k, v = k_pages[pages, 0, h].float(), v_pages[pages, 0, h].float()
-                logits = q[r, heads].float() @ k.T * self.scale  # [G, n]
-                lse[r, heads] = torch.logsumexp(logits, -1) / math.log(2)
-                out[r, heads] = (torch.softmax(logits, -1) @ v).to(q.dtype)
+            out[r : r + 1], lse[r : r + 1] = attend(q[r : r + 1], k_pages[pages], v_pages[pages], False,
+                                                    self._scale(q.shape[-1]), self.window_left, self.logits_soft_cap)
         return (out, lse) if return_lse else out
+
+
+class FakeRaggedPrefillWrapper(_Legacy):
+    """Torch stand-in for flashinfer.BatchPrefillWithRaggedKVCacheWrapper: request r's queries
+    q[qo_indptr[r]:qo_indptr[r+1]] attend to its keys k[kv_indptr[r]:kv_indptr[r+1]]."""
+
+    def __init__(self, *unused_args, **unused_kwargs):
+        self.plans = 0
+
+    def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo=None, *,
+             custom_mask=None, causal=False, sm_scale=None, window_left=-1, logits_soft_cap=None, **unused):
+        assert custom_mask is None, "custom masks are not modelled"
+        self.qo_indptr, self.kv_indptr = qo_indptr, kv_indptr  # references, as FlashInfer keeps them
+        self.num_qo_heads, self.num_kv_heads = num_qo_heads, num_kv_heads
+        self.causal, self.scale, self.window_left, self.logits_soft_cap = causal, sm_scale, window_left, logits_soft_cap
+        self.plans += 1
+
+    begin_forward = plan
+
+    def run(self, q, k, v, *, return_lse=False, **unused):
+        out = torch.zeros_like(q)
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        qo, kv = self.qo_indptr.tolist(), self.kv_indptr.tolist()
+        for r in range(len(qo) - 1):
+            if qo[r + 1] > qo[r]:
+                rows = slice(qo[r], qo[r + 1])
+                out[rows], lse[rows] = attend(q[rows], k[kv[r] : kv[r + 1]], v[kv[r] : kv[r + 1]], self.causal,
+                                              self._scale(q.shape[-1]), self.window_left, self.logits_soft_cap)
+        return (out, lse) if return_lse else out
+
+
+class FakePagedPrefillWrapper(_Legacy):
+    """Torch stand-in for flashinfer.BatchPrefillWithPagedKVCacheWrapper (page size 1): request r's
+    queries attend to the slots indices[kv_indptr[r]:kv_indptr[r+1]] of the pool."""
+
+    def __init__(self, *unused_args, **unused_kwargs):
+        self.plans = 0
+
+    def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads,
+             num_kv_heads, head_dim_qk, page_size, head_dim_vo=None, *, custom_mask=None, causal=False,
+             sm_scale=None, window_left=-1, logits_soft_cap=None, **unused):
+        assert custom_mask is None, "custom masks are not modelled"
+        assert page_size == 1, "page size 1 only"
+        self.qo_indptr, self.kv_indptr, self.indices = qo_indptr, paged_kv_indptr, paged_kv_indices
+        self.num_qo_heads, self.num_kv_heads = num_qo_heads, num_kv_heads
+        self.causal, self.scale, self.window_left, self.logits_soft_cap = causal, sm_scale, window_left, logits_soft_cap
+        self.plans += 1
+
+    begin_forward = plan
+
+    def run(self, q, paged_kv_cache, *, return_lse=False, **unused):
+        k_pool, v_pool = _pages(paged_kv_cache)
+        out = torch.zeros_like(q)
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        qo, kv = self.qo_indptr.tolist(), self.kv_indptr.tolist()
+        for r in range(len(qo) - 1):
+            if qo[r + 1] > qo[r]:
+                rows = slice(qo[r], qo[r + 1])
+                slots = self.indices[kv[r] : kv[r + 1]].long()
+                out[rows], lse[rows] = attend(q[rows], k_pool[slots], v_pool[slots], self.causal,
+                                              self._scale(q.shape[-1]), self.window_left, self.logits_soft_cap)
+        return (out, lse) if return_lse else out
+
+
+def fake_merge_state(v_a, s_a, v_b, s_b):
+    """flashinfer.cascade.merge_state: two partial attentions [N, H, D] with base-2 lse [N, H] -> one."""
+    s = torch.logaddexp2(s_a.float(), s_b.float())
+    w_a = torch.exp2(s_a.float() - s).nan_to_num(0.0)[..., None]
+    w_b = torch.exp2(s_b.float() - s).nan_to_num(0.0)[..., None]
+    return (v_a.float() * w_a + v_b.float() * w_b).to(v_a.dtype), s
