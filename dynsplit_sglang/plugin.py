@@ -8,6 +8,8 @@ hooks of `dynsplit_sglang.patches`.
 from __future__ import annotations
 
 import logging
+import os
+import pkgutil
 
 logger = logging.getLogger(__name__)
 
@@ -37,3 +39,8 @@ def register() -> None:
         add_attention_backend_choices(["dynsplit"])
     register_attention_backend("dynsplit")(create_backend)
     patches.apply()
+    # A test seam: a callable ("module:function") to run in every SGLang process after the plugin,
+    # e.g. the CPU tests' FlashInfer stand-ins (benchmarks/gpu/fake_flashinfer.py).
+    extra = os.environ.get("DYNSPLIT_EXTRA_SETUP")
+    if extra:
+        pkgutil.resolve_name(extra)()

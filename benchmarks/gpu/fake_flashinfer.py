@@ -199,3 +199,58 @@ def fake_merge_state(v_a, s_a, v_b, s_b):
     w_a = torch.exp2(s_a.float() - s).nan_to_num(0.0)[..., None]
     w_b = torch.exp2(s_b.float() - s).nan_to_num(0.0)[..., None]
     return (v_a.float() * w_a + v_b.float() * w_b).to(v_a.dtype), s
+
+
+# --- SGLang 0.5.23's FlashInfer backend on the CPU ---------------------------------------------------
+
+STANDIN_BACKEND = "flashinfer_standin"
+
+
+class FakeSGLangDecodeWrapper(FakeDecodeWrapper):
+    """The decode stand-in as SGLang builds it: (workspace, "NHD", backend=, use_tensor_cores=).
+
+    SGLang's eager decode planning allocates its index list with device="cuda" unless the wrapper
+    reports CUDA-graph mode, in which case it writes into `wrapper._paged_kv_indices_buf`. This
+    stand-in reports that mode but keeps eager semantics (references to what plan gets), and
+    `build_standin_backend` gives it a buffer on the model's device."""
+
+    def __init__(self, float_workspace_buffer=None, kv_layout="NHD", backend="auto", use_tensor_cores=False,
+                 **unused):
+        super().__init__(use_tensor_cores=use_tensor_cores)
+        self.is_cuda_graph_enabled = True
+        self._paged_kv_indices_buf = None
+
+
+def _graph_only(*args, **kwargs):
+    raise NotImplementedError("fast_decode_plan belongs to CUDA-graph replays, which the stand-ins do not model")
+
+
+def install_in_sglang() -> None:
+    """Define FlashInfer's names in SGLang's FlashInfer backend module with these stand-ins and
+    register the attention backend `flashinfer_standin`, which builds SGLang's own
+    FlashInferAttnBackend on them. For CPU tests: run it in every SGLang process with
+    DYNSPLIT_EXTRA_SETUP=benchmarks.gpu.fake_flashinfer:install_in_sglang (a Triton kernel of
+    SGLang's index packing also needs TRITON_INTERPRET=1 there)."""
+    from sglang.srt.layers.attention import flashinfer_backend as fb
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+
+    fb.BatchDecodeWithPagedKVCacheWrapper = FakeSGLangDecodeWrapper
+    fb.BatchPrefillWithPagedKVCacheWrapper = FakePagedPrefillWrapper
+    fb.BatchPrefillWithRaggedKVCacheWrapper = FakeRaggedPrefillWrapper
+    fb.fast_decode_plan = _graph_only
+    fb.merge_state = fb._safe_merge_state = fake_merge_state
+    if STANDIN_BACKEND not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices([STANDIN_BACKEND])
+    register_attention_backend(STANDIN_BACKEND)(build_standin_backend)
+
+
+def build_standin_backend(model_runner, backend_class=None):
+    """SGLang's FlashInferAttnBackend (or a subclass) on the stand-ins, on the model's device."""
+    from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+
+    backend = (backend_class or FlashInferAttnBackend)(model_runner)
+    slots = model_runner.req_to_token_pool.req_to_token.numel()
+    for wrapper in backend.decode_wrappers:
+        wrapper._paged_kv_indices_buf = torch.empty(slots, dtype=torch.int32, device=model_runner.device)
+    return backend
