@@ -16,14 +16,25 @@ logger = logging.getLogger(__name__)
 SUPPORTED_SGLANG = "0.5.23"
 
 
-def create_backend(model_runner):
-    """Attention-backend factory for `--attention-backend dynsplit` (set by `--kv dynsplit`)."""
-    from dynsplit_sglang.backend_torch import SparseTorchAttnBackend
+def _kv_of(model_runner):
     from dynsplit_sglang.config import KVConfig
 
     data = getattr(model_runner.server_args, "_kv_config", None)
-    kv = KVConfig.from_dict(data) if data else KVConfig(policy="dynsplit")
-    return SparseTorchAttnBackend(model_runner, kv)
+    return KVConfig.from_dict(data) if data else KVConfig(policy="dynsplit")
+
+
+def create_backend(model_runner):
+    """Attention-backend factory for `--attention-backend dynsplit` (set by `--kv dynsplit`)."""
+    from dynsplit_sglang.backend_torch import SparseTorchAttnBackend
+
+    return SparseTorchAttnBackend(model_runner, _kv_of(model_runner))
+
+
+def create_flashinfer_backend(model_runner):
+    """Attention-backend factory for `--attention-backend dynsplit_flashinfer` (with a --kv policy)."""
+    from dynsplit_sglang.backend_flashinfer import SparseFlashInferAttnBackend
+
+    return SparseFlashInferAttnBackend(model_runner, _kv_of(model_runner))
 
 
 def register() -> None:
@@ -35,9 +46,10 @@ def register() -> None:
 
     if sglang.__version__ != SUPPORTED_SGLANG:
         logger.warning("dynsplit-sglang is tested with sglang==%s, found %s", SUPPORTED_SGLANG, sglang.__version__)
-    if "dynsplit" not in ATTENTION_BACKEND_CHOICES:
-        add_attention_backend_choices(["dynsplit"])
-    register_attention_backend("dynsplit")(create_backend)
+    for name, factory in (("dynsplit", create_backend), ("dynsplit_flashinfer", create_flashinfer_backend)):
+        if name not in ATTENTION_BACKEND_CHOICES:
+            add_attention_backend_choices([name])
+        register_attention_backend(name)(factory)
     patches.apply()
     # A test seam: a callable ("module:function") to run in every SGLang process after the plugin,
     # e.g. the CPU tests' FlashInfer stand-ins (benchmarks/gpu/fake_flashinfer.py).

@@ -118,17 +118,22 @@ class FoldedSparseDecode:
         return out.view(batch, -1, d), (lse.float() * LN2).view(batch, -1)
 
 
-def flashinfer_wrapper(workspace: torch.Tensor, use_cuda_graph: bool, use_tensor_cores: bool = False):
+def flashinfer_wrapper(workspace: torch.Tensor, use_cuda_graph: bool, use_tensor_cores: bool = False,
+                       wrapper_class=None):
     """`make_wrapper` for FlashInfer's decode wrapper (GPU only: imports flashinfer).
 
     In CUDA-graph mode the wrapper keeps the sparse decode's own indptr/indices buffers, so the
     per-layer index writes land where the captured kernels read; its batch is then fixed to the
     sparse decode's max_requests (FlashInfer takes it from the buffer sizes). fa2 explicitly: `auto` may pick
-    a backend that copies the indices into a block table at plan time (later writes unseen)."""
-    import flashinfer
+    a backend that copies the indices into a block table at plan time (later writes unseen).
+    wrapper_class: FlashInfer's `BatchDecodeWithPagedKVCacheWrapper` unless given (a stand-in)."""
+    if wrapper_class is None:
+        import flashinfer
+
+        wrapper_class = flashinfer.BatchDecodeWithPagedKVCacheWrapper
 
     def make(sparse: FoldedSparseDecode):
-        return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        return wrapper_class(
             workspace, "NHD", use_cuda_graph=use_cuda_graph, use_tensor_cores=use_tensor_cores,
             paged_kv_indptr_buffer=sparse.indptr if use_cuda_graph else None,
             paged_kv_indices_buffer=sparse.indices if use_cuda_graph else None,

@@ -1,12 +1,14 @@
-"""Disable CUDA graphs for the `dynsplit` attention backend (the torch path has no graph
-support yet), exactly as SGLang does for `torch_native`, so a GPU server starts instead of
-failing at capture."""
+"""Disable CUDA graphs for the `dynsplit` and `dynsplit_flashinfer` attention backends (neither
+has a graph path yet), exactly as SGLang does for `torch_native`, so a GPU server starts instead
+of failing at capture."""
 
 from __future__ import annotations
 
 import logging
 
 from sglang.srt.plugins.hook_registry import HookType
+
+from dynsplit_sglang.patches.kv_cli import OUR_BACKENDS
 
 logger = logging.getLogger(__name__)
 
@@ -17,9 +19,10 @@ def disable_graphs_for_dynsplit(result, server_args):
     from sglang.srt.arg_groups import attention_hook as ah
 
     cfg = ah.resolving_view(server_args)
-    if ah.resolved_view(server_args).attention_backend != "dynsplit":
+    backend = ah.resolved_view(server_args).attention_backend
+    if backend not in OUR_BACKENDS:
         return None
-    logger.warning("Cuda graph is disabled because --kv dynsplit runs on the torch path")
+    logger.warning("Cuda graph is disabled because --attention-backend %s has no CUDA-graph path yet", backend)
     for phase in (ah.Phase.DECODE, ah.Phase.PREFILL):
         ah.declare_resolution(
             server_args,

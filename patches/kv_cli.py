@@ -22,6 +22,9 @@ from dynsplit_sglang.config import (
 )
 
 BACKEND = "dynsplit"  # the attention backend every compressing policy runs on; full: untouched
+# --attention-backend values a compressing policy accepts: ours (the torch path, the default, and
+# the FlashInfer subclass, eager).
+OUR_BACKENDS = (BACKEND, "dynsplit_flashinfer")
 KV_ARGS = ("kv", "kv_budget", "kv_config", "kv_variants")
 
 
@@ -135,7 +138,7 @@ def check_server_args(server_args, kv: KVConfig) -> None:
             raise KVConfigError(f"--kv {kv.policy} does not support {what} yet; drop that option or use --kv full")
     for field in ("prefill_attention_backend", "decode_attention_backend"):
         value = getattr(server_args, field, None)
-        if value not in (None, BACKEND):
+        if value not in (None, *OUR_BACKENDS):
             raise KVConfigError(
                 f"--kv {kv.policy} chooses the attention backend itself; drop --{field.replace('_', '-')} {value}"
             )
@@ -146,9 +149,10 @@ def check_server_args(server_args, kv: KVConfig) -> None:
 def _pick_backend(kv: KVConfig | None, current):
     if kv is None or kv.policy == "full":
         return current
-    if current not in (None, BACKEND):
-        raise KVConfigError(f"--kv {kv.policy} chooses the attention backend itself; drop --attention-backend {current}")
-    return BACKEND
+    if current not in (None, *OUR_BACKENDS):
+        raise KVConfigError(f"--kv {kv.policy} chooses the attention backend itself; drop --attention-backend "
+                            f"{current} (or pick one of {', '.join(OUR_BACKENDS)})")
+    return current or BACKEND
 
 
 def from_cli_args_with_kv(original, cls, args: argparse.Namespace):

@@ -51,3 +51,14 @@ def test_config_round_trips_through_a_dict():
 
 def test_no_kv_flags_means_untouched_sglang():
     assert kv_config_from(None, None, None) is None
+
+
+def test_attention_backend_choice_for_a_compressing_policy():
+    from dynsplit_sglang.patches.kv_cli import _pick_backend
+
+    kv = kv_config_from("dynsplit", None, None)
+    assert _pick_backend(kv, None) == "dynsplit"  # the torch path by default
+    assert _pick_backend(kv, "dynsplit_flashinfer") == "dynsplit_flashinfer"
+    with pytest.raises(KVConfigError, match=r"drop --attention-backend triton \(or pick one of dynsplit, dynsplit_flashinfer\)"):
+        _pick_backend(kv, "triton")
+    assert _pick_backend(kv_config_from("full", None, None), "triton") == "triton"  # full leaves it alone

@@ -207,18 +207,24 @@ STANDIN_BACKEND = "flashinfer_standin"
 
 
 class FakeSGLangDecodeWrapper(FakeDecodeWrapper):
-    """The decode stand-in as SGLang builds it: (workspace, "NHD", backend=, use_tensor_cores=).
+    """The decode stand-in with FlashInfer's own constructor signature, as SGLang's backend (and
+    `sparse_decode_flashinfer.flashinfer_wrapper`) build it.
 
-    SGLang's eager decode planning allocates its index list with device="cuda" unless the wrapper
-    reports CUDA-graph mode, in which case it writes into `wrapper._paged_kv_indices_buf`. This
-    stand-in reports that mode but keeps eager semantics (references to what plan gets), and
-    `build_standin_backend` gives it a buffer on the model's device."""
+    SGLang builds it without `use_cuda_graph` and plans its eager decode with an index list
+    allocated on device="cuda", unless the wrapper reports CUDA-graph mode, in which case it
+    writes into `wrapper._paged_kv_indices_buf`. Built that way, this stand-in reports that mode
+    but keeps eager semantics (references to what plan gets), and `build_standin_backend` gives
+    it a buffer on the model's device. Built with an explicit `use_cuda_graph` it is
+    FakeDecodeWrapper in that mode."""
 
-    def __init__(self, float_workspace_buffer=None, kv_layout="NHD", backend="auto", use_tensor_cores=False,
-                 **unused):
-        super().__init__(use_tensor_cores=use_tensor_cores)
-        self.is_cuda_graph_enabled = True
-        self._paged_kv_indices_buf = None
+    def __init__(self, float_workspace_buffer=None, kv_layout="NHD", use_cuda_graph=None, use_tensor_cores=False,
+                 paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None, paged_kv_last_page_len_buffer=None,
+                 backend="auto", **unused):
+        super().__init__(bool(use_cuda_graph), paged_kv_indptr_buffer, paged_kv_indices_buffer,
+                         paged_kv_last_page_len_buffer, use_tensor_cores)
+        if use_cuda_graph is None:
+            self.is_cuda_graph_enabled = True
+            self._paged_kv_indices_buf = None
 
 
 def _graph_only(*args, **kwargs):
@@ -245,11 +251,11 @@ def install_in_sglang() -> None:
     register_attention_backend(STANDIN_BACKEND)(build_standin_backend)
 
 
-def build_standin_backend(model_runner, backend_class=None):
-    """SGLang's FlashInferAttnBackend (or a subclass) on the stand-ins, on the model's device."""
+def build_standin_backend(model_runner):
+    """SGLang's FlashInferAttnBackend on the stand-ins, on the model's device."""
     from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 
-    backend = (backend_class or FlashInferAttnBackend)(model_runner)
+    backend = FlashInferAttnBackend(model_runner)
     slots = model_runner.req_to_token_pool.req_to_token.numel()
     for wrapper in backend.decode_wrappers:
         wrapper._paged_kv_indices_buf = torch.empty(slots, dtype=torch.int32, device=model_runner.device)

@@ -1,0 +1,122 @@
+"""Every compressing `--kv` policy on SGLang's FlashInfer backend (eager; `--attention-backend dynsplit_flashinfer`).
+
+A subclass of SGLang's `FlashInferAttnBackend`, not a copy of it:
+
+- Prefill: SGLang's FlashInfer prefill, unchanged, in every layer except the policy's score
+  layers, which need each query's row log-sum-exp as well (DD-Select); those run
+  `extend_attention` (on a GPU SDPA's FlashAttention-2 kernel, which returns it).
+- Decode: every request of the step attends through `FlashInferSparseAttention`, FlashInfer's
+  paged decode with the KV heads folded into the batch: a sparse request to the slots its policy
+  selected in this layer, a request within its budget to all of its slots. One plan serves every
+  layer of a step while the counts hold (selection fills the budget), so SGLang's own decode
+  planning is skipped.
+
+CUDA graphs are off (patches/cuda_graph.py), as for the torch backend; the graph path is the
+next step (docs/design.md). On a CPU the same code runs on torch stand-ins for FlashInfer's
+wrappers (benchmarks/gpu/fake_flashinfer.py), which is how the tests run it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sglang.srt.layers.attention import flashinfer_backend as sglang_flashinfer
+from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+from dynsplit_sglang.config import KVConfig
+from dynsplit_sglang.kernels.dense_attention import extend_attention
+from dynsplit_sglang.policy_host import PolicyHost
+from dynsplit_sglang.sparse_decode_flashinfer import FlashInferSparseAttention, flashinfer_wrapper
+
+BACKEND_NAME = "dynsplit_flashinfer"
+
+
+class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
+    def __init__(self, model_runner, kv: KVConfig):
+        if not hasattr(sglang_flashinfer, "BatchDecodeWithPagedKVCacheWrapper"):
+            raise ValueError(f"--attention-backend {BACKEND_NAME} needs FlashInfer on a CUDA GPU "
+                             "(pip install flashinfer-python); without one, drop the flag (torch backend)")
+        FlashInferAttnBackend.__init__(self, model_runner)
+        self.device = model_runner.device  # the torch-native backend has it; this one does not
+        # The decode wrapper class SGLang's module uses: FlashInfer's on a GPU, the stand-in in
+        # CPU tests (which replace that module's names).
+        wrapper_class = sglang_flashinfer.BatchDecodeWithPagedKVCacheWrapper
+        workspace = self.workspace_buffer
+
+        def make_sparse_attention(shape):
+            op = FlashInferSparseAttention(
+                lambda: flashinfer_wrapper(workspace, use_cuda_graph=False, wrapper_class=wrapper_class),
+                shape.num_kv_heads, shape.num_heads // shape.num_kv_heads, shape.head_dim, self.device,
+            )
+            return "flashinfer", op
+
+        self._init_policy(model_runner, kv, make_sparse_attention)
+
+    def init_forward_metadata(self, forward_batch):
+        # Decode attends through the folded sparse decode only: SGLang's decode plan (a gather of
+        # every request's whole slot list) would go unused.
+        if not forward_batch.forward_mode.is_decode():
+            super().init_forward_metadata(forward_batch)
+        self._begin_forward(forward_batch)
+
+    # --- prefill ------------------------------------------------------------------------------
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        self._check_layer(layer)
+        q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        if layer.layer_id not in self._score_layers:
+            o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+            self._observe_prefill(q3, layer, None)
+            self._finish_layer(layer)
+            return o
+        # A score layer: the same dense attention, plus each new query's row lse.
+        if save_kv_cache and k is not None and v is not None:
+            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
+        o = torch.empty_like(q3)
+        lses = extend_attention(
+            q3, o, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            self.token_to_kv_pool.get_value_buffer(layer.layer_id), self.req_to_token_pool.req_to_token,
+            forward_batch.req_pool_indices, forward_batch.seq_lens, forward_batch.extend_prefix_lens,
+            forward_batch.extend_seq_lens, layer.scaling,
+        )
+        self._observe_prefill(q3, layer, lses)
+        self._finish_layer(layer)
+        return o.view(-1, layer.tp_q_head_num * layer.head_dim)
+
+    # --- decode -------------------------------------------------------------------------------
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        self._check_layer(layer)
+        fb = forward_batch
+        if save_kv_cache and k is not None and v is not None:
+            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc, None), k, v)
+        q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        sparse = self._sparse_requests()
+        slots, valid = self._step_slots(q3, layer, fb, sparse)
+        keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        values = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        out, lse = self._sparse_attention(q3, keys, values, slots, valid, layer.scaling)
+        self._last_lse = {i: lse[i] for i in sparse}
+        if layer.layer_id in self._score_layers:
+            self._observe_decode(q3, layer, set(sparse))
+        self._finish_layer(layer)
+        return out.view(-1, layer.tp_q_head_num * layer.head_dim)
+
+    def _step_slots(self, q3, layer, fb, sparse: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots, valid [B, KvH, W] for every request of the step: the selection of the sparse
+        ones, all slots of the others (each row's valid entries first)."""
+        chosen = set(sparse)
+        dense = [i for i in range(len(self._reqs)) if i not in chosen]
+        picked, picked_valid = self._select_slots(q3, layer, fb, sparse) if sparse else (None, None)
+        width = max([self._reqs[i].seq_len for i in dense] + [picked.shape[2] if sparse else 0])
+        shape = (len(self._reqs), self.shape.num_kv_heads, width)
+        slots = torch.zeros(shape, dtype=torch.int64, device=q3.device)
+        valid = torch.zeros(shape, dtype=torch.bool, device=q3.device)
+        for i in dense:
+            r = self._reqs[i]
+            slots[i, :, : r.seq_len] = r.row_slots.to(q3.device)
+            valid[i, :, : r.seq_len] = True
+        if sparse:
+            idx = torch.tensor(sparse, device=q3.device)
+            slots[idx, :, : picked.shape[2]] = picked
+            valid[idx, :, : picked.shape[2]] = picked_valid
+        return slots, valid

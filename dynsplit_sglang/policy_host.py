@@ -1,0 +1,217 @@
+"""What every dynsplit-sglang attention backend does around SGLang's attention: drive the policy.
+
+`PolicyHost` is a mixin for an SGLang attention backend (torch-native or FlashInfer). It builds
+the policy for the KV pool, keeps its per-slot state alive exactly as long as the KV slots,
+tells it each forward's requests, feeds it the statistics of its score and query layers, and
+selects the KV slots of each sparse decode step. The backend itself only computes attention.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from sglang.srt.arg_groups.overrides import resolved_view
+from sglang.srt.layers.radix_attention import AttentionType
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+from dynsplit_sglang import request_options
+from dynsplit_sglang.block_table import ModelShape
+from dynsplit_sglang.config import KVConfig
+from dynsplit_sglang.delimiters import TokenTexts
+from dynsplit_sglang.gpu_path import selection_kernel
+from dynsplit_sglang.kernels.dd_select import band_logits, band_logits_and_lse
+from dynsplit_sglang.patches import prefix_reserve
+from dynsplit_sglang.policies import RequestView
+from dynsplit_sglang.policies.policy_set import build_policy
+
+logger = logging.getLogger(__name__)
+
+
+class PolicyHost:
+    """Mixin: call `_init_policy` after the SGLang backend's __init__, `_begin_forward` from
+    `init_forward_metadata`, `_observe_prefill` / `_observe_decode` from the forwards of every
+    layer, and `_finish_layer` last in each layer's forward."""
+
+    def _init_policy(self, model_runner, kv: KVConfig, make_sparse_attention) -> None:
+        """make_sparse_attention(shape) -> (name, op): the op sparse decode steps attend with, of
+        `kernels.sparse_attention.sparse_decode_attention_batched`'s signature."""
+        pool = self.token_to_kv_pool
+        if type(pool) is not MHATokenToKVPool or self.use_sliding_window_kv_pool:
+            raise ValueError(
+                f"--kv {kv.policy} supports models with plain multi-head/grouped-query attention "
+                f"only; this model uses {type(pool).__name__}"
+            )
+        mc = model_runner.model_config
+        keys0 = pool.get_key_buffer(0)
+        self.shape = ModelShape(
+            num_layers=pool.layer_num,
+            num_heads=pool.head_num * _query_heads_per_kv_head(mc.hf_text_config),
+            num_kv_heads=pool.head_num,
+            head_dim=pool.head_dim,
+        )
+        # The resolved value: the ServerArgs field stays None when the tokenizer is the model's own
+        # (SGLang 0.5.23 records defaults as resolutions), which once left every token a candidate.
+        tokens = TokenTexts(resolved_view(model_runner.server_args).tokenizer_path, mc.vocab_size)
+        self.kv = kv
+        self.policy = build_policy(kv, self.shape, keys0.shape[0], keys0.dtype, self.device, tokens)
+        self._sparse_attention_name, self._sparse_attention = make_sparse_attention(self.shape)
+        self._selection_name = selection_kernel(self.device)
+        self.policy.use_gpu_selection(self._selection_name == "triton")
+        self._score_layers = self.policy.score_layers()
+        self._query_layers = self.policy.query_layers()
+        self._query_window = self.policy.query_window()
+        # A radix hit must recompute the prompt's last queries its policy ranks with.
+        members = getattr(self.policy, "members", {kv.policy: self.policy})
+        prefix_reserve.set_reserve({label: p.query_window() for label, p in members.items()}, kv.policy)
+        request_options.enable(kv)
+        self._row_request: dict[int, tuple[str, int, str]] = {}  # req_to_token row -> (rid, budget, policy)
+        self._lock = threading.Lock()
+        self._reqs: list[RequestView] = []
+        self._last_lse: dict[int, torch.Tensor] = {}  # request index -> [H] lse of its sparse step
+        self._allocator = model_runner.token_to_kv_pool_allocator
+        self._kv_available_at_start = self._allocator.available_size()
+        self._hook_allocator(self._allocator)
+        self.policy.trace({"event": "init", "kv_available": self._kv_available_at_start, **self.policy.stats()})
+        logger.info(
+            "dynsplit-sglang: --kv %s, budget %d, score layers %s%s, attention backend %s, decode selection: %s, "
+            "sparse attention: %s", kv.policy, kv.budget, sorted(self._score_layers),
+            f", variants {', '.join(kv.variants)}" if kv.variants else "", type(self).__name__,
+            self._selection_name, self._sparse_attention_name,
+        )
+
+    # --- slot lifetime: policy state lives and dies with the KV slots -------------------------
+    def _hook_allocator(self, allocator) -> None:
+        free, clear = allocator.free, allocator.clear
+
+        def free_and_release(free_index):
+            with self._lock:
+                self.policy.release_slots(free_index)
+            return free(free_index)
+
+        def clear_and_reset():
+            before = self.policy.stats()
+            result = clear()
+            with self._lock:
+                self.policy.reset()
+            self.policy.trace(
+                {
+                    "event": "flush",
+                    "kv_available": allocator.available_size(),
+                    "kv_available_at_start": self._kv_available_at_start,
+                    "before": before,
+                    "after": self.policy.stats(),
+                }
+            )
+            return result
+
+        allocator.free = free_and_release
+        allocator.clear = clear_and_reset
+
+    # --- per-batch metadata -------------------------------------------------------------------
+    def _begin_forward(self, forward_batch) -> None:
+        """Tell the policy which requests this forward computes, with their options."""
+        mode = forward_batch.forward_mode
+        if mode.is_idle():
+            self._reqs = []
+            return
+        if not (mode.is_decode() or mode.is_extend_without_speculative()) or mode.is_mixed():
+            raise ValueError(f"--kv {self.kv.policy} does not support forward mode {mode.name}")
+        is_decode = mode.is_decode()
+        req_to_token = self.req_to_token_pool.req_to_token
+        seq_lens = forward_batch.seq_lens.tolist()
+        rows = forward_batch.req_pool_indices.tolist()
+        if is_decode:
+            starts = [n - 1 for n in seq_lens]
+        else:
+            starts = forward_batch.extend_prefix_lens.tolist()
+        ids = forward_batch.input_ids
+        rids = forward_batch.rids or [None] * len(rows)
+        reqs, offset = [], 0
+        for row, n, s, rid in zip(rows, seq_lens, starts, rids):
+            new = n - s
+            _, budget, policy = self._options_of(row, rid)
+            reqs.append(RequestView(req_to_token[row, :n].to(torch.int64), s, ids[offset : offset + new], rid, row, budget, policy))
+            offset += new
+        self._reqs = reqs
+        self.policy.begin_forward(reqs, is_decode)
+
+    def _options_of(self, row: int, rid) -> tuple[str, int, str]:
+        """(rid, budget, policy label) of the request in this row: its custom_params.kv_budget
+        and kv_policy, else the server's --kv-budget and --kv policy."""
+        known = self._row_request.get(row)
+        if known is None or known[0] != rid:
+            asked = request_options.take(rid)
+            known = (rid, self.kv.budget if asked.budget is None else asked.budget, asked.policy or self.kv.policy)
+            self._row_request[row] = known
+        return known
+
+    def _check_layer(self, layer) -> None:
+        if layer.is_cross_attention or layer.qk_head_dim != layer.v_head_dim:
+            raise ValueError(f"--kv {self.kv.policy} does not support cross attention or MLA-style heads")
+        if layer.attn_type == AttentionType.ENCODER_ONLY or (layer.sliding_window_size or -1) > -1:
+            raise ValueError(f"--kv {self.kv.policy} supports causal full-attention layers only; layer "
+                             f"{layer.layer_id} is {'bidirectional' if layer.attn_type == AttentionType.ENCODER_ONLY else 'sliding-window'}")
+
+    def _finish_layer(self, layer) -> None:
+        if layer.layer_id == self.shape.num_layers - 1:
+            key_buffers = [self.token_to_kv_pool.get_key_buffer(i) for i in range(self.shape.num_layers)]
+            with self._lock:
+                self.policy.end_forward(self._reqs, key_buffers)
+
+    # --- prefill ------------------------------------------------------------------------------
+    def _observe_prefill(self, q3: torch.Tensor, layer, lses: list[torch.Tensor] | None) -> None:
+        """The policy gets the last queries of its query layers and the band logits and row lse
+        of its score layers. q3: [T, H, D] the new queries of every request, back to back;
+        lses: per request [H, n] the row lse of its new queries (needed in score layers)."""
+        if layer.layer_id in self._query_layers:
+            offset = 0
+            for i, r in enumerate(self._reqs):
+                n = r.seq_len - r.new_start
+                m = min(n, self._query_window)
+                self.policy.observe_queries(layer.layer_id, i, q3[offset + n - m : offset + n], layer.scaling)
+                offset += n
+        if layer.layer_id in self._score_layers:
+            keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+            width, heads = self.policy.band_width(), self.policy.score_heads()
+            offset = 0
+            for i, r in enumerate(self._reqs):
+                n, s = r.seq_len - r.new_start, r.new_start
+                lo = max(0, s - width + 1)  # the band reads only the keys from here on
+                band = band_logits(q3[offset : offset + n], keys[r.row_slots[lo:]], s - lo, layer.scaling, width, heads)
+                self.policy.observe(layer.layer_id, i, band, lses[i] if heads is None else lses[i][heads])
+                offset += n
+
+    # --- decode -------------------------------------------------------------------------------
+    def _sparse_requests(self) -> list[int]:
+        """Requests of this decode step longer than their budget (the others attend densely)."""
+        return [i for i, r in enumerate(self._reqs) if r.seq_len > r.budget]
+
+    def _select_slots(self, q3, layer, fb, order: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """KV slots and valid mask [R, KvH, W] the requests `order` attend to in this layer."""
+        idx = torch.tensor(order, device=q3.device)
+        rows = self.req_to_token_pool.req_to_token.index_select(0, fb.req_pool_indices[idx]).to(torch.int64)
+        return self.policy.select_slots_batch(layer.layer_id, order, q3[idx], rows)
+
+    def _observe_decode(self, q3, layer, sparse: set[int]) -> None:
+        keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        heads = self.policy.score_heads()
+        width = self.policy.band_width()
+        for i, r in enumerate(self._reqs):
+            p = r.seq_len - 1
+            if i in sparse:  # mass relative to what this step attended (the full row was not read)
+                lse = self._last_lse[i]
+                band = band_logits(q3[i : i + 1], keys[r.row_slots[max(0, p - width + 1) :]], min(p, width - 1), layer.scaling, width)
+            else:
+                band, lse = band_logits_and_lse(q3[i : i + 1], keys[r.row_slots], p, layer.scaling, width)
+                lse = lse[:, 0]
+            if heads is not None:
+                band, lse = band[heads], lse[heads]
+            self.policy.observe(layer.layer_id, i, band, lse.view(-1, 1))
+
+
+def _query_heads_per_kv_head(hf_config) -> int:
+    heads = hf_config.num_attention_heads
+    return heads // (getattr(hf_config, "num_key_value_heads", None) or heads)
