@@ -3,8 +3,9 @@
 Made for GPU boxes where SGLang installs (`make install`, or `pip install sglang==0.5.23` and this
 repo):
 
-    python -m benchmarks.serve_bench                 # Llama-3.1-8B-shaped model, random weights:
-                                                     # 32k x 8 requests, 128k x the largest batch full fits
+    python -m benchmarks.serve_bench                 # Llama-3.1-8B-shaped model, random weights: full, dynsplit on
+                                                     # the torch and on the FlashInfer backend; 32k x 8 requests,
+                                                     # 128k x the largest batch full fits
     python -m benchmarks.serve_bench --model-path M  # a real model folder instead (weights still dummy)
     python -m benchmarks.serve_bench --smoke         # tiny random model on the CPU: checks the pipeline (CI)
 
@@ -239,15 +240,21 @@ def max_batch(pool_tokens: int, context: int) -> int:
     return max(1, int(0.95 * int(pool_tokens)) // context)
 
 
-def server_args(policy: str, budget: int) -> list[str]:
-    common = ["--load-format", "dummy", "--skip-tokenizer-init", "--disable-radix-cache", "--kv", policy]
-    return common + (["--kv-budget", str(budget)] if policy != "full" else [])
+def server_args(setting: str, budget: int) -> list[str]:
+    """Server flags for a --kv entry: POLICY, or POLICY:ATTENTION_BACKEND (e.g. dynsplit:dynsplit_flashinfer)."""
+    policy, _, backend = setting.partition(":")
+    flags = ["--load-format", "dummy", "--skip-tokenizer-init", "--disable-radix-cache", "--kv", policy]
+    if policy != "full":
+        flags += ["--kv-budget", str(budget)]
+    return flags + (["--attention-backend", backend] if backend else [])
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-path", default=None, help="model folder (default: a Llama-3.1-8B-shaped config)")
-    p.add_argument("--kv", default="full,dynsplit", help="policies, one server each, in this order")
+    p.add_argument("--kv", default="full,dynsplit,dynsplit:dynsplit_flashinfer",
+                   help="policies, one server each, in this order; POLICY:BACKEND picks the attention backend "
+                   "(dynsplit: the torch backend, dynsplit_flashinfer: the FlashInfer subclass)")
     p.add_argument("--kv-budget", type=int, default=4096)
     p.add_argument("--settings", default="32768x8,131072xmax",
                    help="CONTEXTxBATCH,...; BATCH 'max' is the largest batch the first policy's KV pool holds")
@@ -260,6 +267,7 @@ def main(argv=None):
     info = run_info()
     policies = [x.strip() for x in args.kv.split(",") if x.strip()]
     if args.smoke:
+        policies = [p for p in policies if ":" not in p]  # no FlashInfer on the CPU
         from dynsplit_sglang.default_model import tiny_model_path
 
         model, device_args = str(tiny_model_path()), list(CPU_ARGS)
@@ -282,7 +290,7 @@ def main(argv=None):
 
     rows, batches = [], {}
     for policy in policies:
-        log = os.path.join(log_dir, f"{policy}.log")
+        log = os.path.join(log_dir, f"{policy.replace(':', '_')}.log")
         print(f"[{policy}] starting the server (log: {log})", flush=True)
         extra = server_args(policy, budget) + args.server_args.split()
         if args.smoke and policy == "full":
@@ -299,7 +307,7 @@ def main(argv=None):
                 with PeakMemory(read) as peak:
                     measured = run_setting(url, s.context, batch, new_tokens, vocab, seed=1 + i)
                 row = {
-                    "policy": policy, "budget": None if policy == "full" else budget, "context": s.context,
+                    "policy": policy, "budget": None if policy.startswith("full") else budget, "context": s.context,
                     "batch": batch, "new_tokens": new_tokens, **measured, **memory,
                     "peak_memory_gib": round(peak.peak, 3),
                 }

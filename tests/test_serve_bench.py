@@ -52,3 +52,9 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
     assert rows[("dynsplit", 512)]["budget"] == 128 and rows[("full", 512)]["budget"] is None
     table = capsys.readouterr().out
     assert "| dynsplit (128) | 512 | 2 |" in table and "| full | 1024 | 3 |" in table
+
+
+def test_server_flags_per_kv_entry():
+    assert serve_bench.server_args("full", 4096)[-2:] == ["--kv", "full"]
+    flags = serve_bench.server_args("dynsplit:dynsplit_flashinfer", 2048)
+    assert flags[-6:] == ["--kv", "dynsplit", "--kv-budget", "2048", "--attention-backend", "dynsplit_flashinfer"]
