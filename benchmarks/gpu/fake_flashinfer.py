@@ -80,6 +80,20 @@ class _Legacy:
     def _scale(self, head_dim):
         return self.scale if self.scale is not None else head_dim ** -0.5
 
+    def _attend_requests(self, q, kv_of):
+        """Prefill: request r's queries q[qo_indptr[r]:qo_indptr[r+1]] attend to kv_of(kv_indptr[r],
+        kv_indptr[r+1]) = its (k, v); a request without queries is skipped (out 0, lse -inf)."""
+        out = torch.zeros_like(q)
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        qo, kv = self.qo_indptr.tolist(), self.kv_indptr.tolist()
+        for r in range(len(qo) - 1):
+            if qo[r + 1] > qo[r]:
+                rows = slice(qo[r], qo[r + 1])
+                k, v = kv_of(kv[r], kv[r + 1])
+                out[rows], lse[rows] = attend(q[rows], k, v, self.causal, self._scale(q.shape[-1]), self.window_left,
+                                              self.logits_soft_cap)
+        return out, lse
+
 
 class FakeDecodeWrapper(_Legacy):
     """Torch stand-in for flashinfer.BatchDecodeWithPagedKVCacheWrapper (NHD, fa2 semantics, page size 1)."""
@@ -149,14 +163,7 @@ class FakeRaggedPrefillWrapper(_Legacy):
     begin_forward = plan
 
     def run(self, q, k, v, *, return_lse=False, **unused):
-        out = torch.zeros_like(q)
-        lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
-        qo, kv = self.qo_indptr.tolist(), self.kv_indptr.tolist()
-        for r in range(len(qo) - 1):
-            if qo[r + 1] > qo[r]:
-                rows = slice(qo[r], qo[r + 1])
-                out[rows], lse[rows] = attend(q[rows], k[kv[r] : kv[r + 1]], v[kv[r] : kv[r + 1]], self.causal,
-                                              self._scale(q.shape[-1]), self.window_left, self.logits_soft_cap)
+        out, lse = self._attend_requests(q, lambda lo, hi: (k[lo:hi], v[lo:hi]))
         return (out, lse) if return_lse else out
 
 
@@ -181,15 +188,12 @@ class FakePagedPrefillWrapper(_Legacy):
 
     def run(self, q, paged_kv_cache, *, return_lse=False, **unused):
         k_pool, v_pool = _pages(paged_kv_cache)
-        out = torch.zeros_like(q)
-        lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
-        qo, kv = self.qo_indptr.tolist(), self.kv_indptr.tolist()
-        for r in range(len(qo) - 1):
-            if qo[r + 1] > qo[r]:
-                rows = slice(qo[r], qo[r + 1])
-                slots = self.indices[kv[r] : kv[r + 1]].long()
-                out[rows], lse[rows] = attend(q[rows], k_pool[slots], v_pool[slots], self.causal,
-                                              self._scale(q.shape[-1]), self.window_left, self.logits_soft_cap)
+
+        def kv_of(lo, hi):
+            slots = self.indices[lo:hi].long()
+            return k_pool[slots], v_pool[slots]
+
+        out, lse = self._attend_requests(q, kv_of)
         return (out, lse) if return_lse else out
 
 
