@@ -46,7 +46,7 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
 
         def make_sparse_attention(shape):
             op = FlashInferSparseAttention(
-                lambda: flashinfer_wrapper(workspace, use_cuda_graph=False, wrapper_class=wrapper_class),
+                flashinfer_wrapper(workspace, use_cuda_graph=False, wrapper_class=wrapper_class),
                 shape.num_kv_heads, shape.num_heads // shape.num_kv_heads, shape.head_dim, self.device,
             )
             return "flashinfer", op

@@ -28,6 +28,8 @@ import math
 
 import torch
 
+from dynsplit_sglang.kernels.sparse_attention import sparse_decode_attention_batched
+
 LN2 = math.log(2.0)
 
 
@@ -163,9 +165,10 @@ class FlashInferSparseAttention:
     today) cannot share one indptr row layout, so such a call goes to the torch op.
     """
 
-    def __init__(self, make_wrapper_for, num_kv_heads: int, group: int, head_dim: int, device):
-        """make_wrapper_for(): a fresh `make_wrapper` for FoldedSparseDecode (e.g. `flashinfer_wrapper(...)`)."""
-        self.make_wrapper_for = make_wrapper_for
+    def __init__(self, make_wrapper, num_kv_heads: int, group: int, head_dim: int, device):
+        """make_wrapper: FoldedSparseDecode's wrapper factory (e.g. `flashinfer_wrapper(...)`), called
+        again for each rebuilt FoldedSparseDecode."""
+        self.make_wrapper = make_wrapper
         self.num_kv_heads, self.group, self.head_dim, self.device = num_kv_heads, group, head_dim, device
         self.sparse: FoldedSparseDecode | None = None
         self._planned = None
@@ -181,7 +184,7 @@ class FlashInferSparseAttention:
             room_requests = max(requests, 2 * room_requests)
         if width > room_width:
             room_width = max(width, 2 * room_width)
-        self.sparse = FoldedSparseDecode(self.make_wrapper_for(), self.num_kv_heads, self.group, self.head_dim,
+        self.sparse = FoldedSparseDecode(self.make_wrapper, self.num_kv_heads, self.group, self.head_dim,
                                          room_requests, room_width, self.device)
         self._planned = None
         return self.sparse
@@ -190,8 +193,6 @@ class FlashInferSparseAttention:
         counts = valid.sum(dim=2).tolist()  # [R][KvH]; the one host sync of a layer
         per_request = [row[0] for row in counts]
         if any(min(row) != max(row) for row in counts) or min(per_request) < 1:
-            from dynsplit_sglang.kernels.sparse_attention import sparse_decode_attention_batched
-
             return sparse_decode_attention_batched(q, keys, values, slots, valid, scale)
         width = slots.shape[2]
         sparse = self._fit(len(per_request), width)

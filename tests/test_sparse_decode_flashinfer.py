@@ -151,7 +151,7 @@ def selection_with_valid(counts, kv_heads, width, num_slots, g, head_counts=None
 def test_server_op_is_the_torch_op_and_plans_only_when_counts_change():
     g = torch.Generator().manual_seed(3)
     kv_heads, group, dim, num_slots, scale = 2, 3, 16, 3000, 0.3
-    op = FlashInferSparseAttention(lambda: fake(False), kv_heads, group, dim, "cpu")
+    op = FlashInferSparseAttention(fake(False), kv_heads, group, dim, "cpu")
     keys, values = torch.randn(2, num_slots, kv_heads, dim, generator=g)
     steps = [
         ([30, 7, 64], 64),  # first step: one plan for every layer
