@@ -22,10 +22,8 @@ import torch
 
 from sglang.srt.layers.attention import flashinfer_backend as sglang_flashinfer
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
-from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from dynsplit_sglang.config import KVConfig
-from dynsplit_sglang.kernels.dense_attention import extend_attention
 from dynsplit_sglang.policy_host import PolicyHost
 from dynsplit_sglang.sparse_decode_flashinfer import FlashInferSparseAttention, flashinfer_wrapper
 
@@ -63,23 +61,11 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
     # --- prefill ------------------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         self._check_layer(layer)
-        q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        if layer.layer_id not in self._score_layers:
+        if layer.layer_id in self._score_layers:  # the same dense attention, plus each query's row lse
+            o = self._dense_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        else:
             o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-            self._observe_prefill(q3, layer, None)
-            self._finish_layer(layer)
-            return o
-        # A score layer: the same dense attention, plus each new query's row lse.
-        if save_kv_cache and k is not None and v is not None:
-            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
-        o = torch.empty_like(q3)
-        lses = extend_attention(
-            q3, o, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-            self.token_to_kv_pool.get_value_buffer(layer.layer_id), self.req_to_token_pool.req_to_token,
-            forward_batch.req_pool_indices, forward_batch.seq_lens, forward_batch.extend_prefix_lens,
-            forward_batch.extend_seq_lens, layer.scaling,
-        )
-        self._observe_prefill(q3, layer, lses)
+            self._observe_prefill(q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), layer, None)
         self._finish_layer(layer)
         return o.view(-1, layer.tp_q_head_num * layer.head_dim)
 
@@ -87,8 +73,7 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         self._check_layer(layer)
         fb = forward_batch
-        if save_kv_cache and k is not None and v is not None:
-            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc, None), k, v)
+        self._save_kv(layer, fb, k, v, save_kv_cache)
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         sparse = self._sparse_requests()
         slots, valid = self._step_slots(q3, layer, fb, sparse)

@@ -13,11 +13,9 @@ from __future__ import annotations
 import torch
 
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
-from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from dynsplit_sglang.config import KVConfig
 from dynsplit_sglang.gpu_path import sparse_attention_op
-from dynsplit_sglang.kernels.dense_attention import extend_attention
 from dynsplit_sglang.policy_host import PolicyHost
 
 
@@ -38,18 +36,7 @@ class SparseTorchAttnBackend(PolicyHost, TorchNativeAttnBackend):
         """Dense causal attention of the new tokens (`extend_attention`); the policy gets the last
         queries of its query layers and the band logits and row lse of its score layers."""
         self._check_layer(layer)
-        if save_kv_cache and k is not None and v is not None:
-            loc = KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc)
-            self.token_to_kv_pool.set_kv_buffer(layer, loc, k, v)
-        q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        o = torch.empty_like(q)
-        lses = extend_attention(
-            q3, o.view_as(q3), self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-            self.token_to_kv_pool.get_value_buffer(layer.layer_id),
-            self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
-            forward_batch.extend_prefix_lens, forward_batch.extend_seq_lens, layer.scaling,
-        )
-        self._observe_prefill(q3, layer, lses)
+        o = self._dense_extend(q, k, v, layer, forward_batch, save_kv_cache)
         self._finish_layer(layer)
         return o
 
@@ -69,8 +56,7 @@ class SparseTorchAttnBackend(PolicyHost, TorchNativeAttnBackend):
         return o
 
     def _forward_decode_mixed(self, q3, k, v, layer, fb, save_kv_cache, sparse: list[int]):
-        if save_kv_cache and k is not None and v is not None:
-            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc, self.swa_out_cache_loc), k, v)
+        self._save_kv(layer, fb, k, v, save_kv_cache)
         o3 = torch.empty_like(q3)
         keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         values = self.token_to_kv_pool.get_value_buffer(layer.layer_id)

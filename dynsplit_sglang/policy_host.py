@@ -15,7 +15,7 @@ import torch
 
 from sglang.srt.arg_groups.overrides import resolved_view
 from sglang.srt.layers.radix_attention import AttentionType
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool
 
 from dynsplit_sglang import request_options
 from dynsplit_sglang.block_table import ModelShape
@@ -23,6 +23,7 @@ from dynsplit_sglang.config import KVConfig
 from dynsplit_sglang.delimiters import TokenTexts
 from dynsplit_sglang.gpu_path import selection_kernel
 from dynsplit_sglang.kernels.dd_select import band_logits, band_logits_and_lse
+from dynsplit_sglang.kernels.dense_attention import extend_attention
 from dynsplit_sglang.patches import prefix_reserve
 from dynsplit_sglang.policies import RequestView
 from dynsplit_sglang.policies.policy_set import build_policy
@@ -161,7 +162,27 @@ class PolicyHost:
             with self._lock:
                 self.policy.end_forward(self._reqs, key_buffers)
 
+    def _save_kv(self, layer, forward_batch, k, v, save_kv_cache: bool) -> None:
+        """Write this forward's keys and values into the pool (a plain pool: no sliding-window part)."""
+        if save_kv_cache and k is not None and v is not None:
+            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
+
     # --- prefill ------------------------------------------------------------------------------
+    def _dense_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool) -> torch.Tensor:
+        """Dense causal attention of the new tokens with each query's row lse (`extend_attention`),
+        and the policy's observations of this layer. returns the output, shaped like q."""
+        self._save_kv(layer, forward_batch, k, v, save_kv_cache)
+        q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        o = torch.empty_like(q)
+        lses = extend_attention(
+            q3, o.view_as(q3), self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+            self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
+            forward_batch.extend_prefix_lens, forward_batch.extend_seq_lens, layer.scaling,
+        )
+        self._observe_prefill(q3, layer, lses)
+        return o
+
     def _observe_prefill(self, q3: torch.Tensor, layer, lses: list[torch.Tensor] | None) -> None:
         """The policy gets the last queries of its query layers and the band logits and row lse
         of its score layers. q3: [T, H, D] the new queries of every request, back to back;
