@@ -11,9 +11,14 @@ A subclass of SGLang's `FlashInferAttnBackend`, not a copy of it:
   layer of a step while the counts hold (selection fills the budget), so SGLang's own decode
   planning is skipped.
 
-CUDA graphs are off (patches/cuda_graph.py), as for the torch backend; the graph path is the
-next step (docs/design.md). On a CPU the same code runs on torch stand-ins for FlashInfer's
-wrappers (benchmarks/gpu/fake_flashinfer.py), which is how the tests run it.
+CUDA graphs: decode can run under SGLang's breakable CUDA graphs
+(`--cuda-graph-backend-decode breakable`; patches/cuda_graph.py): the model's GEMMs, norms and
+RoPE are captured, and each layer's attention (`_decode`, an `eager_on_graph` break) runs eagerly
+between the captured segments, so the policy's selection and bookkeeping keep their
+data-dependent shapes and host reads. Before each replay `init_forward_metadata_out_graph` gives
+the policy the batch's real requests. Without that flag, CUDA graphs are off, as for the torch
+backend. On a CPU the same code runs on torch stand-ins for FlashInfer's wrappers
+(benchmarks/gpu/fake_flashinfer.py), which is how the tests run it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 
 from sglang.srt.layers.attention import flashinfer_backend as sglang_flashinfer
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+from sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph.breakable_cuda_graph import eager_on_graph
 
 from dynsplit_sglang.config import KVConfig
 from dynsplit_sglang.policy_host import PolicyHost
@@ -50,13 +56,30 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
             return "flashinfer", op
 
         self._init_policy(model_runner, kv, make_sparse_attention)
+        self._graph_capture = False  # a CUDA-graph capture (or its warmup) is running
 
     def init_forward_metadata(self, forward_batch):
         # Decode attends through the folded sparse decode only: SGLang's decode plan (a gather of
         # every request's whole slot list) would go unused.
+        self._graph_capture = False
         if not forward_batch.forward_mode.is_decode():
             super().init_forward_metadata(forward_batch)
         self._begin_forward(forward_batch)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        """Before a decode graph is captured and before each replay (never inside the graph).
+
+        Capture runs the forward on a dummy batch: the attention breaks then only hand back an
+        output buffer, and the policy sees nothing. A replay's `forward_batch` is SGLang's view
+        of the padded batch (`num_padding` dummy rows after the real ones, no request ids)."""
+        if not forward_batch.forward_mode.is_decode():
+            return super().init_forward_metadata_out_graph(forward_batch, in_capture)
+        self._graph_capture = in_capture
+        if in_capture:
+            self._reqs = []
+            return
+        padding = getattr(forward_batch, "num_padding", 0) or 0
+        self._begin_forward(forward_batch, num_rows=forward_batch.batch_size - padding)
 
     # --- prefill ------------------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
@@ -72,19 +95,38 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
     # --- decode -------------------------------------------------------------------------------
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         self._check_layer(layer)
-        fb = forward_batch
+        return self._decode(q, k, v, layer, forward_batch, save_kv_cache)
+
+    @eager_on_graph
+    def _decode(self, q, k, v, layer, fb, save_kv_cache):
+        """One layer's decode attention: KV write, selection, folded sparse decode, the policy's
+        observations. returns [rows of q, H * D].
+
+        In a breakable CUDA graph this is the eager break: a replay calls it with the capture's
+        arguments (static buffers holding this step's values; `fb` the capture's batch, read
+        only for its per-row buffers) and copies the result into the captured output. Rows past
+        the real requests are graph padding: their KV goes to SGLang's padding slot and their
+        output stays 0."""
+        width = layer.tp_q_head_num * layer.head_dim
+        if self._graph_capture:  # the dummy batch of a capture: only the output buffer counts
+            return q.new_zeros(q.shape[0], width)
         self._save_kv(layer, fb, k, v, save_kv_cache)
+        n = len(self._reqs)
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         sparse = self._sparse_requests()
         slots, valid = self._step_slots(q3, layer, fb, sparse)
         keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         values = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
-        out, lse = self._sparse_attention(q3, keys, values, slots, valid, layer.scaling)
+        out, lse = self._sparse_attention(q3[:n], keys, values, slots, valid, layer.scaling)
         self._last_lse = {i: lse[i] for i in sparse}
         if layer.layer_id in self._score_layers:
             self._observe_decode(q3, layer, set(sparse))
         self._finish_layer(layer)
-        return out.view(-1, layer.tp_q_head_num * layer.head_dim)
+        if q3.shape[0] == n:
+            return out.view(n, width)
+        padded = q.new_zeros(q3.shape[0], width)
+        padded[:n] = out.view(n, width)
+        return padded
 
     def _step_slots(self, q3, layer, fb, sparse: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """slots, valid [B, KvH, W] for every request of the step: the selection of the sparse

@@ -112,8 +112,11 @@ class PolicyHost:
         allocator.clear = clear_and_reset
 
     # --- per-batch metadata -------------------------------------------------------------------
-    def _begin_forward(self, forward_batch) -> None:
-        """Tell the policy which requests this forward computes, with their options."""
+    def _begin_forward(self, forward_batch, num_rows: int | None = None) -> None:
+        """Tell the policy which requests this forward computes, with their options.
+
+        num_rows: the batch's real requests, its first rows (a CUDA-graph replay pads the batch
+        to a captured size, and its view of the batch carries no request ids)."""
         mode = forward_batch.forward_mode
         if mode.is_idle():
             self._reqs = []
@@ -122,14 +125,14 @@ class PolicyHost:
             raise ValueError(f"--kv {self.kv.policy} does not support forward mode {mode.name}")
         is_decode = mode.is_decode()
         req_to_token = self.req_to_token_pool.req_to_token
-        seq_lens = forward_batch.seq_lens.tolist()
-        rows = forward_batch.req_pool_indices.tolist()
+        seq_lens = forward_batch.seq_lens[:num_rows].tolist()
+        rows = forward_batch.req_pool_indices[:num_rows].tolist()
         if is_decode:
             starts = [n - 1 for n in seq_lens]
         else:
             starts = forward_batch.extend_prefix_lens.tolist()
         ids = forward_batch.input_ids
-        rids = forward_batch.rids or [None] * len(rows)
+        rids = getattr(forward_batch, "rids", None) or [None] * len(rows)
         reqs, offset = [], 0
         for row, n, s, rid in zip(rows, seq_lens, starts, rids):
             new = n - s
@@ -141,9 +144,11 @@ class PolicyHost:
 
     def _options_of(self, row: int, rid) -> tuple[str, int, str]:
         """(rid, budget, policy label) of the request in this row: its custom_params.kv_budget
-        and kv_policy, else the server's --kv-budget and --kv policy."""
+        and kv_policy, else the server's --kv-budget and --kv policy. Without a rid (a CUDA-graph
+        replay), the row's request is the one its prefill registered: prefill always runs eager
+        and names its requests, and a row changes hands only through a prefill."""
         known = self._row_request.get(row)
-        if known is None or known[0] != rid:
+        if known is None or (rid is not None and known[0] != rid):
             asked = request_options.take(rid)
             known = (rid, self.kv.budget if asked.budget is None else asked.budget, asked.policy or self.kv.policy)
             self._row_request[row] = known

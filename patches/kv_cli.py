@@ -23,8 +23,9 @@ from dynsplit_sglang.config import (
 
 BACKEND = "dynsplit"  # the attention backend every compressing policy runs on; full: untouched
 # --attention-backend values a compressing policy accepts: ours (the torch path, the default, and
-# the FlashInfer subclass, eager).
+# the FlashInfer subclass).
 OUR_BACKENDS = (BACKEND, "dynsplit_flashinfer")
+GRAPH_BACKEND = "dynsplit_flashinfer"  # its decode attention is a breakable-CUDA-graph break
 KV_ARGS = ("kv", "kv_budget", "kv_config", "kv_variants")
 
 
@@ -144,6 +145,30 @@ def check_server_args(server_args, kv: KVConfig) -> None:
             )
     if (getattr(server_args, "pp_size", 1) or 1) > 1:
         raise KVConfigError(f"--kv {kv.policy} does not support pipeline parallelism (--pp-size) yet")
+    graph, backend = _asked_decode_graph(server_args), server_args.attention_backend
+    if graph == "full" or (graph == "breakable" and backend != GRAPH_BACKEND):
+        raise KVConfigError(
+            f"--kv {kv.policy} cannot capture decode as {graph} CUDA graphs on --attention-backend {backend} "
+            f"(its decode attention picks data-dependent blocks); use --attention-backend {GRAPH_BACKEND} "
+            "--cuda-graph-backend-decode breakable, or drop the flag"
+        )
+
+
+def _asked_decode_graph(server_args) -> str | None:
+    """The decode CUDA-graph backend the user named, if any: --cuda-graph-config's (it wins, as in
+    SGLang) or --cuda-graph-backend-decode's."""
+    raw = getattr(server_args, "cuda_graph_config", None)
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raw = None
+    if hasattr(raw, "to_dict"):
+        raw = raw.to_dict()
+    decode = raw.get("decode") if isinstance(raw, dict) else None
+    if isinstance(decode, dict) and decode.get("backend"):
+        return decode["backend"]
+    return getattr(server_args, "cuda_graph_backend_decode", None)
 
 
 def _pick_backend(kv: KVConfig | None, current):

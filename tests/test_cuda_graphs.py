@@ -1,0 +1,64 @@
+"""CUDA graphs with a compressing --kv: which graph modes a server gets, and the breakable-graph
+decode of `--attention-backend dynsplit_flashinfer` as a replay drives it (emulated on the CPU,
+tests/graph_replay.py; a real capture needs CUDA)."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from tests.engine_utils import SAMPLE_TEXT, engine
+
+
+def resolved_graphs(model, *flags):
+    from sglang.srt.arg_groups.overrides import resolved_view
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+
+    load_plugins()
+    server_args = prepare_server_args(["--model-path", model, "--device", "cpu", "--kv", "dynsplit", *flags])
+    server_args.resolve_once()
+    config = resolved_view(server_args).cuda_graph_config
+    return config.decode.backend, config.prefill.backend
+
+
+@pytest.mark.parametrize(
+    "flags, decode",
+    [
+        (["--attention-backend", "dynsplit_flashinfer", "--cuda-graph-backend-decode", "breakable"], "breakable"),
+        (["--attention-backend", "dynsplit_flashinfer", "--cuda-graph-config", '{"decode": {"backend": "breakable"}}'], "breakable"),
+        (["--attention-backend", "dynsplit_flashinfer"], "disabled"),  # SGLang's default (full) cannot work
+        ([], "disabled"),  # the torch backend has no graph path
+    ],
+)
+def test_graph_modes_a_compressing_policy_gets(tiny_model, flags, decode):
+    assert resolved_graphs(tiny_model, *flags) == (decode, "disabled")
+
+
+def answers(eng, prompts, budgets):
+    params = [{"temperature": 0, "max_new_tokens": 8, "ignore_eos": True,
+               **({"custom_params": {"kv_budget": b}} if b else {})} for b in budgets]
+    out = eng.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
+    return [(o["output_ids"], [lp for lp, *_ in o["meta_info"]["output_token_logprobs"]]) for o in out]
+
+
+@pytest.mark.server
+def test_breakable_graph_replay_gives_the_eager_tokens(tiny_model, monkeypatch, tmp_path):
+    """Every decode step as a breakable-graph replay gives it (padded batch, no request ids,
+    a capture's dummy batch first) against the torch backend: the same tokens and logprobs within
+    the two attention implementations' rounding. The batch mixes a request within its budget and
+    sparse ones with their own budgets, which a replay must find without request ids."""
+    monkeypatch.setenv("DYNSPLIT_EXTRA_SETUP", "tests.graph_replay:install")
+    log = tmp_path / "replay.log"
+    monkeypatch.setenv("GRAPH_REPLAY_LOG", str(log))
+    monkeypatch.setenv("SGLANG_FLASHINFER_WORKSPACE_SIZE", str(8 << 20))
+    ids = AutoTokenizer.from_pretrained(tiny_model)(SAMPLE_TEXT * 10, add_special_tokens=False).input_ids
+    prompts, budgets = [ids[:300], ids[5:105], ids[9:420]], [96, None, 200]  # None: the server's 128
+    with engine(tiny_model, kv="dynsplit", kv_budget=128) as eng:
+        want = answers(eng, prompts, budgets)
+    with engine(tiny_model, kv="dynsplit", kv_budget=128, attention_backend="dynsplit_flashinfer") as eng:
+        got = answers(eng, prompts, budgets)
+    events = log.read_text().splitlines()
+    assert events[0] == "capture ok" and set(events[1:]) == {"replay"}, events[:5]
+    assert len(events) >= 8  # every decode step went through the replay path
+    for (g_ids, g_lp), (w_ids, w_lp) in zip(got, want):
+        assert g_ids == w_ids
+        assert g_lp == pytest.approx(w_lp, abs=1e-4)
