@@ -4,8 +4,9 @@ Made for GPU boxes where SGLang installs (`make install`, or `pip install sglang
 repo):
 
     python -m benchmarks.serve_bench                 # Llama-3.1-8B-shaped model, random weights: full, dynsplit on
-                                                     # the torch and on the FlashInfer backend; 32k x 8 requests,
-                                                     # 128k x the largest batch full fits
+                                                     # the torch and on the FlashInfer backend (eager and with
+                                                     # breakable decode graphs); 32k x 8 requests, 128k x the
+                                                     # largest batch full fits
     python -m benchmarks.serve_bench --model-path M  # a real model folder instead (weights still dummy)
     python -m benchmarks.serve_bench --smoke         # tiny random model on the CPU: checks the pipeline (CI)
 
@@ -241,20 +242,23 @@ def max_batch(pool_tokens: int, context: int) -> int:
 
 
 def server_args(setting: str, budget: int) -> list[str]:
-    """Server flags for a --kv entry: POLICY, or POLICY:ATTENTION_BACKEND (e.g. dynsplit:dynsplit_flashinfer)."""
-    policy, _, backend = setting.partition(":")
+    """Server flags for a --kv entry: POLICY[:ATTENTION_BACKEND[:DECODE_GRAPHS]] (e.g.
+    dynsplit:dynsplit_flashinfer:breakable for SGLang's breakable decode CUDA graphs)."""
+    policy, backend, graphs = (setting.split(":") + ["", ""])[:3]
     flags = ["--load-format", "dummy", "--skip-tokenizer-init", "--disable-radix-cache", "--kv", policy]
     if policy != "full":
         flags += ["--kv-budget", str(budget)]
-    return flags + (["--attention-backend", backend] if backend else [])
+    return flags + (["--attention-backend", backend] if backend else []) + (
+        ["--cuda-graph-backend-decode", graphs] if graphs else [])
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-path", default=None, help="model folder (default: a Llama-3.1-8B-shaped config)")
-    p.add_argument("--kv", default="full,dynsplit,dynsplit:dynsplit_flashinfer",
+    p.add_argument("--kv", default="full,dynsplit,dynsplit:dynsplit_flashinfer,dynsplit:dynsplit_flashinfer:breakable",
                    help="policies, one server each, in this order; POLICY:BACKEND picks the attention backend "
-                   "(dynsplit: the torch backend, dynsplit_flashinfer: the FlashInfer subclass)")
+                   "(dynsplit: the torch backend, dynsplit_flashinfer: the FlashInfer subclass), "
+                   "POLICY:BACKEND:breakable also its decode CUDA graphs")
     p.add_argument("--kv-budget", type=int, default=4096)
     p.add_argument("--settings", default="32768x8,131072xmax",
                    help="CONTEXTxBATCH,...; BATCH 'max' is the largest batch the first policy's KV pool holds")

@@ -58,3 +58,5 @@ def test_server_flags_per_kv_entry():
     assert serve_bench.server_args("full", 4096)[-2:] == ["--kv", "full"]
     flags = serve_bench.server_args("dynsplit:dynsplit_flashinfer", 2048)
     assert flags[-6:] == ["--kv", "dynsplit", "--kv-budget", "2048", "--attention-backend", "dynsplit_flashinfer"]
+    flags = serve_bench.server_args("dynsplit:dynsplit_flashinfer:breakable", 2048)
+    assert flags[-4:] == ["--attention-backend", "dynsplit_flashinfer", "--cuda-graph-backend-decode", "breakable"]
