@@ -138,10 +138,15 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
         shape = (len(self._reqs), self.shape.num_kv_heads, width)
         slots = torch.zeros(shape, dtype=torch.int64, device=q3.device)
         valid = torch.zeros(shape, dtype=torch.bool, device=q3.device)
-        for i in dense:
-            r = self._reqs[i]
-            slots[i, :, : r.seq_len] = r.row_slots.to(q3.device)
-            valid[i, :, : r.seq_len] = True
+        if dense:  # all slots of each: its req_to_token row, cut at its length (one gather for all)
+            rows = [self._reqs[i].row for i in dense]
+            lengths = torch.tensor([self._reqs[i].seq_len for i in dense], device=q3.device)
+            table = self.req_to_token_pool.req_to_token
+            idx = torch.tensor(dense, device=q3.device)
+            inside = torch.arange(width, device=q3.device) < lengths[:, None]  # [D, width]
+            gathered = table[torch.tensor(rows, device=table.device), :width].to(q3.device, torch.int64)
+            slots[idx] = torch.where(inside, gathered, 0)[:, None, :]
+            valid[idx] = inside[:, None, :]
         if sparse:
             idx = torch.tensor(sparse, device=q3.device)
             slots[idx, :, : picked.shape[2]] = picked
