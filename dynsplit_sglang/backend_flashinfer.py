@@ -117,7 +117,8 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
         slots, valid = self._step_slots(q3, layer, fb, sparse)
         keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         values = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
-        out, lse = self._sparse_attention(q3[:n], keys, values, slots, valid, layer.scaling)
+        counts = self._step_counts(layer, sparse)
+        out, lse = self._sparse_attention(q3[:n], keys, values, slots, valid, layer.scaling, counts=counts)
         self._last_lse = {i: lse[i] for i in sparse}
         if layer.layer_id in self._score_layers:
             self._observe_decode(q3, layer, set(sparse))
@@ -127,6 +128,18 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
         padded = q.new_zeros(q3.shape[0], width)
         padded[:n] = out.view(n, width)
         return padded
+
+    def _step_counts(self, layer, sparse: list[int]) -> list[int] | None:
+        """Slots each request attends to in this layer, from the host (no device read): all of
+        a dense request's, the policy's count for a sparse one; None if the policy cannot say."""
+        counts = [r.seq_len for r in self._reqs]
+        if sparse:
+            picked = self.policy.selection_counts(layer.layer_id, sparse)
+            if picked is None:
+                return None
+            for i, c in zip(sparse, picked):
+                counts[i] = c
+        return counts
 
     def _step_slots(self, q3, layer, fb, sparse: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """slots, valid [B, KvH, W] for every request of the step: the selection of the sparse

@@ -189,10 +189,17 @@ class FlashInferSparseAttention:
         self._planned = None
         return self.sparse
 
-    def __call__(self, q, keys, values, slots, valid, scale):
-        counts = valid.sum(dim=2).tolist()  # [R][KvH]; the one host sync of a layer
-        per_request = [row[0] for row in counts]
-        if any(min(row) != max(row) for row in counts) or min(per_request) < 1:
+    def __call__(self, q, keys, values, slots, valid, scale, counts: list[int] | None = None):
+        """counts: each request's valid entries per KV head, if the caller knows them on the host
+        (the same for all its heads); otherwise they are read from `valid`, the layer's one host
+        sync."""
+        if counts is None:
+            by_head = valid.sum(dim=2).tolist()  # [R][KvH]
+            if any(min(row) != max(row) for row in by_head):
+                return sparse_decode_attention_batched(q, keys, values, slots, valid, scale)
+            counts = [row[0] for row in by_head]
+        per_request = counts
+        if min(per_request) < 1:
             return sparse_decode_attention_batched(q, keys, values, slots, valid, scale)
         width = slots.shape[2]
         sparse = self._fit(len(per_request), width)

@@ -8,7 +8,8 @@ segments, and calls each layer's attention break with the capture's arguments: s
 with the padded rows, read for their current contents. `install()` makes every decode step of an
 engine go through exactly that path (the stand-ins for FlashInfer included), runs a capture's
 dummy batch through the first layer once (it must touch nothing), and checks that the padding
-rows come back as zeros; run it in the scheduler with
+rows come back as zeros and that the per-request counts it plans from the host are what the
+selection made; run it in the scheduler with
 DYNSPLIT_EXTRA_SETUP=tests.graph_replay:install. What it saw goes to the file named by
 $GRAPH_REPLAY_LOG, one line per event ("capture ok", "replay", or what went wrong), for the test
 to read: raising in the scheduler would kill the test process with it.
@@ -76,6 +77,19 @@ def install() -> None:
 
     Backend.init_forward_metadata = init_forward_metadata
     Backend.forward_decode = forward_decode
+
+    # The counts the backend plans with come from the host; they must be what the selection made.
+    from dynsplit_sglang.sparse_decode_flashinfer import FlashInferSparseAttention
+
+    attend = FlashInferSparseAttention.__call__
+
+    def checked(self, q, keys, values, slots, valid, scale, counts=None):
+        made = valid.sum(dim=2)
+        if counts is None or made.tolist() != [[c] * made.shape[1] for c in counts]:
+            _log(f"host counts {counts} are not the selection's {made.tolist()}")
+        return attend(self, q, keys, values, slots, valid, scale, counts=counts)
+
+    FlashInferSparseAttention.__call__ = checked
 
 
 def _capture_once(backend, q, k, v, layer, save_kv_cache) -> None:

@@ -365,6 +365,7 @@ def test_policy_gpu_selection_is_its_torch_selection(name, device):
         got, got_valid = policy.select_slots_batch(layer, order, q, req_slots[order])
         policy.use_gpu_selection(False)
         assert got_valid.sum(-1).tolist() == [[min(budgets[i], lens[i] + 1)] * shape.num_kv_heads for i in order]
+        assert policy.selection_counts(layer, order) == [min(budgets[i], lens[i] + 1) for i in order]
         assert torch.equal(got_valid.sum(-1), want_valid.sum(-1))
         width = want.shape[2]
         assert torch.equal(got[:, :, :width][got_valid[:, :, :width]], want[want_valid])

@@ -21,9 +21,11 @@ N, BUDGET = 200, 80
 VARIANTS = {"snap": SnapKVOptions(window=8, kernel_size=1), "fixed": DynSplitConfig(split="fixed_interval")}
 
 
-def run(policy, keys, queries, labels, steps=3):
+def run(policy, keys, queries, labels, steps=3, counted=None):
     """Prefill one prompt per label (own slot range each), then decode them in one batch;
-    returns per request and step the kept positions per KV head."""
+    returns per request and step the kept positions per KV head (and appends the host-side
+    selection counts of each step to `counted`, where the policy gives them)."""
+    counted = [] if counted is None else counted
     rows = [torch.arange(i * N, (i + 1) * N) for i in range(len(labels))]
     reqs = [RequestView(r, 0, torch.zeros(N, dtype=torch.int64), f"r{i}", i, BUDGET, label)
             for i, (r, label) in enumerate(zip(rows, labels))]
@@ -50,6 +52,11 @@ def run(policy, keys, queries, labels, steps=3):
             width = picks[i][0].shape[1]
             assert torch.equal(positions[k, :, :width][picks[i][1]], picks[i][0][picks[i][1]])
             assert torch.equal(valid[k, :, :width], picks[i][1]) and not valid[k, :, width:].any()
+        # What the FlashInfer decode plans with, from the host, is what the selection made.
+        counts = policy.selection_counts(1, order)
+        if counts is not None:
+            assert valid.sum(-1).tolist() == [[c] * SHAPE.num_kv_heads for c in counts]
+            counted.append(counts)
         policy.end_forward(reqs, [keys] * SHAPE.num_layers)
     return kept
 
@@ -76,6 +83,25 @@ def test_each_request_gets_its_own_policys_selection():
     assert all(k.startswith(("streamingllm.", "snap.", "fixed.")) for k in stats)
     # a prefill-time policy ranks only the requests it answers
     assert stats["snap.rankings"] == 1 and stats["streamingllm.rankings"] == 1
+
+
+def test_decode_time_members_give_their_counts_on_the_host():
+    """A set of DynSplit-type members knows each request's selection size before selecting
+    (min(budget, seq_len)); with a prefill-time member in the set it cannot say (None)."""
+    keys, queries = window_pattern(N, [10, 50, 51, 120])
+    keys = keys.repeat(4, 1, 1)
+    kv = KVConfig("dynsplit", BUDGET, DynSplitConfig(), variants={"fixed": DynSplitConfig(split="fixed_interval")})
+    kv.validate()
+    counted = []
+    run(build_policy(kv, SHAPE, keys.shape[0], torch.float32, "cpu", FakeTokens()), keys, queries, ["", "fixed"],
+        counted=counted)
+    assert counted == [[BUDGET, BUDGET]] * 3
+    mixed = KVConfig("streamingllm", BUDGET, StreamingLLMOptions(), variants=dict(VARIANTS))
+    mixed.validate()
+    counted = []
+    run(build_policy(mixed, SHAPE, keys.shape[0], torch.float32, "cpu", FakeTokens()), keys, queries,
+        ["snap", "streamingllm", "fixed"], counted=counted)
+    assert counted == []
 
 
 class Recorder(KVPolicy):

@@ -139,6 +139,12 @@ class KVPolicy(abc.ABC):
         slots = req_slots.gather(1, positions.reshape(len(req_indices), -1)).view_as(positions)
         return slots, valid
 
+    def selection_counts(self, layer_id: int, req_indices: list[int]) -> list[int] | None:
+        """How many slots `select_slots_batch` will give each of these requests in this layer (the
+        same for every KV head), known on the host before it runs; None if the policy cannot
+        say. Lets the FlashInfer decode plan without reading the counts back from the device."""
+        return None
+
     def use_gpu_selection(self, on: bool) -> None:
         """Select with the policy's GPU kernel, if it has one ($DYNSPLIT_SELECTION=triton)."""
 

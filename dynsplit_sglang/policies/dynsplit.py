@@ -212,6 +212,10 @@ class DynSplitPolicy(KVPolicy):
     def use_gpu_selection(self, on: bool) -> None:
         self._gpu_selection = on
 
+    def selection_counts(self, layer_id, req_indices):
+        """Selection fills the budget: min(layer budget, seq_len) slots per KV head."""
+        return [min(self.layer_budget(self._reqs[i], layer_id), self._decode_blocks[i][4]) for i in req_indices]
+
     def select_slots_batch(self, layer_id, req_indices, q, req_slots):
         """With the GPU selection on: the Triton kernel `select_slots` scores, chooses and maps to
         slots for the whole batch in three launches (the same rule as `select_batch`; scores

@@ -124,6 +124,19 @@ class PolicySet(KVPolicy):
             picks.update({k: (chosen[j], valid[j]) for j, k in enumerate(ks)})
         return pad_selections([picks[k] for k in range(len(req_indices))])
 
+    def selection_counts(self, layer_id, req_indices):
+        counts: list[int | None] = [None] * len(req_indices)
+        groups: dict[str, list[int]] = {}
+        for k, i in enumerate(req_indices):
+            groups.setdefault(self._reqs[i].policy or self.default, []).append(k)
+        for label, ks in groups.items():
+            mine = self.members[label].selection_counts(layer_id, [req_indices[k] for k in ks])
+            if mine is None:
+                return None
+            for k, c in zip(ks, mine):
+                counts[k] = c
+        return counts
+
     def use_gpu_selection(self, on: bool) -> None:
         for p in self.members.values():
             p.use_gpu_selection(on)

@@ -49,3 +49,8 @@ class QuestPolicy(DynSplitPolicy):
         if layer_id < self.quest.dense_layers:
             return KVPolicy.select_slots_batch(self, layer_id, req_indices, q, req_slots)
         return super().select_slots_batch(layer_id, req_indices, q, req_slots)
+
+    def selection_counts(self, layer_id, req_indices):
+        if layer_id < self.quest.dense_layers:  # the whole sequence
+            return [self._reqs[i].seq_len for i in req_indices]
+        return super().selection_counts(layer_id, req_indices)
