@@ -80,6 +80,7 @@ def test_decode_step_smoke(tmp_path):
     for r in rows:
         assert r["finite_logits"] and r["eager_ms"] > 0 and r["tokens_per_s"] > 0 and r["speedup"] > 0
         assert r["graph_ms"] is None and r["graph_error"]  # no CUDA graphs on the CPU
+        assert r["breakable_ms"] is None and r["breakable_error"]
         assert r["kv_resident_bytes"] > 0
         if r["policy"] == "full":
             assert r["speedup"] == 1 and r["kv_read_bytes"] <= r["kv_resident_bytes"]  # all but padding slot 0
@@ -121,3 +122,31 @@ def test_gpu_test_files_collect_without_sglang(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "error" not in proc.stdout.lower()
+
+
+@pytest.mark.gpu
+def test_breakable_graph_replays_segments_around_eager_breaks():
+    """BreakableGraph, the decode-step benchmark's version of SGLang's breakable graphs: every
+    replay feeds the captured GEMMs new inputs, and the break between them (host read,
+    data-dependent shapes, as a policy's attention has) runs eagerly on the current values."""
+    import torch
+
+    from benchmarks.gpu.common import BreakableGraph
+
+    torch.manual_seed(0)
+    x, w = torch.randn(8, 64, device="cuda"), torch.randn(64, 64, device="cuda") / 8
+
+    def attention(h):
+        keep = (h.sum(1) > 0).nonzero()[:, 0].tolist()  # a host read and a data-dependent shape
+        out = torch.zeros_like(h)
+        out[keep] = h[keep] * 2
+        return out
+
+    graph = BreakableGraph()
+    out = graph.capture(lambda: (graph.eager(attention, x @ w) @ w).sum(1))
+    assert (len(graph.segments), len(graph.breaks)) == (2, 1)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, (attention(x @ w) @ w).sum(1))

@@ -255,6 +255,68 @@ def capture(fn, warmup: int = 2) -> torch.cuda.CUDAGraph:
     return graph
 
 
+class BreakableGraph:
+    """A function captured as CUDA-graph segments split at `eager(f, *args)` calls, which run
+    eagerly between the segments at every replay: the shape of SGLang's breakable CUDA graphs,
+    where `--attention-backend dynsplit_flashinfer` runs each layer's attention as such a break.
+    A break's arguments keep their capture-time tensors (segment outputs, refreshed by each
+    replay); what it returns at a replay is copied into the tensor it returned at capture, which
+    the next segment reads."""
+
+    def __init__(self):
+        self.segments: list[torch.cuda.CUDAGraph] = []
+        self.breaks: list[tuple] = []
+        self._capturing = False
+        self._pool = None
+        self._graph = None
+
+    def eager(self, f, *args):
+        if not self._capturing:
+            return f(*args)
+        self._end_segment()
+        out = f(*args)  # outside any capture: runs now, and its output is the bridge buffer
+        self.breaks.append((f, args, out))
+        self._begin_segment()
+        return out
+
+    def capture(self, fn, warmup: int = 2):
+        """Capture fn() (after warmup calls on a side stream); returns what the captured call
+        returned, which every replay overwrites."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.stream(stream):
+            self._capturing = True
+            try:
+                self._begin_segment()
+                result = fn()
+                self._end_segment()
+            finally:
+                self._capturing = False
+        torch.cuda.synchronize()
+        return result
+
+    def replay(self) -> None:
+        for i, segment in enumerate(self.segments):
+            segment.replay()
+            if i < len(self.breaks):
+                f, args, out = self.breaks[i]
+                out.copy_(f(*args))
+
+    def _begin_segment(self) -> None:
+        self._graph = torch.cuda.CUDAGraph()
+        self._graph.capture_begin(pool=self._pool)
+
+    def _end_segment(self) -> None:
+        self._graph.capture_end()
+        self.segments.append(self._graph)
+
+
 def short_error(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}".strip()
     return text if len(text) <= 600 else text[:600] + " ..."

@@ -12,8 +12,11 @@ SiLU-and-mul, down GEMM; then the final norm and the LM head (4096 -> 128256). A
   dynsplit  per layer `select_slots` (Triton) + `FoldedSparseDecode.write_indices` + `run`,
             one plan per step; the block layout is the synthetic one of benchmarks.gpu.kernels
 Both keep the same KV resident (DynSplit-KV does not evict); dynsplit also keeps the block
-records (1/16 of the KV at 16-token blocks). Each step is timed eagerly and as a replay of the
-whole 32-layer step captured in a CUDA graph, with the per-step plan (host) before each.
+records (1/16 of the KV at 16-token blocks). Each step is timed eagerly, as a replay of the
+whole 32-layer step captured in a CUDA graph, and as a breakable graph (every layer's GEMMs,
+norms, RoPE and KV write captured in segments, the attention run eagerly between them: what
+`--attention-backend dynsplit_flashinfer --cuda-graph-backend-decode breakable` does in a server,
+minus the policy's Python), with the per-step plan (host) before each.
 
 Writes benchmarks/results/gpu_decode_step.json (or --out) after every setting, prints a table.
 """
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.gpu.common import (
-    GiB, capture, expected_blocks, footer, full_decode_plan, header, host_ms, kv_bytes, log, make_layout, markdown,
+    BreakableGraph, GiB, capture, expected_blocks, footer, full_decode_plan, header, host_ms, kv_bytes, log, make_layout, markdown,
     median_ms, random_bounds, record_bytes, short_error, start, use_tensor_cores, write_json,
 )
 from benchmarks.gpu.kernels import warm_up
@@ -205,7 +208,7 @@ def batch_sizes(env, shapes, model, context: int, max_batch: int) -> dict:
 
 
 def time_policy(env, model, x, cos, sin, cache, policy, args) -> dict:
-    """Eager and CUDA-graph step times (ms, median) with the plan before each step."""
+    """Eager, CUDA-graph and breakable-graph step times (ms, median) with the plan before each step."""
     def eager_step():
         policy.plan()
         return model.step(x, cos, sin, cache, policy)
@@ -214,10 +217,24 @@ def time_policy(env, model, x, cos, sin, cache, policy, args) -> dict:
     result = {"finite_logits": bool(torch.isfinite(logits).all()),
               "counts_ok": policy.counts_ok() if hasattr(policy, "counts_ok") else None,
               "eager_ms": median_ms(env, eager_step, args.warmup, args.reps),
-              "plan_ms": host_ms(env, policy.plan, 3), "graph_ms": None, "graph_error": None}
+              "plan_ms": host_ms(env, policy.plan, 3), "graph_ms": None, "graph_error": None,
+              "breakable_ms": None, "breakable_error": None}
     if not env.cuda:
-        result["graph_error"] = "no CUDA (smoke run)"
+        result["graph_error"] = result["breakable_error"] = "no CUDA (smoke run)"
         return result
+    try:
+        breakable = BreakableGraph()
+        breakable.capture(lambda: model.step(x, cos, sin, cache, lambda layer, q: breakable.eager(policy, layer, q)))
+
+        def replay_breakable():
+            policy.plan()
+            breakable.replay()
+
+        result["breakable_ms"] = median_ms(env, replay_breakable, args.warmup, args.reps)
+        del breakable
+    except Exception as e:  # noqa: BLE001 - report it, the other numbers stand
+        result["breakable_error"] = short_error(e)
+        torch.cuda.synchronize()
     try:
         # The plan stays outside the graph (host work); the 32 layers' kernels are captured.
         graph = capture(lambda: model.step(x, cos, sin, cache, policy))
@@ -277,7 +294,10 @@ def progress_line(r: dict, cuda: bool) -> str:
     graph = "-" if r["graph_ms"] is None else f"{r['graph_ms']:.2f} ms"
     notes = ("" if r["finite_logits"] else ", NON-FINITE logits") + (", WRONG counts" if r["counts_ok"] is False else "")
     notes += ", graph failed" if r["graph_error"] and cuda else ""
-    return f"  {label}: eager {r['eager_ms']:.2f} ms, graph {graph}, plan {r['plan_ms']:.2f} ms{notes}"
+    notes += ", breakable graph failed" if r["breakable_error"] and cuda else ""
+    breakable = "-" if r["breakable_ms"] is None else f"{r['breakable_ms']:.2f} ms"
+    return (f"  {label}: eager {r['eager_ms']:.2f} ms, graph {graph}, breakable {breakable}, "
+            f"plan {r['plan_ms']:.2f} ms{notes}")
 
 
 def targets(rows: list[dict], context: int) -> dict:
@@ -290,7 +310,8 @@ def targets(rows: list[dict], context: int) -> dict:
 
 
 COLUMNS = [("context", "context"), ("batch", "batch"), ("policy", "policy"), ("budget", "budget"),
-           ("eager_ms", "eager ms"), ("graph_ms", "graph ms"), ("plan_ms", "plan ms"),
+           ("eager_ms", "eager ms"), ("graph_ms", "graph ms"), ("breakable_ms", "breakable graph ms"),
+           ("plan_ms", "plan ms"),
            ("tokens_per_s", "tokens/s"), ("speedup", "speedup vs full"), ("kv_resident_GiB", "KV resident GiB"),
            ("records_resident_GiB", "records resident GiB"), ("kv_read_GiB", "KV read / step GiB"),
            ("records_read_GiB", "records read / step GiB")]
@@ -305,8 +326,10 @@ def report(result: dict) -> str:
     for s in result["settings"]:
         lines.append(f"context {s['context']}: batch {s['batch']} ({s['why']})")
     for r in result["rows"]:
-        if r["graph_error"] and result["smoke"] is False:
-            lines.append(f"graph capture failed for {r['policy']} {r['budget']} at {r['context']}: {r['graph_error']}")
+        for kind in ("graph", "breakable"):
+            if r[f"{kind}_error"] and result["smoke"] is False:
+                lines.append(f"{kind} capture failed for {r['policy']} {r['budget']} at {r['context']}: "
+                             f"{r[f'{kind}_error']}")
     for f in result["failed"]:
         lines.append(f"FAILED: context {f['context']}: {f['error']}")
     t = result.get("targets", {}).get("decode_step_speedup")
