@@ -241,6 +241,17 @@ def capture(fn, warmup: int = 2) -> torch.cuda.CUDAGraph:
     """fn() captured in a CUDA graph, after warmup calls on a side stream (lazy init of cuBLAS,
     Triton and FlashInfer happens outside the capture). Replays re-run fn's kernels on the
     same buffers: inputs are updated in place, outputs are the tensors fn made while captured."""
+    warm_up_on_side_stream(fn, warmup)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph
+
+
+def warm_up_on_side_stream(fn, warmup: int) -> torch.cuda.Stream:
+    """Call fn() `warmup` times on a new side stream (lazy initialisations stay out of a
+    capture), then wait for it; returns the stream."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -248,11 +259,7 @@ def capture(fn, warmup: int = 2) -> torch.cuda.CUDAGraph:
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    return graph
+    return stream
 
 
 class BreakableGraph:
@@ -282,13 +289,7 @@ class BreakableGraph:
     def capture(self, fn, warmup: int = 2):
         """Capture fn() (after warmup calls on a side stream); returns what the captured call
         returned, which every replay overwrites."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+        stream = warm_up_on_side_stream(fn, warmup)
         self._pool = torch.cuda.graph_pool_handle()
         with torch.cuda.stream(stream):
             self._capturing = True

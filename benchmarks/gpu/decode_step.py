@@ -222,32 +222,27 @@ def time_policy(env, model, x, cos, sin, cache, policy, args) -> dict:
     if not env.cuda:
         result["graph_error"] = result["breakable_error"] = "no CUDA (smoke run)"
         return result
-    try:
-        breakable = BreakableGraph()
-        breakable.capture(lambda: model.step(x, cos, sin, cache, lambda layer, q: breakable.eager(policy, layer, q)))
+    def whole_graph():  # the 32 layers' kernels in one graph
+        return capture(lambda: model.step(x, cos, sin, cache, policy)).replay
 
-        def replay_breakable():
-            policy.plan()
-            breakable.replay()
+    def breakable_graph():  # every layer's attention eager between captured segments
+        graph = BreakableGraph()
+        graph.capture(lambda: model.step(x, cos, sin, cache, lambda layer, q: graph.eager(policy, layer, q)))
+        return graph.replay
 
-        result["breakable_ms"] = median_ms(env, replay_breakable, args.warmup, args.reps)
-        del breakable
-    except Exception as e:  # noqa: BLE001 - report it, the other numbers stand
-        result["breakable_error"] = short_error(e)
-        torch.cuda.synchronize()
-    try:
-        # The plan stays outside the graph (host work); the 32 layers' kernels are captured.
-        graph = capture(lambda: model.step(x, cos, sin, cache, policy))
+    for kind, captured in (("graph", whole_graph), ("breakable", breakable_graph)):
+        try:
+            replay = captured()
 
-        def replay():
-            policy.plan()
-            graph.replay()
+            def step():  # the plan stays outside the graph (host work)
+                policy.plan()
+                replay()
 
-        result["graph_ms"] = median_ms(env, replay, args.warmup, args.reps)
-        del graph
-    except Exception as e:  # noqa: BLE001 - report it, the eager number stands
-        result["graph_error"] = short_error(e)
-        torch.cuda.synchronize()
+            result[f"{kind}_ms"] = median_ms(env, step, args.warmup, args.reps)
+            del replay
+        except Exception as e:  # noqa: BLE001 - report it, the other numbers stand
+            result[f"{kind}_error"] = short_error(e)
+            torch.cuda.synchronize()
     return result
 
 
