@@ -3,8 +3,9 @@
 A subclass of SGLang's `FlashInferAttnBackend`, not a copy of it:
 
 - Prefill: SGLang's FlashInfer prefill, unchanged, in every layer except the policy's score
-  layers, which need each query's row log-sum-exp as well (DD-Select); those run
-  `extend_attention` (on a GPU SDPA's FlashAttention-2 kernel, which returns it).
+  layers, which need each query's row log-sum-exp as well (DD-Select); those call the same
+  planned wrappers through `forward_return_lse` (ragged for the new tokens, paged for a cached
+  prefix, merged by `merge_state`), as SGLang's own prefill does when it has a prefix.
 - Decode: every request of the step attends through `FlashInferSparseAttention`, FlashInfer's
   paged decode with the KV heads folded into the batch: a sparse request to the slots its policy
   selected in this layer, a request within its budget to all of its slots. One plan serves every
@@ -31,7 +32,7 @@ from sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph.breakab
 
 from dynsplit_sglang.config import KVConfig
 from dynsplit_sglang.policy_host import PolicyHost
-from dynsplit_sglang.sparse_decode_flashinfer import FlashInferSparseAttention, flashinfer_wrapper
+from dynsplit_sglang.sparse_decode_flashinfer import LN2, FlashInferSparseAttention, flashinfer_wrapper
 
 BACKEND_NAME = "dynsplit_flashinfer"
 
@@ -84,13 +85,36 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
     # --- prefill ------------------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         self._check_layer(layer)
+        q3 = q.contiguous().view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         if layer.layer_id in self._score_layers:  # the same dense attention, plus each query's row lse
-            o = self._dense_extend(q, k, v, layer, forward_batch, save_kv_cache)
+            o, lse = self._extend_with_lse(q3, k, v, layer, forward_batch, save_kv_cache)
+            lengths = forward_batch.extend_seq_lens_cpu
+            lengths = [int(n) for n in (forward_batch.extend_seq_lens.tolist() if lengths is None else lengths)]
+            # per request [H, n], natural log (FlashInfer's lse is base 2)
+            self._observe_prefill(q3, layer, [part.T for part in (lse.float() * LN2).split(lengths)])
         else:
             o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-            self._observe_prefill(q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), layer, None)
+            self._observe_prefill(q3, layer, None)
         self._finish_layer(layer)
         return o.view(-1, layer.tp_q_head_num * layer.head_dim)
+
+    def _extend_with_lse(self, q3, k, v, layer, fb, save_kv_cache):
+        """Causal attention of the new tokens through the wrappers SGLang planned for this prefill,
+        with each query's base-2 log-sum-exp. returns out [T, H, D], lse [T, H]."""
+        md = self.forward_metadata
+        paged = md.prefill_wrappers[self._get_wrapper_idx(layer)]
+        kv_cache = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+        if not md.use_ragged:  # one paged call over prefix and new tokens, which go in first
+            self._save_kv(layer, fb, k, v, save_kv_cache)
+            return paged.forward_return_lse(q3, kv_cache, causal=True, sm_scale=layer.scaling)
+        kvh, d = layer.tp_k_head_num, layer.qk_head_dim
+        o, lse = self.prefill_wrapper_ragged.forward_return_lse(
+            q3, k.view(-1, kvh, d), v.view(-1, kvh, d), causal=True, sm_scale=layer.scaling)
+        if not md.extend_no_prefix:  # the cached prefix, all of it visible to every new query
+            o_prefix, lse_prefix = paged.forward_return_lse(q3, kv_cache, causal=False, sm_scale=layer.scaling)
+            o, lse = sglang_flashinfer._safe_merge_state(o, lse, o_prefix, lse_prefix)
+        self._save_kv(layer, fb, k, v, save_kv_cache)
+        return o, lse
 
     # --- decode -------------------------------------------------------------------------------
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
