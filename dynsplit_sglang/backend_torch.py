@@ -73,7 +73,9 @@ class SparseTorchAttnBackend(PolicyHost, TorchNativeAttnBackend):
         order = sorted(sparse)
         idx = torch.tensor(order, device=q3.device)
         slots, valid = self._select_slots(q3, layer, fb, order)
-        out, lse = self._sparse_attention(q3[idx], keys, values, slots, valid, layer.scaling)
+        # FlashInfer plans with the counts; known on the host they spare it a device read
+        counts = self.policy.selection_counts(layer.layer_id, order) if self._sparse_attention_name == "flashinfer" else None
+        out, lse = self._sparse_attention(q3[idx], keys, values, slots, valid, layer.scaling, counts=counts)
         o3[idx] = out
         self._last_lse = {i: lse[k] for k, i in enumerate(order)}
         return o3.view(q3.shape[0], -1)

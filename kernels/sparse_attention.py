@@ -17,9 +17,10 @@ def sparse_decode_attention(q, keys, values, slots, valid, scale):
     return out[0], lse[0]
 
 
-def sparse_decode_attention_batched(q, keys, values, slots, valid, scale):
+def sparse_decode_attention_batched(q, keys, values, slots, valid, scale, counts=None):
     """`sparse_decode_attention` for R requests: q [R, H, D], slots and valid [R, KvH, B] (each
-    row's valid entries first). returns output [R, H, D] and lse [R, H].
+    row's valid entries first). returns output [R, H, D] and lse [R, H]. counts (each request's
+    valid entries, known on the host) is for the FlashInfer version's plan; unused here.
 
     Requests are grouped by the width of their own selection and each group runs as one batch
     cut to that width, so every request gets exactly the shapes it would get alone and the same
