@@ -61,3 +61,23 @@ def test_quick_mode(tmp_path, tiny_model):
     (tmp_path / "resumed.partial.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     again = main(["--quick", "--out", str(resumed)])
     assert again["samples"] == records and again["accuracy"] == result["accuracy"]
+
+
+@pytest.mark.server
+def test_blocks_around_the_answer(tmp_path, tiny_model, capsys):
+    """`python -m benchmarks.accuracy.blocks` on the tiny model: the answer's place in the prompt,
+    each split rule's output and the blocks near the answer (fixed-interval ones exactly C long)."""
+    from benchmarks.accuracy import blocks
+
+    shown = blocks.main(["--task", "niah_single", "--length", "512", "--seed", "1", "--kv", "dynsplit,dynsplit-fixed",
+                         "--budget", "0.25", "--model", tiny_model])
+    text = capsys.readouterr().out
+    assert "niah_single, 512 tokens, seed 1:" in text and "prompt tokens" in text
+    assert set(shown) == {"dynsplit", "dynsplit-fixed"}
+    fixed = shown["dynsplit-fixed"]["blocks"]
+    assert fixed and all(end - start + 1 == 16 for start, end in fixed)
+    for label, seen in shown.items():
+        assert seen["blocks"] and f"\n{label}: output" in text
+        assert all(start <= end for start, end in seen["blocks"])
+    with pytest.raises(SystemExit):
+        blocks.parse_args(["--kv", "snapkv"])
