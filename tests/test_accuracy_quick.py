@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from transformers import AutoConfig
 
 from benchmarks.accuracy.__main__ import QUICK, main
 
@@ -70,8 +71,12 @@ def test_blocks_around_the_answer(tmp_path, tiny_model, capsys):
     from benchmarks.accuracy import blocks
 
     shown = blocks.main(["--task", "niah_single", "--length", "512", "--seed", "1", "--kv", "dynsplit,dynsplit-fixed",
-                         "--budget", "0.25", "--model", tiny_model])
+                         "--budget", "0.25", "--model", tiny_model, "--kept", "2"])
     text = capsys.readouterr().out
+    kept = [line for line in text.splitlines() if "answer tokens kept by layer:" in line]
+    assert len(kept) == 4  # two steps of each rule, one group of KV-head digits per layer
+    layers = AutoConfig.from_pretrained(tiny_model).num_hidden_layers
+    assert all(len(line.split(": ", 1)[1].split()) == layers for line in kept)
     assert "niah_single, 512 tokens, seed 1:" in text and "prompt tokens" in text
     assert set(shown) == {"dynsplit", "dynsplit-fixed"}
     fixed = shown["dynsplit-fixed"]["blocks"]
