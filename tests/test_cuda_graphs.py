@@ -62,3 +62,23 @@ def test_breakable_graph_replay_gives_the_eager_tokens(tiny_model, monkeypatch, 
     for (g_ids, g_lp), (w_ids, w_lp) in zip(got, want):
         assert g_ids == w_ids
         assert g_lp == pytest.approx(w_lp, abs=1e-4)
+
+
+def test_the_decode_graph_mode_a_user_named():
+    """--cuda-graph-config (JSON text, a dict from the Engine API, or SGLang's config object) wins
+    over --cuda-graph-backend-decode, as in SGLang; nothing named is None."""
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor.cuda_graph_config import default_cuda_graph_config, with_phase
+
+    from dynsplit_sglang.patches.kv_cli import _asked_decode_graph
+
+    def asked(config=None, flag=None):
+        return _asked_decode_graph(SimpleNamespace(cuda_graph_config=config, cuda_graph_backend_decode=flag))
+
+    assert asked() is None and asked(flag="breakable") == "breakable"
+    assert asked('{"decode": {"backend": "full"}}', "breakable") == "full"
+    assert asked({"decode": {"backend": "breakable"}}, "full") == "breakable"
+    assert asked({"prefill": {"backend": "disabled"}}, "full") == "full"
+    assert asked(default_cuda_graph_config()) is None  # SGLang's object lists only what was set
+    assert asked(with_phase(default_cuda_graph_config(), "decode", backend="breakable")) == "breakable"
