@@ -4,8 +4,8 @@ Made for GPU boxes where SGLang installs (`make install`, or `pip install sglang
 repo):
 
     python -m benchmarks.serve_bench                 # Llama-3.1-8B-shaped model, random weights: full, dynsplit on
-                                                     # the torch and on the FlashInfer backend (eager and with
-                                                     # breakable decode graphs); 32k x 8 requests, 128k x the
+                                                     # the torch and on the FlashInfer backend, each eager and with
+                                                     # breakable decode graphs; 32k x 8 requests, 128k x the
                                                      # largest batch full fits
     python -m benchmarks.serve_bench --model-path M  # a real model folder instead (weights still dummy)
     python -m benchmarks.serve_bench --smoke         # tiny random model on the CPU: checks the pipeline (CI)
@@ -255,10 +255,11 @@ def server_args(setting: str, budget: int) -> list[str]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-path", default=None, help="model folder (default: a Llama-3.1-8B-shaped config)")
-    p.add_argument("--kv", default="full,dynsplit,dynsplit:dynsplit_flashinfer,dynsplit:dynsplit_flashinfer:breakable",
+    p.add_argument("--kv", default="full,dynsplit,dynsplit::breakable,dynsplit:dynsplit_flashinfer,"
+                   "dynsplit:dynsplit_flashinfer:breakable",
                    help="policies, one server each, in this order; POLICY:BACKEND picks the attention backend "
                    "(dynsplit: the torch backend, dynsplit_flashinfer: the FlashInfer subclass), "
-                   "POLICY:BACKEND:breakable also its decode CUDA graphs")
+                   "POLICY:BACKEND:breakable (BACKEND may be empty) adds breakable decode CUDA graphs")
     p.add_argument("--kv-budget", type=int, default=4096)
     p.add_argument("--settings", default="32768x8,131072xmax",
                    help="CONTEXTxBATCH,...; BATCH 'max' is the largest batch the first policy's KV pool holds")

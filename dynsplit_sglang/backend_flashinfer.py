@@ -16,9 +16,9 @@ CUDA graphs: decode can run under SGLang's breakable CUDA graphs
 (`--cuda-graph-backend-decode breakable`; patches/cuda_graph.py): the model's GEMMs, norms and
 RoPE are captured, and each layer's attention (`_decode`, an `eager_on_graph` break) runs eagerly
 between the captured segments, so the policy's selection and bookkeeping keep their
-data-dependent shapes and host reads. Before each replay `init_forward_metadata_out_graph` gives
-the policy the batch's real requests. Without that flag, CUDA graphs are off, as for the torch
-backend. On a CPU the same code runs on torch stand-ins for FlashInfer's wrappers
+data-dependent shapes and host reads. Before each replay `init_forward_metadata_out_graph`
+(PolicyHost) gives the policy the batch's real requests. Without that flag, CUDA graphs are off.
+On a CPU the same code runs on torch stand-ins for FlashInfer's wrappers
 (benchmarks/gpu/fake_flashinfer.py), which is how the tests run it.
 """
 
@@ -57,30 +57,13 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
             return "flashinfer", op
 
         self._init_policy(model_runner, kv, make_sparse_attention)
-        self._graph_capture = False  # a CUDA-graph capture (or its warmup) is running
 
     def init_forward_metadata(self, forward_batch):
         # Decode attends through the folded sparse decode only: SGLang's decode plan (a gather of
         # every request's whole slot list) would go unused.
-        self._graph_capture = False
         if not forward_batch.forward_mode.is_decode():
             super().init_forward_metadata(forward_batch)
         self._begin_forward(forward_batch)
-
-    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
-        """Before a decode graph is captured and before each replay (never inside the graph).
-
-        Capture runs the forward on a dummy batch: the attention breaks then only hand back an
-        output buffer, and the policy sees nothing. A replay's `forward_batch` is SGLang's view
-        of the padded batch (`num_padding` dummy rows after the real ones, no request ids)."""
-        if not forward_batch.forward_mode.is_decode():
-            return super().init_forward_metadata_out_graph(forward_batch, in_capture)
-        self._graph_capture = in_capture
-        if in_capture:
-            self._reqs = []
-            return
-        padding = getattr(forward_batch, "num_padding", 0) or 0
-        self._begin_forward(forward_batch, num_rows=forward_batch.batch_size - padding)
 
     # --- prefill ------------------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph.breakable_cuda_graph import eager_on_graph
 
 from dynsplit_sglang.config import KVConfig
 from dynsplit_sglang.gpu_path import sparse_attention_op
@@ -43,7 +44,18 @@ class SparseTorchAttnBackend(PolicyHost, TorchNativeAttnBackend):
     # --- decode -------------------------------------------------------------------------------
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         self._check_layer(layer)
+        return self._decode(q, k, v, layer, forward_batch, save_kv_cache)
+
+    @eager_on_graph
+    def _decode(self, q, k, v, layer, forward_batch, save_kv_cache):
+        """One layer's decode attention and the policy's observations. returns [rows of q, H * D].
+
+        In a breakable CUDA graph this is the eager break (see backend_flashinfer: a replay calls
+        it with the capture's arguments); rows past the real requests are graph padding, whose
+        output is 0."""
         H, D = layer.tp_q_head_num, layer.qk_head_dim
+        if self._graph_capture:  # the dummy batch of a capture: only the output buffer counts
+            return q.new_zeros(q.shape[0], H * D)
         q3 = q.reshape(-1, H, D)
         sparse = self._sparse_requests()
         if not sparse:
@@ -53,7 +65,15 @@ class SparseTorchAttnBackend(PolicyHost, TorchNativeAttnBackend):
         if layer.layer_id in self._score_layers:
             self._observe_decode(q3, layer, set(sparse))
         self._finish_layer(layer)
+        o[len(self._reqs) :] = 0
         return o
+
+    # --- CUDA-graph state SGLang's graph runner asks every backend for --------------------------
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        """Nothing to preallocate: decode attention runs eagerly between the captured segments."""
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        return 1  # a padded row attends to one slot (SGLang's padding slot), as FlashInfer's does
 
     def _forward_decode_mixed(self, q3, k, v, layer, fb, save_kv_cache, sparse: list[int]):
         self._save_kv(layer, fb, k, v, save_kv_cache)

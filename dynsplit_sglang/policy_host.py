@@ -72,6 +72,7 @@ class PolicyHost:
         self._lock = threading.Lock()
         self._reqs: list[RequestView] = []
         self._last_lse: dict[int, torch.Tensor] = {}  # request index -> [H] lse of its sparse step
+        self._graph_capture = False  # a decode CUDA-graph capture (or its warmup) is running
         self._allocator = model_runner.token_to_kv_pool_allocator
         self._kv_available_at_start = self._allocator.available_size()
         self._hook_allocator(self._allocator)
@@ -117,6 +118,7 @@ class PolicyHost:
 
         num_rows: the batch's real requests, its first rows (a CUDA-graph replay pads the batch
         to a captured size, and its view of the batch carries no request ids)."""
+        self._graph_capture = False
         mode = forward_batch.forward_mode
         if mode.is_idle():
             self._reqs = []
@@ -171,6 +173,25 @@ class PolicyHost:
         """Write this forward's keys and values into the pool (a plain pool: no sliding-window part)."""
         if save_kv_cache and k is not None and v is not None:
             self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
+
+    # --- breakable CUDA graphs (decode) ------------------------------------------------------
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        """Before a decode graph is captured and before each replay (never inside the graph);
+        SGLang's breakable decode graphs call it instead of `init_forward_metadata`.
+
+        Capture runs the forward on a dummy batch: the backend's attention break (its `_decode`,
+        marked `eager_on_graph`) then only hands back an output buffer, and the policy sees
+        nothing. A replay's `forward_batch` is SGLang's view of the padded batch (`num_padding`
+        dummy rows after the real ones, no request ids)."""
+        if not forward_batch.forward_mode.is_decode():
+            return super().init_forward_metadata_out_graph(forward_batch, in_capture)
+        if in_capture:
+            self._reqs = []
+            self._graph_capture = True
+            return None
+        padding = getattr(forward_batch, "num_padding", 0) or 0
+        self._begin_forward(forward_batch, num_rows=forward_batch.batch_size - padding)
+        return None
 
     # --- prefill ------------------------------------------------------------------------------
     def _dense_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool) -> torch.Tensor:

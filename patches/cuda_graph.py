@@ -3,12 +3,11 @@
 A compressing policy's decode attention has data-dependent shapes and reads the host (which
 blocks each request attends to, when a block closes), so it cannot sit inside a captured graph.
 SGLang's breakable CUDA graphs capture everything else and run marked calls eagerly between the
-captured segments: `dynsplit_flashinfer` marks its per-layer decode attention that way, so with
-`--cuda-graph-backend-decode breakable` its decode replays the model's GEMMs, norms and RoPE from
+captured segments: both backends mark their per-layer decode attention that way, so with
+`--cuda-graph-backend-decode breakable` decode replays the model's GEMMs, norms and RoPE from
 graphs. Otherwise decode runs eager, as SGLang does for `torch_native`, so a GPU server starts
-instead of failing at capture (a decode graph mode named explicitly that cannot work is refused
-at startup by kv_cli). Prefill always runs eager (the score layers' row statistics
-come from our own attention call)."""
+instead of failing at capture (an explicit full decode graph is refused at startup by kv_cli).
+Prefill always runs eager (the score layers' row statistics come from our own attention calls)."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ import logging
 
 from sglang.srt.plugins.hook_registry import HookType
 
-from dynsplit_sglang.patches.kv_cli import GRAPH_BACKEND, OUR_BACKENDS
+from dynsplit_sglang.patches.kv_cli import OUR_BACKENDS
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +30,13 @@ def disable_graphs_for_dynsplit(result, server_args):
     if backend not in OUR_BACKENDS:
         return None
     phases = [ah.Phase.PREFILL]
-    if backend == GRAPH_BACKEND and cfg.cuda_graph_config.decode.backend == ah.Backend.BREAKABLE:
+    if cfg.cuda_graph_config.decode.backend == ah.Backend.BREAKABLE:
         logger.info("--attention-backend %s: decode replays breakable CUDA graphs (attention runs eagerly "
                     "between the captured segments); prefill runs eager", backend)
     else:
         phases.append(ah.Phase.DECODE)
-        hint = (" (it captures decode only as breakable graphs: --cuda-graph-backend-decode breakable)"
-                if backend == GRAPH_BACKEND else f" (--attention-backend {GRAPH_BACKEND} has a breakable-graph decode)")
-        logger.warning("Cuda graph is disabled for --attention-backend %s%s", backend, hint)
+        logger.warning("Cuda graph is disabled for --attention-backend %s (it captures decode only as "
+                       "breakable graphs: --cuda-graph-backend-decode breakable)", backend)
     for phase in phases:
         ah.declare_resolution(
             server_args,

@@ -25,7 +25,6 @@ BACKEND = "dynsplit"  # the attention backend every compressing policy runs on; 
 # --attention-backend values a compressing policy accepts: ours (the torch path, the default, and
 # the FlashInfer subclass).
 OUR_BACKENDS = (BACKEND, "dynsplit_flashinfer")
-GRAPH_BACKEND = "dynsplit_flashinfer"  # its decode attention is a breakable-CUDA-graph break
 KV_ARGS = ("kv", "kv_budget", "kv_config", "kv_variants")
 
 
@@ -145,12 +144,10 @@ def check_server_args(server_args, kv: KVConfig) -> None:
             )
     if (getattr(server_args, "pp_size", 1) or 1) > 1:
         raise KVConfigError(f"--kv {kv.policy} does not support pipeline parallelism (--pp-size) yet")
-    graph, backend = _asked_decode_graph(server_args), server_args.attention_backend
-    if graph == "full" or (graph == "breakable" and backend != GRAPH_BACKEND):
+    if _asked_decode_graph(server_args) == "full":
         raise KVConfigError(
-            f"--kv {kv.policy} cannot capture decode as {graph} CUDA graphs on --attention-backend {backend} "
-            f"(its decode attention picks data-dependent blocks); use --attention-backend {GRAPH_BACKEND} "
-            "--cuda-graph-backend-decode breakable, or drop the flag"
+            f"--kv {kv.policy} cannot capture decode as one full CUDA graph (its decode attention picks "
+            "data-dependent blocks); use --cuda-graph-backend-decode breakable, or drop the flag"
         )
 
 

@@ -1,7 +1,7 @@
-"""What a breakable-CUDA-graph decode replay hands `SparseFlashInferAttnBackend`, emulated on the
+"""What a breakable-CUDA-graph decode replay hands our attention backends, emulated on the
 CPU (SGLang captures graphs only on CUDA).
 
-At replay SGLang does not call `init_forward_metadata`: it calls
+At replay SGLang does not call `init_forward_metadata`: it calls the backend's
 `init_forward_metadata_out_graph` with its view of the batch padded to the captured batch size
 (dummy rows after the real ones: seq_len 1, request row 0, no request ids), replays the captured
 segments, and calls each layer's attention break with the capture's arguments: static buffers
@@ -49,10 +49,29 @@ def replay_view(fb) -> SimpleNamespace:
 
 def install() -> None:
     from benchmarks.gpu.fake_flashinfer import install_in_sglang
-    from dynsplit_sglang.backend_flashinfer import SparseFlashInferAttnBackend as Backend
+    from dynsplit_sglang.backend_flashinfer import SparseFlashInferAttnBackend
+    from dynsplit_sglang.backend_torch import SparseTorchAttnBackend
+    from dynsplit_sglang.sparse_decode_flashinfer import FlashInferSparseAttention
 
     install_in_sglang()
-    eager_init = Backend.init_forward_metadata
+    for backend in (SparseTorchAttnBackend, SparseFlashInferAttnBackend):
+        _replay_decode_steps(backend)
+
+    # The counts the FlashInfer decode plans with come from the host; they must be what the
+    # selection made.
+    attend = FlashInferSparseAttention.__call__
+
+    def checked(self, q, keys, values, slots, valid, scale, counts=None):
+        made = valid.sum(dim=2)
+        if counts is None or made.tolist() != [[c] * made.shape[1] for c in counts]:
+            _log(f"host counts {counts} are not the selection's {made.tolist()}")
+        return attend(self, q, keys, values, slots, valid, scale, counts=counts)
+
+    FlashInferSparseAttention.__call__ = checked
+
+
+def _replay_decode_steps(backend_class) -> None:
+    eager_init = backend_class.init_forward_metadata
 
     def init_forward_metadata(self, fb):
         if not fb.forward_mode.is_decode():
@@ -66,7 +85,8 @@ def install() -> None:
             _capture_once(self, q, k, v, layer, save_kv_cache)
         # The capture's batch: its per-row buffers, padded (padding KV goes to slot 0, SGLang's
         # padding slot); the padded query rows hold garbage, which must not leak anywhere.
-        statics = SimpleNamespace(out_cache_loc=_pad(fb.out_cache_loc, 0), req_pool_indices=_pad(fb.req_pool_indices, 0))
+        statics = SimpleNamespace(out_cache_loc=_pad(fb.out_cache_loc, 0), req_pool_indices=_pad(fb.req_pool_indices, 0),
+                                  seq_lens=_pad(fb.seq_lens, 1), encoder_lens=None)
         garbage = lambda t: torch.cat([t, torch.randn((PADDING, *t.shape[1:]), dtype=t.dtype)])  # noqa: E731
         out = self._decode.run_eager(garbage(q), garbage(k), garbage(v), layer, statics, save_kv_cache)
         if out.shape[0] != n + PADDING or out[n:].any():
@@ -75,21 +95,8 @@ def install() -> None:
             _log("replay")
         return out[:n]
 
-    Backend.init_forward_metadata = init_forward_metadata
-    Backend.forward_decode = forward_decode
-
-    # The counts the backend plans with come from the host; they must be what the selection made.
-    from dynsplit_sglang.sparse_decode_flashinfer import FlashInferSparseAttention
-
-    attend = FlashInferSparseAttention.__call__
-
-    def checked(self, q, keys, values, slots, valid, scale, counts=None):
-        made = valid.sum(dim=2)
-        if counts is None or made.tolist() != [[c] * made.shape[1] for c in counts]:
-            _log(f"host counts {counts} are not the selection's {made.tolist()}")
-        return attend(self, q, keys, values, slots, valid, scale, counts=counts)
-
-    FlashInferSparseAttention.__call__ = checked
+    backend_class.init_forward_metadata = init_forward_metadata
+    backend_class.forward_decode = forward_decode
 
 
 def _capture_once(backend, q, k, v, layer, save_kv_cache) -> None:

@@ -23,10 +23,11 @@ def resolved_graphs(model, *flags):
 @pytest.mark.parametrize(
     "flags, decode",
     [
+        (["--cuda-graph-backend-decode", "breakable"], "breakable"),
         (["--attention-backend", "dynsplit_flashinfer", "--cuda-graph-backend-decode", "breakable"], "breakable"),
         (["--attention-backend", "dynsplit_flashinfer", "--cuda-graph-config", '{"decode": {"backend": "breakable"}}'], "breakable"),
         (["--attention-backend", "dynsplit_flashinfer"], "disabled"),  # SGLang's default (full) cannot work
-        ([], "disabled"),  # the torch backend has no graph path
+        ([], "disabled"),
     ],
 )
 def test_graph_modes_a_compressing_policy_gets(tiny_model, flags, decode):
@@ -41,20 +42,22 @@ def answers(eng, prompts, budgets):
 
 
 @pytest.mark.server
-def test_breakable_graph_replay_gives_the_eager_tokens(tiny_model, monkeypatch, tmp_path):
+@pytest.mark.parametrize("backend", ["dynsplit", "dynsplit_flashinfer"])
+def test_breakable_graph_replay_gives_the_eager_tokens(tiny_model, monkeypatch, tmp_path, backend):
     """Every decode step as a breakable-graph replay gives it (padded batch, no request ids,
-    a capture's dummy batch first) against the torch backend: the same tokens and logprobs within
-    the two attention implementations' rounding. The batch mixes a request within its budget and
-    sparse ones with their own budgets, which a replay must find without request ids."""
-    monkeypatch.setenv("DYNSPLIT_EXTRA_SETUP", "tests.graph_replay:install")
-    log = tmp_path / "replay.log"
-    monkeypatch.setenv("GRAPH_REPLAY_LOG", str(log))
-    monkeypatch.setenv("SGLANG_FLASHINFER_WORKSPACE_SIZE", str(8 << 20))
+    a capture's dummy batch first) against the eager torch backend: the same tokens, and logprobs
+    within the two attention implementations' rounding. The batch mixes a request within its
+    budget and sparse ones with their own budgets, which a replay must find without request ids."""
     ids = AutoTokenizer.from_pretrained(tiny_model)(SAMPLE_TEXT * 10, add_special_tokens=False).input_ids
     prompts, budgets = [ids[:300], ids[5:105], ids[9:420]], [96, None, 200]  # None: the server's 128
     with engine(tiny_model, kv="dynsplit", kv_budget=128) as eng:
         want = answers(eng, prompts, budgets)
-    with engine(tiny_model, kv="dynsplit", kv_budget=128, attention_backend="dynsplit_flashinfer") as eng:
+    # The replay path (and the FlashInfer stand-ins) in the second engine's scheduler only.
+    monkeypatch.setenv("DYNSPLIT_EXTRA_SETUP", "tests.graph_replay:install")
+    log = tmp_path / "replay.log"
+    monkeypatch.setenv("GRAPH_REPLAY_LOG", str(log))
+    monkeypatch.setenv("SGLANG_FLASHINFER_WORKSPACE_SIZE", str(8 << 20))
+    with engine(tiny_model, kv="dynsplit", kv_budget=128, attention_backend=backend) as eng:
         got = answers(eng, prompts, budgets)
     events = log.read_text().splitlines()
     assert events[0] == "capture ok" and set(events[1:]) == {"replay"}, events[:5]

@@ -60,3 +60,5 @@ def test_server_flags_per_kv_entry():
     assert flags[-6:] == ["--kv", "dynsplit", "--kv-budget", "2048", "--attention-backend", "dynsplit_flashinfer"]
     flags = serve_bench.server_args("dynsplit:dynsplit_flashinfer:breakable", 2048)
     assert flags[-4:] == ["--attention-backend", "dynsplit_flashinfer", "--cuda-graph-backend-decode", "breakable"]
+    flags = serve_bench.server_args("dynsplit::breakable", 2048)
+    assert "--attention-backend" not in flags and flags[-2:] == ["--cuda-graph-backend-decode", "breakable"]

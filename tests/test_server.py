@@ -84,10 +84,10 @@ def test_frontend_language_fork_shares_the_prefix(server):
         (["--kv", "dynsplit", "--kv-config", "{oops"], "argument --kv-config: is not valid JSON"),
         (["--kv", "dynsplit", "--speculative-algorithm", "EAGLE"], "--kv dynsplit does not support speculative decoding"),
         (["--kv", "dynsplit", "--attention-backend", "triton"], "--kv dynsplit chooses the attention backend itself"),
-        (["--kv", "dynsplit", "--cuda-graph-backend-decode", "breakable"],
-         "--kv dynsplit cannot capture decode as breakable CUDA graphs on --attention-backend dynsplit"),
+        (["--kv", "dynsplit", "--cuda-graph-backend-decode", "full"],
+         "--kv dynsplit cannot capture decode as one full CUDA graph"),
         (["--kv", "quest", "--attention-backend", "dynsplit_flashinfer", "--cuda-graph-config", '{"decode": {"backend": "full"}}'],
-         "--kv quest cannot capture decode as full CUDA graphs on --attention-backend dynsplit_flashinfer"),
+         "--kv quest cannot capture decode as one full CUDA graph"),
         (["--kv", "dynsplit", "--kv-config", '{"score_layers": [3, 30]}'], "'score_layers' [3, 30] out of range; the model has 30"),
     ],
 )
