@@ -17,6 +17,7 @@ to read: raising in the scheduler would kill the test process with it.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from types import SimpleNamespace
 
@@ -53,7 +54,9 @@ def install() -> None:
     from dynsplit_sglang.backend_torch import SparseTorchAttnBackend
     from dynsplit_sglang.sparse_decode_flashinfer import FlashInferSparseAttention
 
-    install_in_sglang()
+    install_in_sglang()  # every process: the launching one validates --attention-backend with it
+    if multiprocessing.current_process().name == "MainProcess":
+        return  # the backends run in the scheduler; patching them here would outlive the test
     for backend in (SparseTorchAttnBackend, SparseFlashInferAttnBackend):
         _replay_decode_steps(backend)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import tempfile
 
@@ -66,8 +67,11 @@ def blocks_of(trace_path: str) -> list[list[int]]:
 
 
 def probe_selection() -> None:
-    """DYNSPLIT_EXTRA_SETUP for --kept, run in the scheduler: log how many positions of
-    $BLOCKS_PROBE_SPAN ("lo,hi") each decode selection keeps, per KV head, to $BLOCKS_PROBE_LOG."""
+    """DYNSPLIT_EXTRA_SETUP for --kept: in the scheduler, log how many positions of
+    $BLOCKS_PROBE_SPAN ("lo,hi") each decode selection keeps, per KV head, to $BLOCKS_PROBE_LOG.
+    The plugin runs it in the launching process too, which selects nothing: left alone."""
+    if multiprocessing.current_process().name == "MainProcess":
+        return
     from dynsplit_sglang.policies.dynsplit import DynSplitPolicy
 
     lo, hi = (int(x) for x in os.environ["BLOCKS_PROBE_SPAN"].split(","))
