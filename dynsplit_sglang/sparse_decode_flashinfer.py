@@ -198,14 +198,13 @@ class FlashInferSparseAttention:
             if any(min(row) != max(row) for row in by_head):
                 return sparse_decode_attention_batched(q, keys, values, slots, valid, scale)
             counts = [row[0] for row in by_head]
-        per_request = counts
-        if min(per_request) < 1:
+        if min(counts) < 1:
             return sparse_decode_attention_batched(q, keys, values, slots, valid, scale)
         width = slots.shape[2]
-        sparse = self._fit(len(per_request), width)
-        key = (tuple(per_request), width, q.dtype, keys.dtype, float(scale))
+        sparse = self._fit(len(counts), width)
+        key = (tuple(counts), width, q.dtype, keys.dtype, float(scale))
         if key != self._planned:
-            sparse.plan(per_request, width, q.dtype, keys.dtype, float(scale))
+            sparse.plan(counts, width, q.dtype, keys.dtype, float(scale))
             self._planned = key
             self.plans += 1
         sparse.write_indices(slots)
