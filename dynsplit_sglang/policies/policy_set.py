@@ -110,11 +110,16 @@ class PolicySet(KVPolicy):
         return self._by_member(req_indices, lambda member, ks: member.select_slots_batch(
             layer_id, [req_indices[k] for k in ks], q[ks], req_slots[ks]))
 
-    def _by_member(self, req_indices: list[int], select) -> tuple[torch.Tensor, torch.Tensor]:
-        """select(member, ks) for the rows ks of each member's requests, stacked in the order asked."""
+    def _rows_by_member(self, req_indices: list[int]) -> dict[str, list[int]]:
+        """label -> the rows k (positions in req_indices) of the requests that member answers."""
         groups: dict[str, list[int]] = {}
         for k, i in enumerate(req_indices):
             groups.setdefault(self._reqs[i].policy or self.default, []).append(k)
+        return groups
+
+    def _by_member(self, req_indices: list[int], select) -> tuple[torch.Tensor, torch.Tensor]:
+        """select(member, ks) for the rows ks of each member's requests, stacked in the order asked."""
+        groups = self._rows_by_member(req_indices)
         if len(groups) == 1:
             label = next(iter(groups))
             return select(self.members[label], groups[label])
@@ -126,10 +131,7 @@ class PolicySet(KVPolicy):
 
     def selection_counts(self, layer_id, req_indices):
         counts: list[int | None] = [None] * len(req_indices)
-        groups: dict[str, list[int]] = {}
-        for k, i in enumerate(req_indices):
-            groups.setdefault(self._reqs[i].policy or self.default, []).append(k)
-        for label, ks in groups.items():
+        for label, ks in self._rows_by_member(req_indices).items():
             mine = self.members[label].selection_counts(layer_id, [req_indices[k] for k in ks])
             if mine is None:
                 return None
