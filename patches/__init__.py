@@ -11,7 +11,7 @@ resolves, so an SGLang upgrade fails loudly instead of silently serving without 
 | prefix_reserve    | Req._compute_max_prefix_len (around)                          | a radix hit recomputes the last prompt tokens a prefill-time policy ranks with |
 | request_budget    | SamplingParams.verify (after)                                 | check custom_params.kv_budget and kv_policy like the other sampling parameters |
 | request_budget    | Req.__init__ (after)                                          | record custom_params.kv_budget and kv_policy for the attention backend |
-| cuda_graph        | attention_hook.handle_attention_backend_compatibility (after) | our backends have no CUDA-graph path yet: disable graphs for them, as SGLang does for torch_native |
+| cuda_graph        | attention_hook.handle_attention_backend_compatibility (after) | our backends decode only under breakable graphs (attention an eager break): keep those, turn off full decode graphs and prefill graphs |
 | pool_memory       | DefaultPoolConfigurator._compute_cell_size (after)            | size the KV pool with the policy's per-slot tables included, so they fit beside it |
 | cpu_rotary_import | (import system, only without CUDA and without vllm)           | SGLang's RotaryEmbedding imports vllm._custom_ops on a plain CPU, then never calls it |
 """
