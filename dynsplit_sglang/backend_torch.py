@@ -80,7 +80,8 @@ class SparseTorchAttnBackend(PolicyHost, TorchNativeAttnBackend):
         o3 = torch.empty_like(q3)
         keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         values = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
-        dense = [i for i in range(len(self._reqs)) if i not in set(sparse)]
+        sparse_rows = set(sparse)
+        dense = [i for i in range(len(self._reqs)) if i not in sparse_rows]
         if dense:
             idx = torch.tensor(dense, device=q3.device)
             o_dense = torch.empty_like(q3[idx])

@@ -73,6 +73,7 @@ class PolicyHost:
         self._reqs: list[RequestView] = []
         self._last_lse: dict[int, torch.Tensor] = {}  # request index -> [H] lse of its sparse step
         self._graph_capture = False  # a decode CUDA-graph capture (or its warmup) is running
+        self._slot_rows = None
         self._allocator = model_runner.token_to_kv_pool_allocator
         self._kv_available_at_start = self._allocator.available_size()
         self._hook_allocator(self._allocator)
@@ -119,6 +120,7 @@ class PolicyHost:
         num_rows: the batch's real requests, its first rows (a CUDA-graph replay pads the batch
         to a captured size, and its view of the batch carries no request ids)."""
         self._graph_capture = False
+        self._slot_rows = None  # (sparse rows, their index, their req_to_token rows) of this step
         mode = forward_batch.forward_mode
         if mode.is_idle():
             self._reqs = []
@@ -238,8 +240,12 @@ class PolicyHost:
 
     def _select_slots(self, q3, layer, fb, order: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """KV slots and valid mask [R, KvH, W] the requests `order` attend to in this layer."""
-        idx = torch.tensor(order, device=q3.device)
-        rows = self.req_to_token_pool.req_to_token.index_select(0, fb.req_pool_indices[idx]).to(torch.int64)
+        cached = self._slot_rows
+        if cached is None or cached[0] != order:  # the same for every layer of a step: read once
+            idx = torch.tensor(order, device=q3.device)
+            rows = self.req_to_token_pool.req_to_token.index_select(0, fb.req_pool_indices[idx]).to(torch.int64)
+            cached = self._slot_rows = (order, idx, rows)
+        _, idx, rows = cached
         return self.policy.select_slots_batch(layer.layer_id, order, q3[idx], rows)
 
     def _observe_decode(self, q3, layer, sparse: set[int]) -> None:

@@ -35,9 +35,10 @@ def run(policy, keys, queries, labels, steps=3, counted=None):
             policy.observe_queries(layer, i, queries[N - min(policy.query_window(), N):], 1.0)
     policy.end_forward(reqs, [keys] * SHAPE.num_layers)
     kept = [[] for _ in labels]
+    top = max(3, len(labels)) * N  # decode slots, past every prompt's range
     for step in range(steps):
         n = N + 1 + step
-        reqs = [RequestView(torch.cat([r, torch.arange(3 * N + 8 * i, 3 * N + 8 * i + step + 1)]), n - 1,
+        reqs = [RequestView(torch.cat([r, torch.arange(top + 8 * i, top + 8 * i + step + 1)]), n - 1,
                             torch.zeros(1, dtype=torch.int64), f"r{i}", i, BUDGET, label)
                 for i, (r, label) in enumerate(zip(rows, labels))]
         policy.begin_forward(reqs, True)
@@ -83,6 +84,19 @@ def test_each_request_gets_its_own_policys_selection():
     assert all(k.startswith(("streamingllm.", "snap.", "fixed.")) for k in stats)
     # a prefill-time policy ranks only the requests it answers
     assert stats["snap.rankings"] == 1 and stats["streamingllm.rankings"] == 1
+
+
+def test_a_members_rows_need_not_be_adjacent_in_the_batch():
+    """The batched selection is each request's own when one member's requests sit apart in the
+    batch and another's sit together (`run` checks every row against its request alone)."""
+    keys, queries = window_pattern(N, [10, 50, 51, 120])
+    keys = keys.repeat(6, 1, 1)
+    kv = KVConfig("streamingllm", BUDGET, StreamingLLMOptions(), variants=dict(VARIANTS))
+    kv.validate()
+    # run() selects in reversed order: streamingllm, snap, fixed, fixed, snap
+    labels = ["snap", "fixed", "fixed", "snap", "streamingllm"]
+    kept = run(build_policy(kv, SHAPE, keys.shape[0], torch.float32, "cpu", FakeTokens()), keys, queries, labels)
+    assert len(kept) == len(labels) and all(len(k) == 3 for k in kept)
 
 
 def test_decode_time_members_give_their_counts_on_the_host():

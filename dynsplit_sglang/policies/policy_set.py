@@ -21,7 +21,7 @@ import torch
 
 from dynsplit_sglang.block_table import ModelShape
 from dynsplit_sglang.config import KVConfig
-from dynsplit_sglang.policies.base import KVPolicy, RequestView, pad_selections
+from dynsplit_sglang.policies.base import KVPolicy, RequestView
 
 
 def build_policy(kv: KVConfig, shape: ModelShape, num_slots: int, dtype, device, tokens=None) -> KVPolicy:
@@ -103,12 +103,12 @@ class PolicySet(KVPolicy):
 
     def select_batch(self, layer_id: int, req_indices: list[int], q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each member selects for its own requests in one call; rows in the order asked."""
-        return self._by_member(req_indices, lambda member, ks: member.select_batch(
-            layer_id, [req_indices[k] for k in ks], q[ks]))
+        return self._by_member(req_indices, lambda member, ks, at: member.select_batch(
+            layer_id, [req_indices[k] for k in ks], q[at]))
 
     def select_slots_batch(self, layer_id, req_indices, q, req_slots):
-        return self._by_member(req_indices, lambda member, ks: member.select_slots_batch(
-            layer_id, [req_indices[k] for k in ks], q[ks], req_slots[ks]))
+        return self._by_member(req_indices, lambda member, ks, at: member.select_slots_batch(
+            layer_id, [req_indices[k] for k in ks], q[at], req_slots[at]))
 
     def _rows_by_member(self, req_indices: list[int]) -> dict[str, list[int]]:
         """label -> the rows k (positions in req_indices) of the requests that member answers."""
@@ -118,16 +118,25 @@ class PolicySet(KVPolicy):
         return groups
 
     def _by_member(self, req_indices: list[int], select) -> tuple[torch.Tensor, torch.Tensor]:
-        """select(member, ks) for the rows ks of each member's requests, stacked in the order asked."""
+        """select(member, ks, at) for the rows ks of each member's requests (`at` indexes those
+        rows of a batch tensor), stacked in the order asked (padding: position 0, not valid)."""
         groups = self._rows_by_member(req_indices)
-        if len(groups) == 1:
-            label = next(iter(groups))
-            return select(self.members[label], groups[label])
-        picks = {}
+        picks = []
         for label, ks in groups.items():
-            chosen, valid = select(self.members[label], ks)
-            picks.update({k: (chosen[j], valid[j]) for j, k in enumerate(ks)})
-        return pad_selections([picks[k] for k in range(len(req_indices))])
+            # A member's requests usually sit together in the batch: a slice is a view, where a
+            # list index would copy the query and the req_to_token rows in every layer.
+            at = slice(ks[0], ks[-1] + 1) if ks[-1] - ks[0] + 1 == len(ks) else ks
+            picks.append((at, *select(self.members[label], ks, at)))
+        if len(picks) == 1:
+            return picks[0][1], picks[0][2]
+        first = picks[0][1]
+        shape = (len(req_indices), first.shape[1], max(chosen.shape[2] for _, chosen, _ in picks))
+        positions = torch.zeros(shape, dtype=first.dtype, device=first.device)
+        valid = torch.zeros(shape, dtype=torch.bool, device=first.device)
+        for at, chosen, ok in picks:
+            positions[at, :, : chosen.shape[2]] = chosen
+            valid[at, :, : ok.shape[2]] = ok
+        return positions, valid
 
     def selection_counts(self, layer_id, req_indices):
         counts: list[int | None] = [None] * len(req_indices)
