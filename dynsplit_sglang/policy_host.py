@@ -140,7 +140,8 @@ class PolicyHost:
         reqs, offset = [], 0
         for row, n, s, rid in zip(rows, seq_lens, starts, rids):
             new = n - s
-            _, budget, policy = self._options_of(row, rid)
+            # a replay's batch has no rids: the row's own (policies key per-request state by it)
+            rid, budget, policy = self._options_of(row, rid)
             reqs.append(RequestView(req_to_token[row, :n].to(torch.int64), s, ids[offset : offset + new], rid, row, budget, policy))
             offset += new
         self._reqs = reqs

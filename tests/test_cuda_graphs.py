@@ -42,22 +42,22 @@ def answers(eng, prompts, budgets):
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("backend", ["dynsplit", "dynsplit_flashinfer"])
-def test_breakable_graph_replay_gives_the_eager_tokens(tiny_model, monkeypatch, tmp_path, backend):
+@pytest.mark.parametrize("kv,backend", [("dynsplit", "dynsplit"), ("dynsplit", "dynsplit_flashinfer"), ("snapkv", "dynsplit")])
+def test_breakable_graph_replay_gives_the_eager_tokens(tiny_model, monkeypatch, tmp_path, kv, backend):
     """Every decode step as a breakable-graph replay gives it (padded batch, no request ids,
     a capture's dummy batch first) against the eager torch backend: the same tokens, and logprobs
     within the two attention implementations' rounding. The batch mixes a request within its
     budget and sparse ones with their own budgets, which a replay must find without request ids."""
     ids = AutoTokenizer.from_pretrained(tiny_model)(SAMPLE_TEXT * 10, add_special_tokens=False).input_ids
     prompts, budgets = [ids[:300], ids[5:105], ids[9:420]], [96, None, 200]  # None: the server's 128
-    with engine(tiny_model, kv="dynsplit", kv_budget=128) as eng:
+    with engine(tiny_model, kv=kv, kv_budget=128) as eng:
         want = answers(eng, prompts, budgets)
     # The replay path (and the FlashInfer stand-ins) in the second engine's scheduler only.
     monkeypatch.setenv("DYNSPLIT_EXTRA_SETUP", "tests.graph_replay:install")
     log = tmp_path / "replay.log"
     monkeypatch.setenv("GRAPH_REPLAY_LOG", str(log))
     monkeypatch.setenv("SGLANG_FLASHINFER_WORKSPACE_SIZE", str(8 << 20))
-    with engine(tiny_model, kv="dynsplit", kv_budget=128, attention_backend=backend) as eng:
+    with engine(tiny_model, kv=kv, kv_budget=128, attention_backend=backend) as eng:
         got = answers(eng, prompts, budgets)
     events = log.read_text().splitlines()
     assert events[0] == "capture ok" and set(events[1:]) == {"replay"}, events[:5]
