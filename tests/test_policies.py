@@ -58,6 +58,9 @@ def decode_select(policy, keys, n, budget, q, layer=0, rid="r"):
     r = RequestView(torch.arange(n), n - 1, torch.zeros(1, dtype=torch.int64), rid, row=0, budget=budget)
     policy.begin_forward([r], True)
     positions, valid = policy.select(layer, 0, q)
+    # the count the FlashInfer decode plans with, known on the host, is what was selected
+    assert policy.selection_counts(layer, [0]) == [int(valid[0].sum())]
+    assert (valid.sum(dim=1) == valid[0].sum()).all()
     policy.end_forward([r], [keys] * SHAPE.num_layers)
     return [set(p[v].tolist()) for p, v in zip(positions, valid)]
 
@@ -231,6 +234,23 @@ def test_budget_covering_the_sequence_keeps_everything(name):
     keys, queries = window_pattern(n, [3])
     prefill(policy, keys, n, 512, queries)
     assert decode_select(policy, keys, n + 1, 512, torch.randn(4, 8)) == [set(range(n + 1))] * 2
+
+
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "dynamickv", "windowkv", "streamingllm", "sepllm"])
+def test_prefill_time_policies_know_their_counts_as_tokens_are_generated(name):
+    """`decode_select` checks the host-side count against the selection in every layer (their
+    budgets differ for pyramidkv and dynamickv), while the generated tokens are few, fill a
+    layer's budget, and outgrow it."""
+    budget, n = 64, 150  # n + 100 slots fit the fake KV buffers (SLOTS)
+    policy = make_policy(KVConfig(policy=name).options, budget=budget)
+    keys, queries = window_pattern(n, [3, 40])
+    prefill(policy, keys, n, budget, queries)
+    for m in (n + 1, n + 40, n + 100):
+        for layer in range(SHAPE.num_layers):
+            decode_select(policy, keys, m, budget, torch.randn(4, 8), layer=layer)
+    # a request without a ranking (cannot happen) attends to its recent tokens, and counts them
+    kept = decode_select(policy, keys, n + 1, budget, torch.randn(4, 8), rid="other")
+    assert kept == [set(range(n + 1 - budget, n + 1))] * 2
 
 
 def test_dynsplit_with_dynamickv_layer_budgets():

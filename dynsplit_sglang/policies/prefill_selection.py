@@ -168,13 +168,7 @@ class PrefillSelectionPolicy(KVPolicy):
         r = self._reqs[req_index]
         n, device = r.seq_len, r.row_slots.device
         kvh = self.shape.num_kv_heads
-        rk = self._rankings.get(r.row)
-        if rk is None or rk.rid != r.rid:  # cannot happen: every prefill ends with a ranking
-            if not self._warned:
-                logger.warning("%s: no prompt ranking for request %s; attending to its recent tokens", self.kv.policy, r.rid)
-                self._warned = True
-            L = self.shape.num_layers
-            rk = Ranking(r.rid, 0, torch.zeros(L, kvh, 0, dtype=torch.int64, device=device), [0] * L, [r.budget] * L)
+        rk = self._ranking_of(r)
         budget = rk.budgets[layer_id]
         if n <= budget:
             positions = torch.arange(n, device=device)[None, :].expand(kvh, -1)
@@ -183,6 +177,31 @@ class PrefillSelectionPolicy(KVPolicy):
         prompt = rk.order[layer_id, :, : min(budget - generated.numel(), rk.ranked[layer_id])]
         positions = torch.cat([prompt, generated[None, :].expand(kvh, -1)], dim=1)
         return positions, torch.ones_like(positions, dtype=torch.bool)
+
+    def selection_counts(self, layer_id, req_indices):
+        """What `select` keeps, from the ranking alone: the whole sequence within the layer's
+        budget, else the generated tokens (up to the budget) plus the ranked prompt tokens that
+        still fit; the same for every KV head."""
+        counts = []
+        for i in req_indices:
+            r = self._reqs[i]
+            rk = self._ranking_of(r)
+            budget, n = rk.budgets[layer_id], r.seq_len
+            generated = min(max(n - rk.prompt_len, 0), budget)
+            counts.append(n if n <= budget else generated + min(budget - generated, rk.ranked[layer_id]))
+        return counts
+
+    def _ranking_of(self, r: RequestView) -> Ranking:
+        """The request's ranking; if it has none (cannot happen: every prefill ends with one),
+        a ranking of no prompt tokens, so the request attends to its recent tokens."""
+        rk = self._rankings.get(r.row)
+        if rk is not None and rk.rid == r.rid:
+            return rk
+        if not self._warned:
+            logger.warning("%s: no prompt ranking for request %s; attending to its recent tokens", self.kv.policy, r.rid)
+            self._warned = True
+        L, kvh = self.shape.num_layers, self.shape.num_kv_heads
+        return Ranking(r.rid, 0, torch.zeros(L, kvh, 0, dtype=torch.int64, device=r.row_slots.device), [0] * L, [r.budget] * L)
 
     # --- lifetime -----------------------------------------------------------------------------
     def reset(self) -> None:
