@@ -65,6 +65,12 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
             super().init_forward_metadata(forward_batch)
         self._begin_forward(forward_batch)
 
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, kv_indices_buf=None):
+        """Nothing to preallocate. SGLang's version allocates its graphs' KV index and mask
+        buffers (max_num_tokens x context_len each, ~170 MB at 256 rows and 128k), which only its
+        own graph-captured decode and prefill read; here decode attention runs eagerly between a
+        breakable graph's segments and prefill graphs are off (patches/cuda_graph.py)."""
+
     # --- prefill ------------------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         self._check_layer(layer)

@@ -103,11 +103,18 @@ def _replay_decode_steps(backend_class) -> None:
 
 
 def _capture_once(backend, q, k, v, layer, save_kv_cache) -> None:
-    """A capture before the first replay: SGLang plans a dummy batch (`in_capture=True`) and runs
-    the forward on it; the attention break must hand back zeros and leave the policy alone."""
+    """A capture before the first replay: SGLang sets up the backend's graph state, plans a
+    dummy batch (`in_capture=True`) and runs the forward on it; the attention break must hand
+    back zeros and leave the policy alone, and no graph buffers are needed."""
     real = (backend._reqs, backend._graph_capture)
     before = backend.policy.stats()
     rows = q.shape[0] + PADDING
+    try:
+        backend.init_cuda_graph_state(rows, rows)  # SGLang's decode graph runner, at its start
+    except Exception as e:  # SGLang's own allocates on "cuda"; raising here would kill the test
+        _log(f"capture: init_cuda_graph_state failed: {e!r}")
+    if hasattr(backend, "cuda_graph_kv_indices"):
+        _log("capture: the backend allocated graph buffers its decode never reads")
     dummy = SimpleNamespace(batch_size=rows, num_padding=0, forward_mode=ForwardMode.DECODE)
     backend.init_forward_metadata_out_graph(dummy, in_capture=True)
     statics = SimpleNamespace(out_cache_loc=torch.zeros(rows, dtype=torch.int64), req_pool_indices=torch.zeros(rows, dtype=torch.int64))
