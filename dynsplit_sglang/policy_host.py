@@ -68,7 +68,8 @@ class PolicyHost:
         members = getattr(self.policy, "members", {kv.policy: self.policy})
         prefix_reserve.set_reserve({label: p.query_window() for label, p in members.items()}, kv.policy)
         request_options.enable(kv)
-        self._row_request: dict[int, tuple[str, int, str]] = {}  # req_to_token row -> (rid, budget, policy)
+        # req_to_token row -> (rid, budget, policy, the row's allocation count when they were read)
+        self._row_request: dict[int, tuple[str, int, str, int]] = {}
         self._lock = threading.Lock()
         self._reqs: list[RequestView] = []
         self._last_lse: dict[int, torch.Tensor] = {}  # request index -> [H] lse of its sparse step
@@ -137,27 +138,32 @@ class PolicyHost:
             starts = forward_batch.extend_prefix_lens.tolist()
         ids = forward_batch.input_ids
         rids = getattr(forward_batch, "rids", None) or [None] * len(rows)
+        # SGLang counts each row's allocations: a new count is a new request in the row (or the
+        # same one, retracted and prefilled again)
+        generations = self.req_to_token_pool.req_generation[rows].tolist()
         reqs, offset = [], 0
-        for row, n, s, rid in zip(rows, seq_lens, starts, rids):
+        for row, n, s, rid, generation in zip(rows, seq_lens, starts, rids, generations):
             new = n - s
             # a replay's batch has no rids: the row's own (policies key per-request state by it)
-            rid, budget, policy = self._options_of(row, rid)
+            rid, budget, policy = self._options_of(row, rid, generation)
             reqs.append(RequestView(req_to_token[row, :n].to(torch.int64), s, ids[offset : offset + new], rid, row, budget, policy))
             offset += new
         self._reqs = reqs
         self.policy.begin_forward(reqs, is_decode)
 
-    def _options_of(self, row: int, rid) -> tuple[str, int, str]:
+    def _options_of(self, row: int, rid, generation: int) -> tuple[str, int, str]:
         """(rid, budget, policy label) of the request in this row: its custom_params.kv_budget
-        and kv_policy, else the server's --kv-budget and --kv policy. Without a rid (a CUDA-graph
+        and kv_policy, else the server's --kv-budget and --kv policy. They are read when a request
+        gets the row (SGLang's allocation count of the row changes); a retracted request that
+        comes back, in this row or another, reads them again. Without a rid (a CUDA-graph
         replay), the row's request is the one its prefill registered: prefill always runs eager
         and names its requests, and a row changes hands only through a prefill."""
         known = self._row_request.get(row)
-        if known is None or (rid is not None and known[0] != rid):
-            asked = request_options.take(rid)
-            known = (rid, self.kv.budget if asked.budget is None else asked.budget, asked.policy or self.kv.policy)
+        if known is None or known[3] != generation or (rid is not None and known[0] != rid):
+            asked = request_options.options(rid)
+            known = (rid, self.kv.budget if asked.budget is None else asked.budget, asked.policy or self.kv.policy, generation)
             self._row_request[row] = known
-        return known
+        return known[:3]
 
     def _check_layer(self, layer) -> None:
         if layer.is_cross_attention or layer.qk_head_dim != layer.v_head_dim:

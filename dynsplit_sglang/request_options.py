@@ -8,13 +8,15 @@ One server can then answer at several budgets and with several policies, and req
 a prompt share its prefill through the radix cache (the accuracy benchmark sweeps budgets and
 policies this way). The values are checked where SGLang checks sampling parameters (a bad one is
 a request error naming it, nothing else is affected), recorded by request id when the scheduler
-creates the request, and read once by the attention backend when the request first runs.
+creates the request, and read by the attention backend each time the request gets a
+req_to_token row: when it first runs, and again if SGLang retracts it and prefills it later.
+They live as long as SGLang's request object; a later request with the same id brings its own.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,13 +24,13 @@ from dynsplit_sglang.config import KVConfig, KVConfigError, check_budget_value
 
 BUDGET_KEY = "kv_budget"
 POLICY_KEY = "kv_policy"
-_MAX_PENDING = 65536  # requests recorded but never run (aborted in the queue) are dropped oldest first
 
 _lock = threading.Lock()
 _server: Optional[KVConfig] = None  # the server's --kv choice, in the process that checks requests
 _context_length: Optional[int] = None
 _enabled = False  # in the scheduler process: a compressing policy runs, so record the options
-_pending: "OrderedDict[str, RequestOptions]" = OrderedDict()
+# rid -> (weak reference to SGLang's Req, its options); the entry goes when the Req does
+_recorded: "dict[str, tuple[weakref.ref, RequestOptions]]" = {}
 
 
 @dataclass(frozen=True)
@@ -78,19 +80,29 @@ def enable(kv: KVConfig) -> None:
     _enabled = kv.policy != "full"
 
 
-def record(rid: str, custom_params) -> None:
-    if not _enabled or not isinstance(custom_params, dict):
+def record(req) -> None:
+    """SGLang created this request (a `Req`): remember its options, if any, for its life."""
+    if not _enabled:
         return
-    budget, policy = custom_params.get(BUDGET_KEY), custom_params.get(POLICY_KEY)
-    if budget is None and policy is None:
-        return
+    rid, custom_params = req.rid, getattr(req.sampling_params, "custom_params", None)
+    params = custom_params if isinstance(custom_params, dict) else {}
+    budget, policy = params.get(BUDGET_KEY), params.get(POLICY_KEY)
     with _lock:
-        _pending[rid] = RequestOptions(None if budget is None else int(budget), policy)
-        while len(_pending) > _MAX_PENDING:
-            _pending.popitem(last=False)
+        if budget is None and policy is None:
+            _recorded.pop(rid, None)  # an earlier request with this id ended; this one asks for nothing
+            return
+        _recorded[rid] = (weakref.ref(req, lambda ref, rid=rid: _forget(rid, ref)),
+                          RequestOptions(None if budget is None else int(budget), policy))
 
 
-def take(rid) -> RequestOptions:
-    """What a request asked for (once; the backend remembers it for the request's life)."""
+def options(rid) -> RequestOptions:
+    """What the request with this id asked for (the server's defaults if nothing)."""
     with _lock:
-        return _pending.pop(rid, None) or RequestOptions()
+        entry = _recorded.get(rid)
+    return entry[1] if entry else RequestOptions()
+
+
+def _forget(rid: str, ref: weakref.ref) -> None:
+    with _lock:
+        if rid in _recorded and _recorded[rid][0] is ref:  # not a later request with the same id
+            del _recorded[rid]

@@ -14,7 +14,7 @@ def check_kv_budget(result, sampling_params, *args, **kwargs):
 
 
 def record_kv_budget(result, req, *args, **kwargs):
-    request_options.record(req.rid, getattr(req.sampling_params, "custom_params", None))
+    request_options.record(req)
     return result
 
 

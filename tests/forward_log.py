@@ -1,0 +1,29 @@
+"""What each forward hands the policy, logged from SGLang's scheduler for a test to read.
+
+Run it with DYNSPLIT_EXTRA_SETUP=tests.forward_log:install; every forward appends one JSON line
+{"decode": bool, "reqs": [[rid, budget, policy label, req_to_token row], ...]} to the file named
+by $FORWARD_LOG (raising in the scheduler would kill the test process with it).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+
+
+def install() -> None:
+    if multiprocessing.current_process().name == "MainProcess":
+        return  # the backends run in the scheduler; patching them here would outlive the test
+    from dynsplit_sglang.policy_host import PolicyHost
+
+    begin = PolicyHost._begin_forward
+
+    def logged(self, forward_batch, num_rows=None):
+        begin(self, forward_batch, num_rows)
+        line = {"decode": forward_batch.forward_mode.is_decode(),
+                "reqs": [[r.rid, r.budget, r.policy, r.row] for r in self._reqs]}
+        with open(os.environ["FORWARD_LOG"], "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    PolicyHost._begin_forward = logged
