@@ -99,6 +99,27 @@ def test_a_members_rows_need_not_be_adjacent_in_the_batch():
     assert len(kept) == len(labels) and all(len(k) == 3 for k in kept)
 
 
+def test_prompt_queries_are_kept_by_the_answering_member_until_decode():
+    """The last prompt queries a prefill-time member ranks with are carried to a prompt's next
+    chunk only by the member that answers the request, and dropped once the request decodes."""
+    keys, queries = window_pattern(N, [10, 50, 51, 120])
+    kv = KVConfig("streamingllm", BUDGET, StreamingLLMOptions(), variants=dict(VARIANTS))
+    kv.validate()
+    policy = build_policy(kv, SHAPE, keys.shape[0], torch.float32, "cpu", FakeTokens())
+    reqs = [RequestView(torch.arange(N), 0, torch.zeros(N, dtype=torch.int64), "r0", 0, BUDGET, "snap"),
+            RequestView(torch.arange(N), 0, torch.zeros(N, dtype=torch.int64), "r1", 1, BUDGET, "streamingllm")]
+    policy.begin_forward(reqs, False)
+    for layer in sorted(policy.query_layers()):
+        for i in range(len(reqs)):
+            policy.observe_queries(layer, i, queries[N - policy.query_window():], 1.0)
+    policy.end_forward(reqs, [keys] * SHAPE.num_layers)
+    assert policy.stats()["snap.carried_queries"] == 1 and policy.stats()["streamingllm.carried_queries"] == 1
+    decoding = [RequestView(torch.arange(N + 1), N, torch.zeros(1, dtype=torch.int64), r.rid, r.row, BUDGET, r.policy)
+                for r in reqs]
+    policy.begin_forward(decoding, True)
+    assert policy.stats()["snap.carried_queries"] == 0 and policy.stats()["streamingllm.carried_queries"] == 0
+
+
 def test_decode_time_members_give_their_counts_on_the_host():
     """A set knows each request's selection size before selecting: min(budget, seq_len) for
     DynSplit-type members, the generated plus the ranked prompt tokens that fit for prefill-time

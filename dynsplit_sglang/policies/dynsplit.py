@@ -84,6 +84,8 @@ class DynSplitPolicy(KVPolicy):
         self._rows = [torch.zeros(r.seq_len - r.new_start, L, device=r.row_slots.device) for r in reqs]
         if self.queries is not None and not is_decode:
             self.queries.begin(len(reqs))
+        elif self.queries is not None:
+            self.queries.end_prompt(r.row for r in reqs)
         if is_decode:
             self._decode_blocks = []
             for r in reqs:
@@ -138,10 +140,9 @@ class DynSplitPolicy(KVPolicy):
                     self._type_prior(r.row_slots, start) if self.by_type else None,
                 )
                 t.add_blocks(r.row_slots, blocks, key_buffers)
-            if self.queries is not None and not self._is_decode:
+            if self.queries is not None and not self._is_decode and self.answers(r):
                 window = self.queries.take(i, r)
-                if self.answers(r):
-                    self._layer_budgets[r.row] = (r.rid, self._dynamickv_budgets(r, window, key_buffers))
+                self._layer_budgets[r.row] = (r.rid, self._dynamickv_budgets(r, window, key_buffers))
             if self._trace is not None and (blocks or r.new_start == 0 or r.seq_len - r.new_start > 1):
                 self._write_trace(r)
 
@@ -252,7 +253,8 @@ class DynSplitPolicy(KVPolicy):
 
     def stats(self) -> dict:
         t = self.table
-        return {"records_in_use": t.records_in_use, "records_owned": t.records_owned(), "records_capacity": t.capacity}
+        carried = {} if self.queries is None else {"carried_queries": len(self.queries)}
+        return {"records_in_use": t.records_in_use, "records_owned": t.records_owned(), "records_capacity": t.capacity, **carried}
 
     def trace(self, event: dict) -> None:
         if self._trace is not None:

@@ -60,6 +60,16 @@ class PromptQueries:
         self._carry[r.row] = (r.rid, r.seq_len, joined)
         return joined
 
+    def end_prompt(self, rows) -> None:
+        """These rows' requests are decoding: their prompts are complete, so no later chunk will
+        join what was carried (a [window, H, D] clone per query layer and row)."""
+        for row in rows:
+            self._carry.pop(row, None)
+
+    def __len__(self) -> int:
+        """Rows whose queries are carried to a next chunk."""
+        return len(self._carry)
+
     def reset(self) -> None:
         self._carry.clear()
 
@@ -121,7 +131,9 @@ class PrefillSelectionPolicy(KVPolicy):
     def begin_forward(self, reqs: list[RequestView], is_decode: bool) -> None:
         self._reqs = reqs
         self._is_decode = is_decode
-        if not is_decode:
+        if is_decode:
+            self.queries.end_prompt(r.row for r in reqs)
+        else:
             self.queries.begin(len(reqs))
 
     def observe_queries(self, layer_id, req_index, q, scale) -> None:
@@ -132,9 +144,9 @@ class PrefillSelectionPolicy(KVPolicy):
         if self._is_decode:
             return
         for i, r in enumerate(reqs):
-            window = self.queries.take(i, r)
             if not self.answers(r):
-                continue
+                continue  # another member of a PolicySet ranks it; nothing to carry here
+            window = self.queries.take(i, r)
             orders, budgets = self.rank(r, window, key_buffers)
             self._rankings[r.row] = Ranking(r.rid, r.seq_len, stack_orders(orders), [o.shape[1] for o in orders], budgets)
 
@@ -209,7 +221,7 @@ class PrefillSelectionPolicy(KVPolicy):
         self.queries.reset()
 
     def stats(self) -> dict:
-        return {"rankings": len(self._rankings)}
+        return {"rankings": len(self._rankings), "carried_queries": len(self.queries)}
 
 
 def stack_orders(orders: list[torch.Tensor]) -> torch.Tensor:
