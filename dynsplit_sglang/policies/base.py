@@ -126,7 +126,8 @@ class KVPolicy(abc.ABC):
         """`select` for several requests at once: q [R, H, D] holds the decode queries of
         `req_indices`. returns positions [R, KvH, W] int64 and valid [R, KvH, W] bool, row k the
         selection of req_indices[k] padded to the widest. The default asks `select` per request."""
-        return pad_selections([self.select(layer_id, i, q[k]) for k, i in enumerate(req_indices)])
+        picks = [self.select(layer_id, i, q[k]) for k, i in enumerate(req_indices)]
+        return stack_selections(len(picks), [(slice(k, k + 1), p[None], v[None]) for k, (p, v) in enumerate(picks)])
 
     def select_slots_batch(
         self, layer_id: int, req_indices: list[int], q: torch.Tensor, req_slots: torch.Tensor
@@ -163,14 +164,18 @@ class KVPolicy(abc.ABC):
         """Record a debugging event (a no-op unless the policy was configured to trace)."""
 
 
-def pad_selections(picks: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-request (positions [KvH, B_k], valid [KvH, B_k]) stacked to [R, KvH, max B_k] (padding:
-    position 0, not valid)."""
-    width = max(p.shape[1] for p, _ in picks)
-    num_kv_heads, device = picks[0][0].shape[0], picks[0][0].device
-    positions = torch.zeros(len(picks), num_kv_heads, width, dtype=torch.int64, device=device)
-    valid = torch.zeros(len(picks), num_kv_heads, width, dtype=torch.bool, device=device)
-    for k, (p, v) in enumerate(picks):
-        positions[k, :, : p.shape[1]] = p
-        valid[k, :, : v.shape[1]] = v
+def stack_selections(num_rows: int, parts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selections of groups of rows stacked to positions [num_rows, KvH, W] int64 and valid
+    [num_rows, KvH, W] bool, W the widest (padding: position 0, not valid).
+
+    parts: (rows, positions [n, KvH, B], valid [n, KvH, B]) per group, rows indexing its n rows
+           (a slice, or a list of row numbers).
+    """
+    first = parts[0][1]
+    shape = (num_rows, first.shape[1], max(p.shape[2] for _, p, _ in parts))
+    positions = torch.zeros(shape, dtype=torch.int64, device=first.device)
+    valid = torch.zeros(shape, dtype=torch.bool, device=first.device)
+    for rows, p, v in parts:
+        positions[rows, :, : p.shape[2]] = p
+        valid[rows, :, : v.shape[2]] = v
     return positions, valid

@@ -82,10 +82,10 @@ class DynSplitPolicy(KVPolicy):
         self._is_decode = is_decode
         L = self.cfg.lookahead
         self._rows = [torch.zeros(r.seq_len - r.new_start, L, device=r.row_slots.device) for r in reqs]
-        if self.queries is not None and not is_decode:
-            self.queries.begin(len(reqs))
-        elif self.queries is not None:
+        if self.queries is not None and is_decode:
             self.queries.end_prompt(r.row for r in reqs)
+        elif self.queries is not None:
+            self.queries.begin(len(reqs))
         if is_decode:
             self._decode_blocks = []
             for r in reqs:

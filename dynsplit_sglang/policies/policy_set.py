@@ -21,7 +21,7 @@ import torch
 
 from dynsplit_sglang.block_table import ModelShape
 from dynsplit_sglang.config import KVConfig
-from dynsplit_sglang.policies.base import KVPolicy, RequestView
+from dynsplit_sglang.policies.base import KVPolicy, RequestView, stack_selections
 
 
 def build_policy(kv: KVConfig, shape: ModelShape, num_slots: int, dtype, device, tokens=None) -> KVPolicy:
@@ -129,14 +129,7 @@ class PolicySet(KVPolicy):
             picks.append((at, *select(self.members[label], ks, at)))
         if len(picks) == 1:
             return picks[0][1], picks[0][2]
-        first = picks[0][1]
-        shape = (len(req_indices), first.shape[1], max(chosen.shape[2] for _, chosen, _ in picks))
-        positions = torch.zeros(shape, dtype=first.dtype, device=first.device)
-        valid = torch.zeros(shape, dtype=torch.bool, device=first.device)
-        for at, chosen, ok in picks:
-            positions[at, :, : chosen.shape[2]] = chosen
-            valid[at, :, : ok.shape[2]] = ok
-        return positions, valid
+        return stack_selections(len(req_indices), picks)
 
     def selection_counts(self, layer_id, req_indices):
         counts: list[int | None] = [None] * len(req_indices)
