@@ -181,27 +181,34 @@ class PrefillSelectionPolicy(KVPolicy):
         n, device = r.seq_len, r.row_slots.device
         kvh = self.shape.num_kv_heads
         rk = self._ranking_of(r)
-        budget = rk.budgets[layer_id]
-        if n <= budget:
+        kept = self._kept(rk, layer_id, n)
+        if kept is None:
             positions = torch.arange(n, device=device)[None, :].expand(kvh, -1)
             return positions, torch.ones_like(positions, dtype=torch.bool)
-        generated = torch.arange(n - 1, rk.prompt_len - 1, -1, device=device)[:budget]
-        prompt = rk.order[layer_id, :, : min(budget - generated.numel(), rk.ranked[layer_id])]
-        positions = torch.cat([prompt, generated[None, :].expand(kvh, -1)], dim=1)
+        generated, prompt = kept
+        newest = torch.arange(n - 1, n - 1 - generated, -1, device=device)
+        positions = torch.cat([rk.order[layer_id, :, :prompt], newest[None, :].expand(kvh, -1)], dim=1)
         return positions, torch.ones_like(positions, dtype=torch.bool)
 
     def selection_counts(self, layer_id, req_indices):
-        """What `select` keeps, from the ranking alone: the whole sequence within the layer's
-        budget, else the generated tokens (up to the budget) plus the ranked prompt tokens that
-        still fit; the same for every KV head."""
+        """What `select` keeps (the same for every KV head), from the ranking alone."""
         counts = []
         for i in req_indices:
-            r = self._reqs[i]
-            rk = self._ranking_of(r)
-            budget, n = rk.budgets[layer_id], r.seq_len
-            generated = min(max(n - rk.prompt_len, 0), budget)
-            counts.append(n if n <= budget else generated + min(budget - generated, rk.ranked[layer_id]))
+            n = self._reqs[i].seq_len
+            kept = self._kept(self._ranking_of(self._reqs[i]), layer_id, n)
+            counts.append(n if kept is None else sum(kept))
         return counts
+
+    @staticmethod
+    def _kept(rk: Ranking, layer_id: int, n: int) -> tuple[int, int] | None:
+        """None if the sequence of n tokens fits the layer's budget (all of it is attended), else
+        (generated, prompt): the newest generated tokens (up to the budget) and the best-ranked
+        prompt tokens that still fit."""
+        budget = rk.budgets[layer_id]
+        if n <= budget:
+            return None
+        generated = min(max(n - rk.prompt_len, 0), budget)
+        return generated, min(budget - generated, rk.ranked[layer_id])
 
     def _ranking_of(self, r: RequestView) -> Ranking:
         """The request's ranking; if it has none (cannot happen: every prefill ends with one),
