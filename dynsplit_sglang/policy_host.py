@@ -68,8 +68,8 @@ class PolicyHost:
         members = getattr(self.policy, "members", {kv.policy: self.policy})
         prefix_reserve.set_reserve({label: p.query_window() for label, p in members.items()}, kv.policy)
         request_options.enable(kv)
-        # req_to_token row -> (rid, budget, policy, the row's allocation count when they were read)
-        self._row_request: dict[int, tuple[str, int, str, int]] = {}
+        # req_to_token row -> (rid, budget, policy, prompt length, the row's allocation count when read)
+        self._row_request: dict[int, tuple] = {}
         self._lock = threading.Lock()
         self._reqs: list[RequestView] = []
         self._last_lse: dict[int, torch.Tensor] = {}  # request index -> [H] lse of its sparse step
@@ -145,25 +145,27 @@ class PolicyHost:
         for row, n, s, rid, generation in zip(rows, seq_lens, starts, rids, generations):
             new = n - s
             # a replay's batch has no rids: the row's own (policies key per-request state by it)
-            rid, budget, policy = self._options_of(row, rid, generation)
-            reqs.append(RequestView(req_to_token[row, :n].to(torch.int64), s, ids[offset : offset + new], rid, row, budget, policy))
+            rid, budget, policy, prompt_len = self._request_in(row, rid, generation)
+            reqs.append(RequestView(req_to_token[row, :n].to(torch.int64), s, ids[offset : offset + new],
+                                    rid, row, budget, policy, prompt_len))
             offset += new
         self._reqs = reqs
         self.policy.begin_forward(reqs, is_decode)
 
-    def _options_of(self, row: int, rid, generation: int) -> tuple[str, int, str]:
-        """(rid, budget, policy label) of the request in this row: its custom_params.kv_budget
-        and kv_policy, else the server's --kv-budget and --kv policy. They are read when a request
+    def _request_in(self, row: int, rid, generation: int) -> tuple:
+        """(rid, budget, policy label, prompt length or None) of the request in this row: its
+        custom_params.kv_budget and kv_policy, else the server's --kv-budget and --kv policy. They are read when a request
         gets the row (SGLang's allocation count of the row changes); a retracted request that
         comes back, in this row or another, reads them again. Without a rid (a CUDA-graph
         replay), the row's request is the one its prefill registered: prefill always runs eager
         and names its requests, and a row changes hands only through a prefill."""
         known = self._row_request.get(row)
-        if known is None or known[3] != generation or (rid is not None and known[0] != rid):
+        if known is None or known[4] != generation or (rid is not None and known[0] != rid):
             asked = request_options.options(rid)
-            known = (rid, self.kv.budget if asked.budget is None else asked.budget, asked.policy or self.kv.policy, generation)
+            known = (rid, self.kv.budget if asked.budget is None else asked.budget, asked.policy or self.kv.policy,
+                     request_options.prompt_len(rid), generation)
             self._row_request[row] = known
-        return known[:3]
+        return known[:4]
 
     def _check_layer(self, layer) -> None:
         if layer.is_cross_attention or layer.qk_head_dim != layer.v_head_dim:
@@ -219,15 +221,16 @@ class PolicyHost:
         return o
 
     def _observe_prefill(self, q3: torch.Tensor, layer, lses: list[torch.Tensor] | None) -> None:
-        """The policy gets the last queries of its query layers and the band logits and row lse
+        """The policy gets the queries of the prompt's last tokens in its query layers (those this
+        forward computes; RequestView.prompt_queries) and the band logits and row lse
         of its score layers. q3: [T, H, D] the new queries of every request, back to back;
         lses: per request [H, n] the row lse of its new queries (needed in score layers)."""
         if layer.layer_id in self._query_layers:
             offset = 0
             for i, r in enumerate(self._reqs):
-                n = r.seq_len - r.new_start
-                m = min(n, self._query_window)
-                self.policy.observe_queries(layer.layer_id, i, q3[offset + n - m : offset + n], layer.scaling)
+                n, mine = r.seq_len - r.new_start, r.prompt_queries(self._query_window)
+                if mine.stop > mine.start:
+                    self.policy.observe_queries(layer.layer_id, i, q3[offset + mine.start : offset + mine.stop], layer.scaling)
                 offset += n
         if layer.layer_id in self._score_layers:
             keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)

@@ -11,6 +11,10 @@ a request error naming it, nothing else is affected), recorded by request id whe
 creates the request, and read by the attention backend each time the request gets a
 req_to_token row: when it first runs, and again if SGLang retracts it and prefills it later.
 They live as long as SGLang's request object; a later request with the same id brings its own.
+
+The same record gives the backend the request's prompt length (`prompt_len`): a request SGLang
+retracted prefills its prompt and the tokens it had generated, and the prefill-time policies rank
+the prompt alone.
 """
 
 from __future__ import annotations
@@ -81,16 +85,14 @@ def enable(kv: KVConfig) -> None:
 
 
 def record(req) -> None:
-    """SGLang created this request (a `Req`): remember its options, if any, for its life."""
+    """SGLang created this request (a `Req`): remember it and its options for its life (a
+    later request with the same id replaces it)."""
     if not _enabled:
         return
     rid, custom_params = req.rid, getattr(req.sampling_params, "custom_params", None)
     params = custom_params if isinstance(custom_params, dict) else {}
     budget, policy = params.get(BUDGET_KEY), params.get(POLICY_KEY)
     with _lock:
-        if budget is None and policy is None:
-            _recorded.pop(rid, None)  # an earlier request with this id ended; this one asks for nothing
-            return
         _recorded[rid] = (weakref.ref(req, lambda ref, rid=rid: _forget(rid, ref)),
                           RequestOptions(None if budget is None else int(budget), policy))
 
@@ -100,6 +102,16 @@ def options(rid) -> RequestOptions:
     with _lock:
         entry = _recorded.get(rid)
     return entry[1] if entry else RequestOptions()
+
+
+def prompt_len(rid) -> Optional[int]:
+    """Tokens of the live request's prompt (SGLang's origin_input_ids, as the scheduler left
+    them: it may cut an overlong prompt after creating the request); None if unknown."""
+    with _lock:
+        entry = _recorded.get(rid)
+    req = entry[0]() if entry else None
+    ids = getattr(req, "origin_input_ids", None)
+    return None if ids is None else len(ids)
 
 
 def _forget(rid: str, ref: weakref.ref) -> None:

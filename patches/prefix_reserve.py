@@ -9,6 +9,11 @@ matched prefix is still reused, only the last tokens are recomputed.
 The reserve is the query window of the policy that answers the request (its
 `custom_params.kv_policy`, else the server's --kv policy), so in a server with --kv-variants a
 request of DynSplit-KV or Quest (window 0) does not pay SnapKV's window.
+
+The window ends where the prompt ends. A request SGLang retracted prefills its prompt and the
+tokens it had generated (input_len counts both), and the prefill-time policies rank its prompt
+alone, with the same queries as the first time: its match stops `reserve` tokens (at least one)
+before the prompt's end.
 """
 
 from __future__ import annotations
@@ -38,10 +43,10 @@ def reserve_of(req) -> int:
 
 def limit_prefix(original, req, input_len: int, *args, **kwargs) -> int:
     limit = original(req, input_len, *args, **kwargs)
-    reserve = reserve_of(req)
-    if reserve:
-        limit = max(0, min(limit, input_len - reserve))
-    return limit
+    if not _windows:
+        return limit  # --kv full: SGLang's own limit
+    prompt_end = min(input_len, len(req.origin_input_ids))
+    return max(0, min(limit, prompt_end - max(reserve_of(req), 1)))
 
 
 HOOKS = [("sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len", HookType.AROUND, limit_prefix)]

@@ -1,8 +1,10 @@
 """What each forward hands the policy, logged from SGLang's scheduler for a test to read.
 
 Run it with DYNSPLIT_EXTRA_SETUP=tests.forward_log:install; every forward appends one JSON line
-{"decode": bool, "reqs": [[rid, budget, policy label, req_to_token row], ...]} to the file named
-by $FORWARD_LOG (raising in the scheduler would kill the test process with it).
+{"decode": bool, "reqs": [[rid, budget, policy label, req_to_token row, prompt_len, new_start,
+ranked], ...]} to the file named by $FORWARD_LOG (raising in the scheduler would kill the test
+process with it). `ranked` is the prompt length of the request's ranking when the policy that
+answers it is a prefill-time one and has ranked it (else None).
 """
 
 from __future__ import annotations
@@ -21,8 +23,14 @@ def install() -> None:
 
     def logged(self, forward_batch, num_rows=None):
         begin(self, forward_batch, num_rows)
+        members = getattr(self.policy, "members", {self.kv.policy: self.policy})
+
+        def ranked(r):
+            rk = getattr(members.get(r.policy), "_rankings", {}).get(r.row)
+            return rk.prompt_len if rk is not None and rk.rid == r.rid else None
+
         line = {"decode": forward_batch.forward_mode.is_decode(),
-                "reqs": [[r.rid, r.budget, r.policy, r.row] for r in self._reqs]}
+                "reqs": [[r.rid, r.budget, r.policy, r.row, r.prompt_len, r.new_start, ranked(r)] for r in self._reqs]}
         with open(os.environ["FORWARD_LOG"], "a") as f:
             f.write(json.dumps(line) + "\n")
 

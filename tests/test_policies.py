@@ -41,14 +41,17 @@ def make_policy(options, budget):
     return POLICY_CLASSES[options.policy](kv, SHAPE, SLOTS, torch.float32, "cpu", FakeTokens())
 
 
-def prefill(policy, keys, n, budget, queries=None, token_ids=None, rid="r"):
-    """Run one prompt of n tokens (slots 0..n-1) through the policy; queries: [n, H, D]."""
+def prefill(policy, keys, n, budget, queries=None, token_ids=None, rid="r", start=0, prompt_len=None):
+    """Run positions start..n-1 of a request (slots = positions) through the policy as one
+    prefill forward, as the backend does: the policy gets the queries of the prompt's last tokens
+    among them. queries: [n, H, D] of every position; prompt_len: None, the prompt ends at n."""
     ids = torch.zeros(n, dtype=torch.int64) if token_ids is None else token_ids
-    r = RequestView(torch.arange(n), 0, ids, rid, row=0, budget=budget)
+    r = RequestView(torch.arange(n), start, ids[start:], rid, row=0, budget=budget, prompt_len=prompt_len)
     policy.begin_forward([r], False)
-    w = policy.query_window()
+    mine = r.prompt_queries(policy.query_window())
     for layer in sorted(policy.query_layers()):
-        policy.observe_queries(layer, 0, queries[n - min(w, n) :], 1.0)
+        if mine.stop > mine.start:
+            policy.observe_queries(layer, 0, queries[start:][mine], 1.0)
     policy.end_forward([r], [keys] * SHAPE.num_layers)
     return r
 
@@ -236,7 +239,10 @@ def test_budget_covering_the_sequence_keeps_everything(name):
     assert decode_select(policy, keys, n + 1, 512, torch.randn(4, 8)) == [set(range(n + 1))] * 2
 
 
-@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "dynamickv", "windowkv", "streamingllm", "sepllm"])
+PREFILL_TIME = ["snapkv", "pyramidkv", "dynamickv", "windowkv", "streamingllm", "sepllm"]
+
+
+@pytest.mark.parametrize("name", PREFILL_TIME)
 def test_prefill_time_policies_know_their_counts_as_tokens_are_generated(name):
     """`decode_select` checks the host-side count against the selection in every layer (their
     budgets differ for pyramidkv and dynamickv), while the generated tokens are few, fill a
@@ -251,6 +257,54 @@ def test_prefill_time_policies_know_their_counts_as_tokens_are_generated(name):
     # a request without a ranking (cannot happen) attends to its recent tokens, and counts them
     kept = decode_select(policy, keys, n + 1, budget, torch.randn(4, 8), rid="other")
     assert kept == [set(range(n + 1 - budget, n + 1))] * 2
+
+
+@pytest.mark.parametrize("name", PREFILL_TIME)
+def test_a_prompt_is_ranked_once_by_its_last_chunk_and_alone_after_a_retraction(name):
+    """Chunked or not, and prefilled again with its generated tokens after SGLang retracted it,
+    a request gets the ranking of its prompt: the same positions, budgets and prompt length, so
+    the tokens it had generated stay generated tokens."""
+    torch.manual_seed(0)
+    budget, p, g = 48, 150, 30
+    keys, queries = torch.randn(SLOTS, 2, 8), torch.randn(p + g, 4, 8)  # the window's queries matter
+
+    def ranked(*forwards):
+        policy = make_policy(KVConfig(policy=name).options, budget=budget)
+        for start, end in forwards:
+            assert policy.stats()["rankings"] == 0  # earlier chunks carry queries, rank nothing
+            prefill(policy, keys, end, budget, queries, start=start, prompt_len=p)
+        return policy, policy._rankings[0]
+
+    whole, want = ranked((0, p))
+    for forwards in ([(0, 60), (60, p - 3), (p - 3, p)],  # a chunk boundary inside the window
+                     [(0, p + g)],                        # retracted: prompt and generated at once
+                     [(0, p - 2), (p - 2, p + g)]):       # ... in two chunks
+        policy, got = ranked(*forwards)
+        assert (got.prompt_len, got.ranked, got.budgets) == (want.prompt_len, want.ranked, want.budgets), forwards
+        assert torch.equal(got.order, want.order), forwards
+        for layer in range(SHAPE.num_layers):
+            q = torch.randn(4, 8)
+            assert decode_select(policy, keys, p + g + 1, budget, q, layer) == \
+                decode_select(whole, keys, p + g + 1, budget, q, layer)
+
+
+def test_dynsplit_layer_budgets_come_from_the_prompt_alone():
+    """DynSplit-KV's DynamicKV layer budgets score the prompt with its last queries, also when a
+    retracted request prefills its generated tokens with it (random data gives uniform budgets,
+    so what the scoring is given is compared)."""
+    options = DynSplitConfig(split="fixed_interval", layer_budgets="dynamickv", sink_tokens=0, recent_tokens=8)
+    torch.manual_seed(0)
+    keys, queries = torch.randn(SLOTS, 2, 8), torch.randn(190, 4, 8)
+    given = []
+    for forwards in ([(0, 160)], [(0, 100), (100, 190)]):  # fresh; retracted after 30 tokens
+        policy = make_policy(options, budget=48)
+        scored = policy._dynamickv_budgets
+        policy._dynamickv_budgets = lambda r, window, k: given.append((r.seq_len, window)) or scored(r, window, k)
+        for start, end in forwards:
+            prefill(policy, keys, end, 48, queries, start=start, prompt_len=160)
+    assert [n for n, _ in given] == [160, 160]
+    assert given[0][1].keys() == given[1][1].keys()
+    assert all(torch.equal(given[0][1][layer][0], given[1][1][layer][0]) for layer in given[0][1])
 
 
 def test_dynsplit_with_dynamickv_layer_budgets():
@@ -314,17 +368,23 @@ def test_request_budget_is_checked_against_the_policy():
 def test_prefix_reserve_leaves_the_window_of_the_requests_policy_to_recompute():
     from types import SimpleNamespace
 
-    def req(custom_params=None):
-        return SimpleNamespace(sampling_params=SimpleNamespace(custom_params=custom_params))
+    def req(custom_params=None, prompt=None):
+        """A fresh request of `input_len` prompt tokens, or one retracted after its `prompt`."""
+        return SimpleNamespace(sampling_params=SimpleNamespace(custom_params=custom_params),
+                               origin_input_ids=[0] * (prompt or 100))
 
     original = lambda req, input_len: input_len - 1  # noqa: E731  SGLang's own limit
     prefix_reserve.set_reserve({"snapkv": 32, "dynsplit": 0, "wide": 64}, "snapkv")
     try:
         assert prefix_reserve.limit_prefix(original, req(), 100) == 68  # the --kv policy's window
-        assert prefix_reserve.limit_prefix(original, req({"kv_budget": 50}), 10) == 0
+        assert prefix_reserve.limit_prefix(original, req({"kv_budget": 50}, 10), 10) == 0
         assert prefix_reserve.limit_prefix(original, req({"kv_policy": "dynsplit"}), 100) == 99
         assert prefix_reserve.limit_prefix(original, req({"kv_policy": "wide"}), 100) == 36
         assert prefix_reserve.limit_prefix(original, req({"kv_policy": "unknown"}), 100) == 36  # the widest
+        # retracted after 30 generated tokens: the window before the prompt's end is recomputed,
+        # and for every policy at least the prompt's last token (the forward that ranks it)
+        assert prefix_reserve.limit_prefix(original, req(None, 70), 100) == 38
+        assert prefix_reserve.limit_prefix(original, req({"kv_policy": "dynsplit"}, 70), 100) == 69
     finally:
         prefix_reserve.set_reserve({}, "")
     assert prefix_reserve.limit_prefix(original, req(), 100) == 99

@@ -113,7 +113,8 @@ def test_prompt_queries_are_kept_by_the_answering_member_until_decode():
         for i in range(len(reqs)):
             policy.observe_queries(layer, i, queries[N - policy.query_window():], 1.0)
     policy.end_forward(reqs, [keys] * SHAPE.num_layers)
-    assert policy.stats()["snap.carried_queries"] == 1 and policy.stats()["streamingllm.carried_queries"] == 1
+    # StreamingLLM ranks without queries: it carries none
+    assert policy.stats()["snap.carried_queries"] == 1 and policy.stats()["streamingllm.carried_queries"] == 0
     decoding = [RequestView(torch.arange(N + 1), N, torch.zeros(1, dtype=torch.int64), r.rid, r.row, BUDGET, r.policy)
                 for r in reqs]
     policy.begin_forward(decoding, True)

@@ -13,7 +13,7 @@ once, when its last token is computed, and keep that ranking for the rest of the
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Optional
 
 import torch
@@ -36,6 +36,10 @@ class RequestView:
                --kv-budget or the request's custom_params.kv_budget).
     policy:    label of the policy that answers it when the server runs several
                (custom_params.kv_policy; "" for the --kv policy).
+    prompt_len: tokens of its prompt (SGLang's origin_input_ids); None: unknown, the prompt
+               ends where this forward ends. More than seq_len in a chunked prefill's earlier
+               chunks; less after SGLang retracted the request, whose prefill then computes the
+               tokens it had generated too.
     """
 
     row_slots: torch.Tensor
@@ -45,10 +49,36 @@ class RequestView:
     row: int = -1
     budget: int = 0
     policy: str = ""
+    prompt_len: Optional[int] = None
 
     @property
     def seq_len(self) -> int:
         return self.row_slots.numel()
+
+    @property
+    def prompt_end(self) -> int:
+        """Position after the prompt's last token."""
+        return self.seq_len if self.prompt_len is None else self.prompt_len
+
+    def ends_prompt(self) -> bool:
+        """Whether this forward computes the prompt's last token (prefill-time policies rank then)."""
+        return self.new_start < self.prompt_end <= self.seq_len
+
+    def prompt_queries(self, window: int) -> slice:
+        """Which of this forward's new tokens are among the prompt's last `window` tokens (a slice
+        of the new tokens; empty when the forward computes none of them)."""
+        end = min(self.seq_len, self.prompt_end)
+        start = max(self.new_start, end - window)
+        return slice(start - self.new_start, max(start, end) - self.new_start)
+
+    def prompt(self) -> "RequestView":
+        """This view cut at the prompt's end, for ranking the prompt (called when ends_prompt())."""
+        end = self.prompt_end
+        if end >= self.seq_len:
+            return self
+        new_start = min(self.new_start, end)
+        return replace(self, row_slots=self.row_slots[:end], new_start=new_start,
+                       token_ids=self.token_ids[: end - new_start], prompt_len=end)
 
 
 class KVPolicy(abc.ABC):

@@ -142,7 +142,8 @@ class DynSplitPolicy(KVPolicy):
                 t.add_blocks(r.row_slots, blocks, key_buffers)
             if self.queries is not None and not self._is_decode and self.answers(r):
                 window = self.queries.take(i, r)
-                self._layer_budgets[r.row] = (r.rid, self._dynamickv_budgets(r, window, key_buffers))
+                if r.ends_prompt():  # the prompt alone, as the prefill-time policies rank it
+                    self._layer_budgets[r.row] = (r.rid, self._dynamickv_budgets(r.prompt(), window, key_buffers))
             if self._trace is not None and (blocks or r.new_start == 0 or r.seq_len - r.new_start > 1):
                 self._write_trace(r)
 

@@ -13,8 +13,11 @@ the step is dense (the backend's dense path).
 
 The ranking uses the queries of the last prompt tokens (the observation window). They are
 collected across chunked-prefill forwards, and a radix-cache hit recomputes at least the window
-(patches/prefix_reserve.py), so chunking and caching cannot change a ranking. Rankings are kept per
-`req_to_token` row and replaced by the next request on that row.
+(patches/prefix_reserve.py), so chunking and caching cannot change a ranking. Only the forward
+that computes the prompt's last token ranks. A request SGLang retracted prefills again with the
+tokens it had generated; it is ranked over its prompt alone, with the same window, so those
+tokens stay generated tokens. Rankings are kept per `req_to_token` row and replaced by the next
+request on that row.
 """
 
 from __future__ import annotations
@@ -48,16 +51,19 @@ class PromptQueries:
         self._forward[req_index][layer_id] = (q.detach().clone(), scale)
 
     def take(self, req_index: int, r: RequestView) -> dict[int, tuple[torch.Tensor, float]]:
-        """{layer: (queries [m, H, D] of positions seq_len-m .. seq_len-1, scale)}, m <= window,
-        joining what earlier chunks of the same request left; remembers them for the next chunk."""
+        """{layer: (queries [m, H, D] of prompt positions e-m .. e-1, scale)}, m <= window, where
+        e = min(seq_len, prompt_end) is as far as the prompt is computed; joins what earlier
+        chunks of the same request left and remembers the result for the next chunk."""
         new = self._forward[req_index]
         rid, end, old = self._carry.get(r.row, (None, -1, {}))
+        if not new:  # this forward computed none of the prompt's last tokens
+            return old if rid == r.rid else {}
         joined = {}
         for layer, (q, scale) in new.items():
             if rid == r.rid and end == r.new_start and layer in old and q.shape[0] < self.window:
                 q = torch.cat([old[layer][0], q])[-self.window :]
             joined[layer] = (q, scale)
-        self._carry[r.row] = (r.rid, r.seq_len, joined)
+        self._carry[r.row] = (r.rid, min(r.seq_len, r.prompt_end), joined)
         return joined
 
     def end_prompt(self, rows) -> None:
@@ -78,7 +84,8 @@ class PromptQueries:
 class Ranking:
     """What a prefill-time policy decided for one request.
 
-    order:   [L, KvH, K] int64 prompt positions, best first (padded past `ranked`).
+    order:   [L, KvH, K] int32 prompt positions, best first (padded past `ranked`); int32, as
+             the row keeps it for the request's life (L * KvH * budget entries).
     ranked:  [L] how many entries of `order` are real in each layer.
     budgets: [L] tokens each layer attends to per decode step (window and generated included).
     """
@@ -147,8 +154,11 @@ class PrefillSelectionPolicy(KVPolicy):
             if not self.answers(r):
                 continue  # another member of a PolicySet ranks it; nothing to carry here
             window = self.queries.take(i, r)
-            orders, budgets = self.rank(r, window, key_buffers)
-            self._rankings[r.row] = Ranking(r.rid, r.seq_len, stack_orders(orders), [o.shape[1] for o in orders], budgets)
+            if not r.ends_prompt():
+                continue  # an earlier chunk: the one that computes the prompt's last token ranks
+            prompt = r.prompt()
+            orders, budgets = self.rank(prompt, window, key_buffers)
+            self._rankings[r.row] = Ranking(r.rid, prompt.seq_len, stack_orders(orders), [o.shape[1] for o in orders], budgets)
 
     def record_tokens(self, reqs: list[RequestView]) -> None:
         """Hook for policies that classify tokens (per KV slot, so radix hits see them)."""
@@ -187,7 +197,7 @@ class PrefillSelectionPolicy(KVPolicy):
             return positions, torch.ones_like(positions, dtype=torch.bool)
         generated, prompt = kept
         newest = torch.arange(n - 1, n - 1 - generated, -1, device=device)
-        positions = torch.cat([rk.order[layer_id, :, :prompt], newest[None, :].expand(kvh, -1)], dim=1)
+        positions = torch.cat([rk.order[layer_id, :, :prompt].long(), newest[None, :].expand(kvh, -1)], dim=1)
         return positions, torch.ones_like(positions, dtype=torch.bool)
 
     def selection_counts(self, layer_id, req_indices):
@@ -220,7 +230,7 @@ class PrefillSelectionPolicy(KVPolicy):
             logger.warning("%s: no prompt ranking for request %s; attending to its recent tokens", self.kv.policy, r.rid)
             self._warned = True
         L, kvh = self.shape.num_layers, self.shape.num_kv_heads
-        return Ranking(r.rid, 0, torch.zeros(L, kvh, 0, dtype=torch.int64, device=r.row_slots.device), [0] * L, [r.budget] * L)
+        return Ranking(r.rid, 0, torch.zeros(L, kvh, 0, dtype=torch.int32, device=r.row_slots.device), [0] * L, [r.budget] * L)
 
     # --- lifetime -----------------------------------------------------------------------------
     def reset(self) -> None:
@@ -232,9 +242,9 @@ class PrefillSelectionPolicy(KVPolicy):
 
 
 def stack_orders(orders: list[torch.Tensor]) -> torch.Tensor:
-    """Per-layer orders [KvH, k_l] padded (with position 0, never read past keep) to [L, KvH, max k]."""
+    """Per-layer orders [KvH, k_l] padded (with position 0, never read past keep) to [L, KvH, max k] int32."""
     width = max(o.shape[1] for o in orders)
-    return torch.stack([torch.nn.functional.pad(o, (0, width - o.shape[1])) for o in orders])
+    return torch.stack([torch.nn.functional.pad(o, (0, width - o.shape[1])) for o in orders]).to(torch.int32)
 
 
 class SlotFlags:
