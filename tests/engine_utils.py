@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
+
+from tests import subprocess_failures as failures
 
 # Prose, code, records and questions: every kind of delimiter the policies care about.
 SAMPLE_TEXT = (
@@ -26,16 +29,36 @@ CPU_ENGINE = dict(
 
 @contextlib.contextmanager
 def engine(model_path, **kwargs):
+    """An in-process engine for one test; it and every subprocess it started are gone after. A
+    failing subprocess fails the test (SubprocessFailed), not the run (subprocess_failures.py)."""
+    import psutil
     import sglang as sgl
 
-    args = {**CPU_ENGINE, **kwargs}
+    args = {**CPU_ENGINE, "custom_sigquit_handler": failures.raise_on_sigquit, **kwargs}
     if args.get("kv") in (None, "full"):
         args.setdefault("attention_backend", "torch_native")
-    eng = sgl.Engine(model_path=model_path, **args)
+    previous = signal.getsignal(signal.SIGQUIT)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    try:
+        eng = sgl.Engine(model_path=model_path, **args)
+    except BaseException as error:
+        failures.kill_new_children(before)
+        failures.close_sockets(failures.frame_locals(error))
+        signal.signal(signal.SIGQUIT, previous)
+        raise
+    failures.stop_loop_on_sigquit(eng)
     try:
         yield eng
-    finally:
+    except BaseException as error:
         eng.shutdown()
+        failures.release(eng.tokenizer_manager)
+        if failures.failed(eng):
+            raise failures.SubprocessFailed(failures.MESSAGE) from error
+        raise
+    else:
+        eng.shutdown()
+    finally:
+        signal.signal(signal.SIGQUIT, previous)
 
 
 def generate(eng, prompts, max_new_tokens=12):

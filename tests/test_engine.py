@@ -135,3 +135,22 @@ def test_engine_rejects_bad_kv_arguments(tiny_model):
         sgl.Engine(model_path=tiny_model, device="cpu", kv="sparse")
     with pytest.raises(ValueError, match="--kv-budget must be a positive number of tokens"):
         sgl.Engine(model_path=tiny_model, device="cpu", kv="dynsplit", kv_budget=0)
+
+
+@pytest.mark.parametrize("fail_at", ["start", "forward"])
+def test_a_failing_scheduler_fails_its_test_not_the_run(tiny_model, monkeypatch, fail_at):
+    """SGLang kills its whole process tree (pytest too) when a subprocess fails; the tests'
+    engine helper makes that an error of the one test, leaves no subprocess behind, and nothing
+    that would hang the session's end (this test passing is the run going on)."""
+    import psutil
+
+    from tests.subprocess_failures import SubprocessFailed
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    monkeypatch.setenv("DYNSPLIT_EXTRA_SETUP", "tests.failing_setup:install")
+    monkeypatch.setenv("FAIL_AT", fail_at)
+    with pytest.raises(SubprocessFailed):
+        with engine(tiny_model, kv="dynsplit", kv_budget=128) as eng:
+            generate(eng, [[1, 2, 3, 4]])
+    psutil.wait_procs([p for p in psutil.Process().children(recursive=True) if p.pid not in before], timeout=10)
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
