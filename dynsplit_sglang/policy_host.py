@@ -141,16 +141,36 @@ class PolicyHost:
         # SGLang counts each row's allocations: a new count is a new request in the row (or the
         # same one, retracted and prefilled again)
         generations = self.req_to_token_pool.req_generation[rows].tolist()
-        reqs, offset = [], 0
+        reqs, renewed, offset = [], set(), 0
         for row, n, s, rid, generation in zip(rows, seq_lens, starts, rids, generations):
             new = n - s
             # a replay's batch has no rids: the row's own (policies key per-request state by it)
+            if self._request_changed(row, rid, generation):
+                renewed.add(row)
             rid, budget, policy, prompt_len = self._request_in(row, rid, generation)
             reqs.append(RequestView(req_to_token[row, :n].to(torch.int64), s, ids[offset : offset + new],
                                     rid, row, budget, policy, prompt_len))
             offset += new
+        if not is_decode:
+            self._release_rows(renewed)
         self._reqs = reqs
         self.policy.begin_forward(reqs, is_decode)
+
+    def _release_rows(self, renewed: set[int]) -> None:
+        """Drop the per-request state (prefill-time rankings, layer budgets, options) of the
+        requests that left their rows: the rows SGLang has freed, as their requests finished or
+        were retracted, and those a new request takes in this prefill. Done at each prefill, the
+        forward that takes memory for new requests, so what left lasts until then and never
+        outgrows what the rows' live requests may hold."""
+        free = set(getattr(self.req_to_token_pool, "free_slots", ()))
+        self.policy.release_rows(free | renewed)
+        for row in [row for row in self._row_request if row in free]:
+            del self._row_request[row]
+
+    def _request_changed(self, row: int, rid, generation: int) -> bool:
+        """Whether the row has a request the host has not seen in it (see _request_in)."""
+        known = self._row_request.get(row)
+        return known is None or known[4] != generation or (rid is not None and known[0] != rid)
 
     def _request_in(self, row: int, rid, generation: int) -> tuple:
         """(rid, budget, policy label, prompt length or None) of the request in this row: its
@@ -160,7 +180,7 @@ class PolicyHost:
         replay), the row's request is the one its prefill registered: prefill always runs eager
         and names its requests, and a row changes hands only through a prefill."""
         known = self._row_request.get(row)
-        if known is None or known[4] != generation or (rid is not None and known[0] != rid):
+        if self._request_changed(row, rid, generation):
             asked = request_options.options(rid)
             known = (rid, self.kv.budget if asked.budget is None else asked.budget, asked.policy or self.kv.policy,
                      request_options.prompt_len(rid), generation)

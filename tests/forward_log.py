@@ -2,7 +2,7 @@
 
 Run it with DYNSPLIT_EXTRA_SETUP=tests.forward_log:install; every forward appends one JSON line
 {"decode": bool, "reqs": [[rid, budget, policy label, req_to_token row, prompt_len, new_start,
-ranked], ...]} to the file named by $FORWARD_LOG (raising in the scheduler would kill the test
+ranked], ...], "stats": the policy's stats() when the forward begins} to the file named by $FORWARD_LOG (raising in the scheduler would kill the test
 process with it). `ranked` is the prompt length of the request's ranking when the policy that
 answers it is a prefill-time one and has ranked it (else None).
 """
@@ -30,7 +30,8 @@ def install() -> None:
             return rk.prompt_len if rk is not None and rk.rid == r.rid else None
 
         line = {"decode": forward_batch.forward_mode.is_decode(),
-                "reqs": [[r.rid, r.budget, r.policy, r.row, r.prompt_len, r.new_start, ranked(r)] for r in self._reqs]}
+                "reqs": [[r.rid, r.budget, r.policy, r.row, r.prompt_len, r.new_start, ranked(r)] for r in self._reqs],
+                "stats": self.policy.stats()}
         with open(os.environ["FORWARD_LOG"], "a") as f:
             f.write(json.dumps(line) + "\n")
 

@@ -288,6 +288,24 @@ def test_a_prompt_is_ranked_once_by_its_last_chunk_and_alone_after_a_retraction(
                 decode_select(whole, keys, p + g + 1, budget, q, layer)
 
 
+@pytest.mark.parametrize("name", PREFILL_TIME + ["dynsplit"])
+def test_a_released_row_drops_what_its_request_left(name):
+    """The host releases the rows SGLang freed (and those new requests take) at each prefill:
+    rankings, DynamicKV layer budgets and carried queries go, other rows' stay."""
+    options = DynSplitConfig(layer_budgets="dynamickv") if name == "dynsplit" else KVConfig(policy=name).options
+    policy = make_policy(options, budget=96)
+    keys, queries = window_pattern(150, [3, 40])
+    prefill(policy, keys, 100, 96, queries, prompt_len=150)  # an earlier chunk: queries carried
+    held = policy.stats()
+    prefill(policy, keys, 150, 96, queries, start=100, prompt_len=150)
+    policy.release_rows({1, 2})
+    assert policy.stats()["carried_queries"] == held["carried_queries"]
+    assert policy.stats().get("rankings", policy.stats().get("layer_budgets")) == 1
+    policy.release_rows({0})
+    assert policy.stats()["carried_queries"] == 0
+    assert policy.stats().get("rankings", policy.stats().get("layer_budgets")) == 0
+
+
 def test_dynsplit_layer_budgets_come_from_the_prompt_alone():
     """DynSplit-KV's DynamicKV layer budgets score the prompt with its last queries, also when a
     retracted request prefills its generated tokens with it (random data gives uniform budgets,

@@ -78,8 +78,14 @@ def test_a_retracted_request_keeps_its_budget_policy_and_prompt(tiny_model, monk
                 kv_variants={"snap": {"policy": "snapkv", "window": 8}}) as eng:
         outs = eng.generate(input_ids=prompts, sampling_params=[
             {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True, "custom_params": c} for c in asked])
+        # the next prefill finds the finished request's ranking dropped (its row is free)
+        last = eng.generate(input_ids=ids[:40], sampling_params={"temperature": 0, "max_new_tokens": 2})
     rids = [o["meta_info"]["id"] for o in outs]
     forwards = [json.loads(line) for line in log.read_text().splitlines()]
+    assert max(f["stats"]["snap.rankings"] for f in forwards) == 1  # never a stale one besides
+    lasts = [f for f in forwards if f["reqs"][0][0] == last["meta_info"]["id"]]
+    assert lasts[0]["stats"]["snap.rankings"] == 0
+    forwards = [f for f in forwards if f not in lasts]  # the three requests' forwards
     prefills = [rid for f in forwards if not f["decode"] for rid, *_ in f["reqs"]]
     assert prefills.count(rids[2]) > 1, "the request was not retracted"
     rows = {row for f in forwards for rid, _, _, row, *_ in f["reqs"] if rid == rids[2]}

@@ -183,6 +183,10 @@ class KVPolicy(abc.ABC):
     def release_slots(self, slots: torch.Tensor) -> None:
         """The KV allocator freed these slots."""
 
+    def release_rows(self, free_rows: set[int]) -> None:
+        """These `req_to_token` rows have no request (it finished or was retracted): drop what
+        was kept for the request that had one (called before a prefill may give them out)."""
+
     def reset(self) -> None:
         """The KV pool was cleared (cache flush)."""
 

@@ -246,6 +246,12 @@ class DynSplitPolicy(KVPolicy):
     def release_slots(self, slots: torch.Tensor) -> None:
         self.table.release_slots(slots)
 
+    def release_rows(self, free_rows: set[int]) -> None:
+        for row in [row for row in self._layer_budgets if row in free_rows]:
+            del self._layer_budgets[row]
+        if self.queries is not None:
+            self.queries.release(free_rows)
+
     def reset(self) -> None:
         self.table.reset()
         self._layer_budgets.clear()
@@ -254,7 +260,7 @@ class DynSplitPolicy(KVPolicy):
 
     def stats(self) -> dict:
         t = self.table
-        carried = {} if self.queries is None else {"carried_queries": len(self.queries)}
+        carried = {} if self.queries is None else {"carried_queries": len(self.queries), "layer_budgets": len(self._layer_budgets)}
         return {"records_in_use": t.records_in_use, "records_owned": t.records_owned(), "records_capacity": t.capacity, **carried}
 
     def trace(self, event: dict) -> None:

@@ -150,6 +150,10 @@ class PolicySet(KVPolicy):
         for p in self.members.values():
             p.release_slots(slots)
 
+    def release_rows(self, free_rows: set[int]) -> None:
+        for p in self.members.values():
+            p.release_rows(free_rows)
+
     def reset(self) -> None:
         for p in self.members.values():
             p.reset()

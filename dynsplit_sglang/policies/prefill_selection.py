@@ -16,8 +16,8 @@ collected across chunked-prefill forwards, and a radix-cache hit recomputes at l
 (patches/prefix_reserve.py), so chunking and caching cannot change a ranking. Only the forward
 that computes the prompt's last token ranks. A request SGLang retracted prefills again with the
 tokens it had generated; it is ranked over its prompt alone, with the same window, so those
-tokens stay generated tokens. Rankings are kept per `req_to_token` row and replaced by the next
-request on that row.
+tokens stay generated tokens. Rankings are kept per `req_to_token` row until the request leaves
+it (PolicyHost releases the row at the next prefill).
 """
 
 from __future__ import annotations
@@ -75,6 +75,10 @@ class PromptQueries:
     def __len__(self) -> int:
         """Rows whose queries are carried to a next chunk."""
         return len(self._carry)
+
+    def release(self, free_rows: set[int]) -> None:
+        for row in [row for row in self._carry if row in free_rows]:
+            del self._carry[row]
 
     def reset(self) -> None:
         self._carry.clear()
@@ -233,6 +237,11 @@ class PrefillSelectionPolicy(KVPolicy):
         return Ranking(r.rid, 0, torch.zeros(L, kvh, 0, dtype=torch.int32, device=r.row_slots.device), [0] * L, [r.budget] * L)
 
     # --- lifetime -----------------------------------------------------------------------------
+    def release_rows(self, free_rows: set[int]) -> None:
+        for row in [row for row in self._rankings if row in free_rows]:
+            del self._rankings[row]
+        self.queries.release(free_rows)
+
     def reset(self) -> None:
         self._rankings.clear()
         self.queries.reset()
