@@ -26,6 +26,7 @@ from dynsplit_sglang.kernels.dd_select import band_logits, band_logits_and_lse
 from dynsplit_sglang.kernels.dense_attention import extend_attention
 from dynsplit_sglang.patches import prefix_reserve
 from dynsplit_sglang.policies import RequestView
+from dynsplit_sglang.policies.base import forget_rows
 from dynsplit_sglang.policies.policy_set import build_policy
 
 logger = logging.getLogger(__name__)
@@ -145,9 +146,9 @@ class PolicyHost:
         for row, n, s, rid, generation in zip(rows, seq_lens, starts, rids, generations):
             new = n - s
             # a replay's batch has no rids: the row's own (policies key per-request state by it)
-            if self._request_changed(row, rid, generation):
+            (rid, budget, policy, prompt_len), changed = self._request_in(row, rid, generation)
+            if changed:
                 renewed.add(row)
-            rid, budget, policy, prompt_len = self._request_in(row, rid, generation)
             reqs.append(RequestView(req_to_token[row, :n].to(torch.int64), s, ids[offset : offset + new],
                                     rid, row, budget, policy, prompt_len))
             offset += new
@@ -164,28 +165,24 @@ class PolicyHost:
         outgrows what the rows' live requests may hold."""
         free = set(getattr(self.req_to_token_pool, "free_slots", ()))
         self.policy.release_rows(free | renewed)
-        for row in [row for row in self._row_request if row in free]:
-            del self._row_request[row]
+        forget_rows(self._row_request, free)
 
-    def _request_changed(self, row: int, rid, generation: int) -> bool:
-        """Whether the row has a request the host has not seen in it (see _request_in)."""
-        known = self._row_request.get(row)
-        return known is None or known[4] != generation or (rid is not None and known[0] != rid)
-
-    def _request_in(self, row: int, rid, generation: int) -> tuple:
-        """(rid, budget, policy label, prompt length or None) of the request in this row: its
+    def _request_in(self, row: int, rid, generation: int) -> tuple[tuple, bool]:
+        """((rid, budget, policy label, prompt length or None), whether the row's request is new
+        to the host) of the request in this row: its
         custom_params.kv_budget and kv_policy, else the server's --kv-budget and --kv policy. They are read when a request
         gets the row (SGLang's allocation count of the row changes); a retracted request that
         comes back, in this row or another, reads them again. Without a rid (a CUDA-graph
         replay), the row's request is the one its prefill registered: prefill always runs eager
         and names its requests, and a row changes hands only through a prefill."""
         known = self._row_request.get(row)
-        if self._request_changed(row, rid, generation):
+        changed = known is None or known[4] != generation or (rid is not None and known[0] != rid)
+        if changed:
             asked = request_options.options(rid)
             known = (rid, self.kv.budget if asked.budget is None else asked.budget, asked.policy or self.kv.policy,
                      request_options.prompt_len(rid), generation)
             self._row_request[row] = known
-        return known[:4]
+        return known[:4], changed
 
     def _check_layer(self, layer) -> None:
         if layer.is_cross_attention or layer.qk_head_dim != layer.v_head_dim:

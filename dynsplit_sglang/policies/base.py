@@ -198,6 +198,12 @@ class KVPolicy(abc.ABC):
         """Record a debugging event (a no-op unless the policy was configured to trace)."""
 
 
+def forget_rows(table: dict, rows: set[int]) -> None:
+    """Remove the entries of these `req_to_token` rows from a per-row table (release_rows)."""
+    for row in [row for row in table if row in rows]:
+        del table[row]
+
+
 def stack_selections(num_rows: int, parts) -> tuple[torch.Tensor, torch.Tensor]:
     """Selections of groups of rows stacked to positions [num_rows, KvH, W] int64 and valid
     [num_rows, KvH, W] bool, W the widest (padding: position 0, not valid).

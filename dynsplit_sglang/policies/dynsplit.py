@@ -13,7 +13,7 @@ from dynsplit_sglang.delimiters import candidate_token_mask
 from dynsplit_sglang.kernels.block_select import score_blocks, select_positions, select_positions_batched
 from dynsplit_sglang.kernels.dd_select import band_rows_from_logits, candidate_scores
 from dynsplit_sglang.layer_budgets import dynamickv
-from dynsplit_sglang.policies.base import KVPolicy, RequestView
+from dynsplit_sglang.policies.base import KVPolicy, RequestView, forget_rows
 from dynsplit_sglang.policies.dynamickv import dynamickv_scores
 from dynsplit_sglang.policies.prefill_selection import PromptQueries
 from dynsplit_sglang.splitter import decision_position, split, type_totals
@@ -247,8 +247,7 @@ class DynSplitPolicy(KVPolicy):
         self.table.release_slots(slots)
 
     def release_rows(self, free_rows: set[int]) -> None:
-        for row in [row for row in self._layer_budgets if row in free_rows]:
-            del self._layer_budgets[row]
+        forget_rows(self._layer_budgets, free_rows)
         if self.queries is not None:
             self.queries.release(free_rows)
 

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from dynsplit_sglang.kernels.window_scores import pool_scores, window_scores
-from dynsplit_sglang.policies.base import KVPolicy, RequestView
+from dynsplit_sglang.policies.base import KVPolicy, RequestView, forget_rows
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +77,7 @@ class PromptQueries:
         return len(self._carry)
 
     def release(self, free_rows: set[int]) -> None:
-        for row in [row for row in self._carry if row in free_rows]:
-            del self._carry[row]
+        forget_rows(self._carry, free_rows)
 
     def reset(self) -> None:
         self._carry.clear()
@@ -238,8 +237,7 @@ class PrefillSelectionPolicy(KVPolicy):
 
     # --- lifetime -----------------------------------------------------------------------------
     def release_rows(self, free_rows: set[int]) -> None:
-        for row in [row for row in self._rankings if row in free_rows]:
-            del self._rankings[row]
+        forget_rows(self._rankings, free_rows)
         self.queries.release(free_rows)
 
     def reset(self) -> None:
