@@ -31,14 +31,13 @@ CPU_ENGINE = dict(
 def engine(model_path, **kwargs):
     """An in-process engine for one test; it and every subprocess it started are gone after. A
     failing subprocess fails the test (SubprocessFailed), not the run (subprocess_failures.py)."""
-    import psutil
     import sglang as sgl
 
     args = {**CPU_ENGINE, "custom_sigquit_handler": failures.raise_on_sigquit, **kwargs}
     if args.get("kv") in (None, "full"):
         args.setdefault("attention_backend", "torch_native")
     previous = signal.getsignal(signal.SIGQUIT)
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    before = failures.child_pids()
     try:
         eng = sgl.Engine(model_path=model_path, **args)
     except BaseException as error:

@@ -45,14 +45,27 @@ def failed(eng) -> bool:
     return getattr(eng.tokenizer_manager, "subprocess_failed", False)
 
 
-def kill_new_children(before: set[int]) -> None:
-    """Kill the subprocesses started since `before` (pids) was taken."""
+def child_pids() -> set[int]:
+    """The pids of this process's subprocesses, at every depth."""
     import psutil
 
-    for p in psutil.Process().children(recursive=True):
-        if p.pid not in before:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def new_children(before: set[int]) -> list:
+    """The subprocesses (psutil.Process) started since `before` = child_pids() was taken."""
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+
+
+def kill_new_children(before: set[int]) -> None:
+    """Kill the subprocesses started since `before` = child_pids() was taken."""
+    import psutil
+
+    for p in new_children(before):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
 
 
 def release(tokenizer_manager) -> None:

@@ -144,13 +144,13 @@ def test_a_failing_scheduler_fails_its_test_not_the_run(tiny_model, monkeypatch,
     that would hang the session's end (this test passing is the run going on)."""
     import psutil
 
-    from tests.subprocess_failures import SubprocessFailed
+    from tests.subprocess_failures import SubprocessFailed, child_pids, new_children
 
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    before = child_pids()
     monkeypatch.setenv("DYNSPLIT_EXTRA_SETUP", "tests.failing_setup:install")
     monkeypatch.setenv("FAIL_AT", fail_at)
     with pytest.raises(SubprocessFailed):
         with engine(tiny_model, kv="dynsplit", kv_budget=128) as eng:
             generate(eng, [[1, 2, 3, 4]])
-    psutil.wait_procs([p for p in psutil.Process().children(recursive=True) if p.pid not in before], timeout=10)
-    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
+    psutil.wait_procs(new_children(before), timeout=10)
+    assert child_pids() <= before
