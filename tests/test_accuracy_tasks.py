@@ -9,7 +9,7 @@ from benchmarks.accuracy import data, scoring
 from benchmarks.accuracy.__main__ import main as progress_main
 from benchmarks.accuracy.policies import VARIANTS, engine_args, parse_policies, policy_engine_kwargs
 from benchmarks.accuracy.report import aggregate, markdown, plot
-from benchmarks.accuracy.run import Settings, budget_tokens, engine_groups, pending, request_params
+from benchmarks.accuracy.run import Settings, budget_tokens, engine_groups, load_partial, pending, request_params
 from benchmarks.accuracy.tasks import TASKS, Sample, largest_fitting, make_sample, render
 
 
@@ -171,3 +171,22 @@ def test_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith("PARTIAL: 10 answers for 10 prompts") and "| full | all |" in printed and "commit abc" in printed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "run.partial.jsonl"]
+
+
+def test_load_partial_drops_a_cut_off_last_record(tmp_path, caplog):
+    """A run killed mid-write leaves a last line without its newline: resuming drops it from the
+    file (so new records start on a line of their own) and generates it again; a broken line
+    elsewhere is an error that names the file and the line."""
+    record = {"policy": "full", "config": {}, "task": "niah_single", "length": 2048, "seed": 0,
+              "budget_setting": None, "model": "m"}
+    other = {**record, "seed": 1}
+    path = tmp_path / "run.partial.jsonl"
+    whole = json.dumps(record) + "\n" + json.dumps({**record, "model": "other"}) + "\n"
+    path.write_text(whole + json.dumps(other)[:25])
+    done = load_partial(str(path), "m")
+    assert [r["seed"] for r in done.values()] == [0]
+    assert path.read_text() == whole and "unfinished last record" in caplog.text
+    assert load_partial(str(tmp_path / "absent.jsonl"), "m") == {}
+    path.write_text("{not json\n" + whole)
+    with pytest.raises(ValueError, match="run.partial.jsonl, line 1: not a JSON record"):
+        load_partial(str(path), "m")

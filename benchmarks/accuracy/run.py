@@ -18,6 +18,7 @@ resumes where it stopped.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -58,14 +59,26 @@ def record_key(policy: str, config: dict, task: str, length: int, seed: int, set
 
 
 def load_partial(path: str, model: str) -> dict[str, dict]:
-    """Records of an interrupted run with this model, by `record_key`."""
+    """Records of an interrupted run with this model, by `record_key`. A last line without its
+    newline is a record whose write was cut off (the process was killed): it is cut from the file,
+    so that the run appends after whole lines, and generated again."""
     done = {}
-    if os.path.exists(path):
-        with open(path) as fh:
-            for line in fh:
-                r = json.loads(line)
-                if r["model"] == model:
-                    done[record_key(r["policy"], r["config"], r["task"], r["length"], r["seed"], r["budget_setting"])] = r
+    if not os.path.exists(path):
+        return done
+    with open(path, "rb") as fh:
+        data = fh.read()
+    whole = data[: data.rfind(b"\n") + 1]
+    if len(whole) < len(data):
+        logging.getLogger(__name__).warning("%s: dropping an unfinished last record (%d bytes)", path, len(data) - len(whole))
+        with open(path, "r+b") as fh:
+            fh.truncate(len(whole))
+    for number, line in enumerate(whole.decode().splitlines(), 1):
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {number}: not a JSON record ({e})") from None
+        if r["model"] == model:
+            done[record_key(r["policy"], r["config"], r["task"], r["length"], r["seed"], r["budget_setting"])] = r
     return done
 
 
