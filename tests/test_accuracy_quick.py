@@ -86,3 +86,55 @@ def test_blocks_around_the_answer(tmp_path, tiny_model, capsys):
         assert all(start <= end for start, end in seen["blocks"])
     with pytest.raises(SystemExit):
         blocks.parse_args(["--kv", "snapkv"])
+    with pytest.raises(SystemExit):
+        blocks.parse_args(["--samples", "0"])
+    with pytest.raises(SystemExit):
+        blocks.parse_args(["--lead", "-1"])
+
+
+@pytest.mark.server
+def test_blocks_summary_over_samples(tiny_model, capsys):
+    """`--samples N`: one engine answers the N prompts in one batch and a table sums them up; the
+    per-request trace and selection probe are keyed by rid, so every prompt gets its own blocks."""
+    from benchmarks.accuracy import blocks
+
+    seen = blocks.main(["--task", "niah_single", "--length", "512", "--seed", "1", "--samples", "3", "--kv", "dynsplit",
+                        "--budget", "0.25", "--model", tiny_model, "--kept", "1", "--lead", "4"])
+    text = capsys.readouterr().out
+    assert "niah_single, 512 tokens, seeds 1..3, budget 128;" in text and "with the 4 tokens before it" in text
+    assert "| policy | score | answer cut | answer kept | whole answer | whole answer by layer |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| dynsplit |"))
+    *rates, by_layer = row.strip("| ").split(" | ")[1:]
+    assert all(0.0 <= float(v) <= 1.0 for v in rates)
+    layers = AutoConfig.from_pretrained(tiny_model).num_hidden_layers
+    assert len(by_layer) == layers and by_layer.isdigit()
+    per_request = seen["dynsplit"]
+    assert sorted(per_request) == [f"blocks-niah_single-512-{seed}" for seed in (1, 2, 3)]
+    for got in per_request.values():
+        assert got["blocks"] and got["blocks"][0][0] == 0
+        seq_len, per_layer = got["kept"][0]
+        assert len(per_layer) == layers and seq_len > 128
+
+
+def test_answer_cut_and_summary_row():
+    """The summary's columns on hand-made blocks and probe counts."""
+    from benchmarks.accuracy import blocks
+    from benchmarks.accuracy.tasks import Sample
+
+    assert not blocks.answer_cut([[0, 9], [10, 19]], (12, 15))
+    assert blocks.answer_cut([[0, 9], [10, 19]], (8, 11))
+    sample = Sample("niah_single", "niah", "prose", 64, 0, (), ("42",), "all", 8, 16)
+    prompts = [blocks.Prompt("a", sample, [0] * 20, (8, 11)), blocks.Prompt("b", sample, [0] * 20, (12, 15)),
+               blocks.Prompt("c", sample, [0] * 20, None)]
+    seen = {"a": {"score": 1.0, "blocks": [[0, 9], [10, 19]], "kept": [(21, [[4, 0], [2, 4]])]},
+            "b": {"score": 0.0, "blocks": [[0, 9], [10, 19]], "kept": [(21, [[4, 4], [0, 0]]), (22, [[0, 0], [0, 0]])]},
+            "c": {"score": 0.5, "blocks": [], "kept": []}}
+    row = blocks.summary_row("dynsplit", prompts, seen, steps=1)
+    assert row["score"] == pytest.approx(0.5) and row["answer cut"] == pytest.approx(0.5)
+    # first decode steps only: a's heads keep 4/4, 0 (layer 0), 2/4, 4/4 (layer 1); b's 4/4, 4/4, 0, 0
+    assert row["answer kept"] == pytest.approx((1 + 0 + 0.5 + 1 + 1 + 1 + 0 + 0) / 8)
+    assert row["whole answer"] == pytest.approx(4 / 8)
+    assert row["whole answer by layer"] == "72"  # layer 0: 3 of 4 heads, layer 1: 1 of 4
+    two = blocks.summary_row("dynsplit", prompts, seen, steps=2)  # b's second step keeps nothing
+    assert two["whole answer"] == pytest.approx(4 / 12) and two["whole answer by layer"] == "51"
+    assert "answer kept" not in blocks.summary_row("dynsplit", prompts, seen, steps=0)

@@ -3,6 +3,7 @@ suite's "why", e.g. DD-Select ending a needle's block at "is:" so that its value
 
     python -m benchmarks.accuracy.blocks --task niah_single --seed 2                 # dynsplit and dynsplit-fixed
     python -m benchmarks.accuracy.blocks --task records_jsonl --length 4096 --kv dynsplit,dynsplit-punct
+    python -m benchmarks.accuracy.blocks --task niah_single --samples 30 --kept 1     # a summary table
 
 For each policy (dynsplit or a split-rule variant) an engine answers the suite's prompt at
 --budget with its block trace on, then this prints the answer, the policy's output and the blocks
@@ -10,6 +11,12 @@ within --around tokens of the answer's first occurrence in the prompt, one line 
 `--kept` also prints, for the first decode steps, how many of the answer's prompt tokens each
 layer's selection kept, per KV head (one digit per head, 9 for 9 or more): whether the blocks
 holding the answer were chosen, not only where they end.
+
+With `--samples N` (seeds --seed .. --seed+N-1) one engine per policy answers all N prompts in one
+batch and a table sums them up per policy: the score, how often a block boundary cuts the answer
+in two, and (with --kept STEPS) the share of the answer's tokens that the first STEPS decode steps
+kept, over layers and KV heads, how often a KV head kept the whole answer, and that rate per layer. `--lead N`
+counts the N prompt tokens before the answer as part of it: whether its key stays with it.
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ import json
 import multiprocessing
 import os
 import tempfile
+from dataclasses import dataclass
 
 from benchmarks.accuracy.policies import engine_args, parse_policies, policy_engine_kwargs
 from benchmarks.accuracy.scoring import score
-from benchmarks.accuracy.tasks import TASKS, make_sample, render
+from benchmarks.accuracy.tasks import TASKS, Sample, make_sample, render
 
 BLOCK_POLICIES = ("dynsplit",)  # the policy that cuts blocks and traces them (quest = dynsplit-fixed's pages)
 
@@ -31,10 +39,15 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy.blocks", description=__doc__.splitlines()[0])
     p.add_argument("--task", default="niah_single", choices=sorted(TASKS))
     p.add_argument("--length", type=int, default=2048, help="length setting in tokens (prompt + answer)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the (first) sample's seed")
+    p.add_argument("--samples", type=int, default=1,
+                   help="how many samples (seeds from --seed on); more than 1 prints a summary table")
     p.add_argument("--kv", default="dynsplit,dynsplit-fixed", help="block policies or split-rule variants, comma-separated")
     p.add_argument("--budget", type=float, default=0.125, help="KV budget: <= 1 a fraction of the length, > 1 tokens")
     p.add_argument("--around", type=int, default=24, help="tokens of context shown on each side of the answer")
+    p.add_argument("--lead", type=int, default=0,
+                   help="count this many prompt tokens before the answer as part of it (e.g. a needle's key, "
+                        "'for chubby-bet is:'), for the kept counts and the answer-cut rate")
     p.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--kept", type=int, default=0, metavar="STEPS",
                    help="also show, for the first STEPS decode steps, the answer tokens each layer's selection kept")
@@ -43,10 +56,24 @@ def parse_args(argv):
     for policy in policies:
         if policy.kv not in BLOCK_POLICIES:
             p.error(f"--kv {policy.label}: only dynsplit and its split-rule variants trace their blocks")
+    if args.samples < 1:
+        p.error(f"--samples {args.samples}: at least 1")
+    if args.lead < 0:
+        p.error(f"--lead {args.lead}: 0 or more tokens")
     budget = int(args.budget * args.length) if args.budget <= 1 else int(args.budget)
     if budget < 1 or budget > args.length:
         p.error(f"--budget {args.budget} gives {budget} tokens; it must be between 1 and --length {args.length}")
     return args, policies, budget
+
+
+@dataclass
+class Prompt:
+    """One sample as the engine sees it. span: (first, last) prompt position of the answer, or None."""
+
+    rid: str
+    sample: Sample
+    ids: list[int]
+    span: tuple[int, int] | None
 
 
 def find(ids: list[int], tokenizer, answer: str) -> tuple[int, int] | None:
@@ -59,90 +86,173 @@ def find(ids: list[int], tokenizer, answer: str) -> tuple[int, int] | None:
     return None
 
 
-def blocks_of(trace_path: str) -> list[list[int]]:
-    """[start, end] of every closed block of the (only) request in a trace, positions inclusive."""
+def blocks_by_request(trace_path: str) -> dict[str, list[list[int]]]:
+    """[start, end] of every closed block of each request in a trace (its last event), positions inclusive."""
     with open(trace_path) as f:
         events = [json.loads(line) for line in f]
-    return [e for e in events if e.get("event") == "blocks"][-1]["blocks"]
+    return {e["rid"]: e["blocks"] for e in events if e.get("event") == "blocks"}
 
 
 def probe_selection() -> None:
-    """DYNSPLIT_EXTRA_SETUP for --kept: in the scheduler, log how many positions of
-    $BLOCKS_PROBE_SPAN ("lo,hi") each decode selection keeps, per KV head, to $BLOCKS_PROBE_LOG.
-    The plugin runs it in the launching process too, which selects nothing: left alone."""
+    """DYNSPLIT_EXTRA_SETUP for --kept: in the scheduler, log how many positions of each request's
+    answer span ($BLOCKS_PROBE_SPANS, a JSON file {rid: [first, last]}) each decode selection
+    keeps, per KV head, to $BLOCKS_PROBE_LOG. The plugin runs it in the launching process too,
+    which selects nothing: left alone."""
     if multiprocessing.current_process().name == "MainProcess":
         return
     from dynsplit_sglang.policies.dynsplit import DynSplitPolicy
 
-    lo, hi = (int(x) for x in os.environ["BLOCKS_PROBE_SPAN"].split(","))
+    with open(os.environ["BLOCKS_PROBE_SPANS"]) as f:
+        spans = json.load(f)
     select_batch = DynSplitPolicy.select_batch
 
     def logged(self, layer_id, req_indices, q):
-        positions, valid = select_batch(self, layer_id, req_indices, q)
-        kept = ((positions >= lo) & (positions <= hi) & valid).sum(-1)  # [R, KvH]
+        positions, valid = select_batch(self, layer_id, req_indices, q)  # [R, KvH, B]
         with open(os.environ["BLOCKS_PROBE_LOG"], "a") as f:
             for k, i in enumerate(req_indices):
-                f.write(json.dumps({"seq_len": self._reqs[i].seq_len, "layer": layer_id, "kept": kept[k].tolist()}) + "\n")
+                r = self._reqs[i]
+                if r.rid not in spans:
+                    continue
+                lo, hi = spans[r.rid]
+                kept = ((positions[k] >= lo) & (positions[k] <= hi) & valid[k]).sum(-1)  # [KvH]
+                f.write(json.dumps({"rid": r.rid, "seq_len": r.seq_len, "layer": layer_id, "kept": kept.tolist()}) + "\n")
         return positions, valid
 
     DynSplitPolicy.select_batch = logged
 
 
-def print_kept(log: str, steps: int) -> None:
+def kept_steps(log: str) -> dict[str, list[tuple[int, list[list[int]]]]]:
+    """Per request, its decode steps in order: (sequence length, per layer the kept count per KV head)."""
     if not os.path.exists(log):
-        print("  no decode step selected (the sequence stayed within the budget)")
-        return
+        return {}
     with open(log) as f:
         rows = [json.loads(line) for line in f]
-    for seq_len in sorted({r["seq_len"] for r in rows})[:steps]:
-        layers = sorted((r for r in rows if r["seq_len"] == seq_len), key=lambda r: r["layer"])
+    steps = {}
+    for rid in {r["rid"] for r in rows}:
+        mine = [r for r in rows if r["rid"] == rid]
+        steps[rid] = [(n, [r["kept"] for r in sorted((r for r in mine if r["seq_len"] == n), key=lambda r: r["layer"])])
+                      for n in sorted({r["seq_len"] for r in mine})]
+    return steps
+
+
+def answer_cut(blocks: list[list[int]], span: tuple[int, int]) -> bool:
+    """Whether a block boundary falls inside the answer (no closed block holds all of it)."""
+    return not any(start <= span[0] and span[1] <= end for start, end in blocks)
+
+
+def run_policy(policy, prompts: list[Prompt], budget: int, model: str, probe: bool) -> dict[str, dict]:
+    """One engine answers every prompt in one batch with its block trace on (and the selection
+    probe with `probe`). Per rid: output, score, blocks (every closed block), kept (kept_steps)."""
+    import sglang as sgl
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trace, log, spans = (os.path.join(tmp, name) for name in ("trace.jsonl", "kept.jsonl", "spans.json"))
+        with open(spans, "w") as f:
+            json.dump({p.rid: p.span for p in prompts if p.span}, f)
+        kwargs = policy_engine_kwargs(policy, budget)
+        kwargs["kv_config"] = {**kwargs.get("kv_config", {}), "trace_path": trace}
+        probe_env = dict(DYNSPLIT_EXTRA_SETUP="benchmarks.accuracy.blocks:probe_selection",
+                         BLOCKS_PROBE_SPANS=spans, BLOCKS_PROBE_LOG=log) if probe else {}
+        os.environ.update(probe_env)  # read by the scheduler process when it starts
+        longest = max(len(p.ids) + p.sample.max_new_tokens for p in prompts)
+        eng = sgl.Engine(**engine_args(kwargs, model, (len(prompts) + 1) * longest, "cpu"))
+        try:
+            outs = eng.generate(input_ids=[p.ids for p in prompts], rid=[p.rid for p in prompts],
+                                sampling_params=[{"temperature": 0, "max_new_tokens": p.sample.max_new_tokens} for p in prompts])
+        finally:
+            eng.shutdown()
+            for name in probe_env:
+                os.environ.pop(name, None)
+        blocks, kept = blocks_by_request(trace), kept_steps(log)
+    return {p.rid: {"output": out["text"], "score": score(p.sample, out["text"]), "blocks": blocks.get(p.rid, []),
+                    "kept": kept.get(p.rid, [])} for p, out in zip(prompts, outs)}
+
+
+def print_detail(tokenizer, prompt: Prompt, label: str, seen: dict, around: int, steps: int) -> list[list[int]]:
+    """The one-sample report of a policy; returns the blocks near the answer."""
+    ids, span = prompt.ids, prompt.span
+    lo, hi = (span[0] - around, span[1] + around) if span else (len(ids) - 2 * around, len(ids))
+    near = [b for b in seen["blocks"] if b[1] >= lo and b[0] <= hi]
+    print(f"\n{label}: output {seen['output']!r} (score {seen['score']:.2f}); "
+          f"{len(seen['blocks'])} blocks, those near the answer:")
+    for start, end in near:
+        print(f"  [{start:5d}, {end:5d}] {tokenizer.decode(ids[start : end + 1])!r}")
+    if steps and not seen["kept"]:
+        print("  no decode step selected (the sequence stayed within the budget)")
+    for seq_len, layers in seen["kept"][:steps]:
         print(f"  step at length {seq_len}, answer tokens kept by layer: "
-              + " ".join("".join(str(min(k, 9)) for k in r["kept"]) for r in layers))
+              + " ".join("".join(str(min(k, 9)) for k in heads) for heads in layers))
+    return near
+
+
+def summary_row(label: str, prompts: list[Prompt], seen: dict[str, dict], steps: int) -> dict:
+    """Means over the samples of one policy; the answer columns count the samples whose answer is
+    in the prompt, and the kept columns their first `steps` decode steps, every layer and KV head.
+    "whole answer by layer" is a digit per layer: tenths of its KV heads that kept all of the
+    answer (9 for 90% or more)."""
+    located = [p for p in prompts if p.span]
+    row = {"policy": label, "score": sum(seen[p.rid]["score"] for p in prompts) / len(prompts),
+           "answer cut": sum(answer_cut(seen[p.rid]["blocks"], p.span) for p in located) / max(len(located), 1)}
+    if steps:
+        share, whole, heads = 0.0, 0, 0
+        layer_whole, layer_heads = {}, {}
+        for p in located:
+            length = p.span[1] - p.span[0] + 1
+            for _, layers in seen[p.rid]["kept"][:steps]:
+                for layer, per_head in enumerate(layers):
+                    share += sum(per_head) / length
+                    full = sum(k == length for k in per_head)
+                    whole += full
+                    heads += len(per_head)
+                    layer_whole[layer] = layer_whole.get(layer, 0) + full
+                    layer_heads[layer] = layer_heads.get(layer, 0) + len(per_head)
+        row["answer kept"] = share / max(heads, 1)
+        row["whole answer"] = whole / max(heads, 1)
+        row["whole answer by layer"] = "".join(str(min(9, int(10 * layer_whole[i] / layer_heads[i]))) for i in sorted(layer_heads))
+    return row
 
 
 def main(argv=None):
     args, policies, budget = parse_args(argv)
-    import sglang as sgl
     from transformers import AutoTokenizer
 
     from dynsplit_sglang.default_model import smollm2_path
 
     model = args.model or str(smollm2_path())
     tokenizer = AutoTokenizer.from_pretrained(model)
-    sample = make_sample(tokenizer, args.task, args.length, args.seed)
-    ids = tokenizer(render(tokenizer, sample.messages), add_special_tokens=False).input_ids
-    span = find(ids, tokenizer, sample.answers[0])
-    where = f"prompt tokens {span[0]}..{span[1]}" if span else "not found verbatim in the prompt"
-    print(f"{args.task}, {args.length} tokens, seed {args.seed}: {len(ids)} prompt tokens, budget {budget}; "
-          f"answer {sample.answers[0]!r} at {where}")
-    lo, hi = (span[0] - args.around, span[1] + args.around) if span else (len(ids) - 2 * args.around, len(ids))
-    if args.kept and not span:
+    prompts = []
+    for seed in range(args.seed, args.seed + args.samples):
+        sample = make_sample(tokenizer, args.task, args.length, seed)
+        ids = tokenizer(render(tokenizer, sample.messages), add_special_tokens=False).input_ids
+        span = find(ids, tokenizer, sample.answers[0])
+        if span and args.lead:
+            span = (max(0, span[0] - args.lead), span[1])
+        prompts.append(Prompt(f"blocks-{args.task}-{args.length}-{seed}", sample, ids, span))
+    if args.kept and not any(p.span for p in prompts):
         raise SystemExit("--kept needs the answer to occur in the prompt")
-    shown = {}
+    if args.samples == 1:
+        p = prompts[0]
+        found = find(p.ids, tokenizer, p.sample.answers[0])
+        where = f"prompt tokens {found[0]}..{found[1]}" if found else "not found verbatim in the prompt"
+        print(f"{args.task}, {args.length} tokens, seed {args.seed}: {len(p.ids)} prompt tokens, budget {budget}; "
+              f"answer {p.sample.answers[0]!r} at {where}")
+    shown, rows = {}, []
     for policy in policies:
-        with tempfile.TemporaryDirectory() as tmp:
-            trace, probe = os.path.join(tmp, "trace.jsonl"), os.path.join(tmp, "kept.jsonl")
-            kwargs = policy_engine_kwargs(policy, budget)
-            kwargs["kv_config"] = {**kwargs.get("kv_config", {}), "trace_path": trace}
-            if args.kept:  # read by the scheduler process when it starts
-                os.environ.update(DYNSPLIT_EXTRA_SETUP="benchmarks.accuracy.blocks:probe_selection",
-                                  BLOCKS_PROBE_SPAN=f"{span[0]},{span[1]}", BLOCKS_PROBE_LOG=probe)
-            eng = sgl.Engine(**engine_args(kwargs, model, 2 * (len(ids) + sample.max_new_tokens), "cpu"))
-            try:
-                out = eng.generate(input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": sample.max_new_tokens})
-            finally:
-                eng.shutdown()
-                for name in ("DYNSPLIT_EXTRA_SETUP", "BLOCKS_PROBE_SPAN", "BLOCKS_PROBE_LOG") if args.kept else ():
-                    os.environ.pop(name, None)
-            blocks = blocks_of(trace)
-            near = [b for b in blocks if b[1] >= lo and b[0] <= hi]
-            shown[policy.label] = {"output": out["text"], "score": score(sample, out["text"]), "blocks": near}
-            print(f"\n{policy.label}: output {out['text']!r} (score {shown[policy.label]['score']:.2f}); "
-                  f"{len(blocks)} blocks, those near the answer:")
-            for start, end in near:
-                print(f"  [{start:5d}, {end:5d}] {tokenizer.decode(ids[start : end + 1])!r}")
-            if args.kept:
-                print_kept(probe, args.kept)
+        seen = run_policy(policy, prompts, budget, model, probe=bool(args.kept))
+        if args.samples == 1:
+            seen_one = seen[prompts[0].rid]
+            near = print_detail(tokenizer, prompts[0], policy.label, seen_one, args.around, args.kept)
+            shown[policy.label] = {"output": seen_one["output"], "score": seen_one["score"], "blocks": near}
+        else:
+            rows.append(summary_row(policy.label, prompts, seen, args.kept))
+            shown[policy.label] = seen
+    if rows:
+        located = sum(p.span is not None for p in prompts)
+        print(f"{args.task}, {args.length} tokens, seeds {args.seed}..{args.seed + args.samples - 1}, budget {budget}; "
+              f"answer found in {located} of {len(prompts)} prompts" + (f"; with the {args.lead} tokens before it" if args.lead else ""))
+        print("| " + " | ".join(rows[0]) + " |\n|" + " --- |" * len(rows[0]))
+        for row in rows:
+            print("| " + " | ".join(v if isinstance(v, str) else f"{v:.2f}" for v in row.values()) + " |")
     return shown
 
 
