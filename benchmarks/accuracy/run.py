@@ -18,8 +18,8 @@ resumes where it stopped.
 from __future__ import annotations
 
 import json
-import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -69,7 +69,8 @@ def load_partial(path: str, model: str) -> dict[str, dict]:
         data = fh.read()
     whole = data[: data.rfind(b"\n") + 1]
     if len(whole) < len(data):
-        logging.getLogger(__name__).warning("%s: dropping an unfinished last record (%d bytes)", path, len(data) - len(whole))
+        # stderr, not logging: SGLang's logging setup disables loggers that exist before it runs
+        print(f"{path}: dropping an unfinished last record ({len(data) - len(whole)} bytes)", file=sys.stderr)
         with open(path, "r+b") as fh:
             fh.truncate(len(whole))
     for number, line in enumerate(whole.decode().splitlines(), 1):
