@@ -125,14 +125,13 @@ def kept_steps(log: str) -> dict[str, list[tuple[int, list[list[int]]]]]:
     """Per request, its decode steps in order: (sequence length, per layer the kept count per KV head)."""
     if not os.path.exists(log):
         return {}
+    by_request = {}  # rid -> seq_len -> layer -> kept per KV head
     with open(log) as f:
-        rows = [json.loads(line) for line in f]
-    steps = {}
-    for rid in {r["rid"] for r in rows}:
-        mine = [r for r in rows if r["rid"] == rid]
-        steps[rid] = [(n, [r["kept"] for r in sorted((r for r in mine if r["seq_len"] == n), key=lambda r: r["layer"])])
-                      for n in sorted({r["seq_len"] for r in mine})]
-    return steps
+        for line in f:
+            r = json.loads(line)
+            by_request.setdefault(r["rid"], {}).setdefault(r["seq_len"], {})[r["layer"]] = r["kept"]
+    return {rid: [(n, [layers[i] for i in sorted(layers)]) for n, layers in sorted(steps.items())]
+            for rid, steps in by_request.items()}
 
 
 def answer_cut(blocks: list[list[int]], span: tuple[int, int]) -> bool:
@@ -194,20 +193,17 @@ def summary_row(label: str, prompts: list[Prompt], seen: dict[str, dict], steps:
     row = {"policy": label, "score": sum(seen[p.rid]["score"] for p in prompts) / len(prompts),
            "answer cut": sum(answer_cut(seen[p.rid]["blocks"], p.span) for p in located) / max(len(located), 1)}
     if steps:
-        share, whole, heads = 0.0, 0, 0
-        layer_whole, layer_heads = {}, {}
+        share, layer_whole, layer_heads = 0.0, {}, {}
         for p in located:
             length = p.span[1] - p.span[0] + 1
             for _, layers in seen[p.rid]["kept"][:steps]:
                 for layer, per_head in enumerate(layers):
                     share += sum(per_head) / length
-                    full = sum(k == length for k in per_head)
-                    whole += full
-                    heads += len(per_head)
-                    layer_whole[layer] = layer_whole.get(layer, 0) + full
+                    layer_whole[layer] = layer_whole.get(layer, 0) + sum(k == length for k in per_head)
                     layer_heads[layer] = layer_heads.get(layer, 0) + len(per_head)
-        row["answer kept"] = share / max(heads, 1)
-        row["whole answer"] = whole / max(heads, 1)
+        heads = max(sum(layer_heads.values()), 1)
+        row["answer kept"] = share / heads
+        row["whole answer"] = sum(layer_whole.values()) / heads
         row["whole answer by layer"] = "".join(str(min(9, int(10 * layer_whole[i] / layer_heads[i]))) for i in sorted(layer_heads))
     return row
 

@@ -73,7 +73,7 @@ def load_partial(path: str, model: str) -> dict[str, dict]:
         print(f"{path}: dropping an unfinished last record ({len(data) - len(whole)} bytes)", file=sys.stderr)
         with open(path, "r+b") as fh:
             fh.truncate(len(whole))
-    for number, line in enumerate(whole.decode().splitlines(), 1):
+    for number, line in enumerate(whole.splitlines(), 1):
         try:
             r = json.loads(line)
         except json.JSONDecodeError as e:
