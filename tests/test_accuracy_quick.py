@@ -23,7 +23,9 @@ def test_quick_mode(tmp_path, tiny_model):
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "| full | all |" in run.stdout and "| dynsplit | 128 (0.25) |" in run.stdout
-    policy_table, split_table = run.stdout.split("**split rules by scenario")[:2]
+    policy_table, rest = run.stdout.split("**split rules by scenario")[:2]
+    split_table, paired_table = rest.split("**dynsplit against each policy, prompt by prompt")
+    assert "| full | " in paired_table and "| snapkv | " in paired_table and "| dynsplit-fixed | " in paired_table
     assert "| snapkv |" in policy_table and "dynsplit-fixed" not in policy_table
     assert "| dynsplit-punct | 128 (0.25) |" in split_table and "snapkv" not in split_table
 
@@ -41,6 +43,8 @@ def test_quick_mode(tmp_path, tiny_model):
         assert r["prompt_tokens"] <= 512 - 16 and r["answers"]
     everything = {r["policy"]: r for r in result["accuracy"] if r["group"] == "all"}
     assert set(everything) == set(labels)
+    # dynsplit against every other policy on the same prompts
+    assert {r["policy"]: r["prompts"] for r in result["paired"]} == {p: len(QUICK["tasks"]) for p in labels if p != "dynsplit"}
     # one prefill per prompt: every answer after the first found the prompt in the radix cache, all
     # but the last tokens its policy ranks with (SnapKV's 32-token window, recomputed on a hit) or
     # the very last one (SGLang always computes it)

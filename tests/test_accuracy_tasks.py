@@ -8,7 +8,7 @@ import pytest
 from benchmarks.accuracy import data, scoring
 from benchmarks.accuracy.__main__ import main as progress_main
 from benchmarks.accuracy.policies import VARIANTS, engine_args, parse_policies, policy_engine_kwargs
-from benchmarks.accuracy.report import aggregate, markdown, plot
+from benchmarks.accuracy.report import aggregate, markdown, paired, paired_markdown, plot, sign_test
 from benchmarks.accuracy.run import Settings, budget_tokens, engine_groups, load_partial, pending, request_params
 from benchmarks.accuracy.tasks import TASKS, Sample, largest_fitting, make_sample, render
 
@@ -171,6 +171,12 @@ def test_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith("PARTIAL: 10 answers for 10 prompts") and "| full | all |" in printed and "commit abc" in printed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "run.partial.jsonl"]
+    # with dynsplit answers it adds the prompt-by-prompt comparison; a record being written is skipped
+    lines = [json.dumps({**r, "model": "m", "commit": "abc"}) + "\n" for r in records]
+    (tmp_path / "run.partial.jsonl").write_text("".join(lines) + lines[0][:40])
+    assert len(progress_main(["--progress", "--out", str(out)])) == len(records)
+    printed = capsys.readouterr().out
+    assert "**dynsplit against each policy, prompt by prompt, 1024 tokens**" in printed and "| full | " in printed
 
 
 def test_load_partial_drops_a_cut_off_last_record(tmp_path, capsys):
@@ -190,3 +196,30 @@ def test_load_partial_drops_a_cut_off_last_record(tmp_path, capsys):
     path.write_text("{not json\n" + whole)
     with pytest.raises(ValueError, match="run.partial.jsonl, line 1: not a JSON record"):
         load_partial(str(path), "m")
+
+
+def test_sign_test():
+    assert sign_test(0, 0) == 1.0
+    assert sign_test(5, 0) == pytest.approx(2 / 32) and sign_test(0, 5) == sign_test(5, 0)
+    assert sign_test(3, 3) == 1.0
+    assert sign_test(32, 58) == pytest.approx(0.0081, abs=2e-4)  # scipy.stats.binomtest(32, 90).pvalue
+
+
+def test_paired():
+    def rec(policy, setting, task, seed, score, length=2048):
+        return {"policy": policy, "budget_setting": setting, "task": task, "length": length, "seed": seed, "score": score}
+    records = [rec("full", None, "a", s, 1.0) for s in range(4)]
+    records += [rec("dynsplit", 0.25, "a", s, x) for s, x in enumerate([1.0, 0.0, 0.5, 1.0])]
+    records += [rec("quest", 0.25, "a", s, x) for s, x in enumerate([0.0, 0.0, 1.0])]  # seed 3 not answered
+    records += [rec("quest", 0.125, "a", 0, 1.0), rec("dynsplit", 0.125, "a", 0, 0.0)]
+    records += [rec("quest", 0.25, "a", 0, 1.0, length=4096)]  # no dynsplit answer at 4096: no row
+    rows = {(r["policy"], r["budget_setting"]): r for r in paired(records)}
+    assert sorted(rows) == [("full", 0.125), ("full", 0.25), ("quest", 0.125), ("quest", 0.25)]
+    assert {k: rows[("quest", 0.25)][k] for k in ("prompts", "better", "worse", "ties")} == \
+        {"prompts": 3, "better": 1, "worse": 1, "ties": 1}
+    assert (rows[("full", 0.25)]["better"], rows[("full", 0.25)]["worse"], rows[("full", 0.25)]["ties"]) == (0, 2, 2)
+    assert rows[("quest", 0.125)]["worse"] == 1 and rows[("quest", 0.125)]["p"] == 1.0
+    table = paired_markdown(list(rows.values()))
+    assert "**dynsplit against each policy, prompt by prompt, 2048 tokens**" in table
+    assert "| quest | 1 / 1 (p 1) | 0 / 1 (p 1) |" in table
+    assert paired(records, reference="streamingllm") == []

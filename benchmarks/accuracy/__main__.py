@@ -185,12 +185,12 @@ def views(labels: list[str], group: str) -> list[tuple[str, list[str], str]]:
 def progress(partial: str, group: str) -> list[dict]:
     """Print the tables of the answers an unfinished run has saved (not a result: cells hold
     whatever samples are done, so they are not comparable until the run ends)."""
-    from benchmarks.accuracy.report import aggregate, markdown
+    from benchmarks.accuracy.report import aggregate, markdown, paired, paired_markdown
 
     records = []
     if os.path.exists(partial):
-        with open(partial) as fh:
-            records = [json.loads(line) for line in fh if line.strip()]
+        with open(partial) as fh:  # a line without its newline is a record being written: skipped
+            records = [json.loads(line) for line in fh if line.strip() and line.endswith("\n")]
     if not records:
         print(f"no saved answers in {partial}")
         return records
@@ -201,12 +201,15 @@ def progress(partial: str, group: str) -> list[dict]:
               "commit": ", ".join(commits), "date": "-", "command": "--progress"}
     for _, labels, by in views(list(dict.fromkeys(r["policy"] for r in records)), group):
         print(markdown(result, by, labels) + "\n")
+    if rows := paired(records):
+        print(paired_markdown(rows))
     return records
 
 
 def finish(result: dict, out: str, write: bool = True) -> dict:
-    from benchmarks.accuracy.report import markdown, plot
+    from benchmarks.accuracy.report import markdown, paired, paired_markdown, plot
 
+    result["paired"] = paired(result["samples"])
     if write:
         with open(out, "w") as fh:
             json.dump(result, fh, indent=1)
@@ -214,6 +217,8 @@ def finish(result: dict, out: str, write: bool = True) -> dict:
     for suffix, shown, group in views(labels, result["settings"]["group"]):
         plot(result, out.removesuffix(".json") + suffix + ".png", group, shown)
         print(markdown(result, group, shown) + "\n")
+    if result["paired"]:
+        print(paired_markdown(result["paired"]))
     return result
 
 
