@@ -129,6 +129,9 @@ class DynSplitConfig(PolicyOptions):
     candidates:     "delimiters": boundaries fall after tokens holding punctuation, brackets or a
                     line break (the candidate set; DD-Select picks among them by importance);
                     "all": any token may end a block.
+    delimiter_chars: with "delimiters": the characters that make a token a candidate (its text
+                    contains one); None: punctuation, brackets, quotes, tabs and line breaks
+                    (delimiters.DELIMITER_CHARS). E.g. ".!?\n" lets blocks end at sentence ends only.
     split:          how a block end is chosen in [C-Δ, C+Δ]: "dd_select" (the highest DD-Select
                     score), "punctuation" (the candidate delimiter closest to length C, no scores:
                     the fixed-delimiter ablation) or "fixed_interval" (always length C: Quest-style
@@ -152,6 +155,7 @@ class DynSplitConfig(PolicyOptions):
     score_layers: Optional[tuple[int, ...]] = None
     score_heads: Optional[tuple[int, ...]] = None
     candidates: str = "delimiters"
+    delimiter_chars: Optional[str] = None
     split: str = "dd_select"
     weighting: str = "position"
     layer_budgets: str = "uniform"
@@ -224,6 +228,12 @@ class DynSplitConfig(PolicyOptions):
             )
         _check_number("alpha", self.alpha, 0)
         _check_choice("candidates", self.candidates, CANDIDATE_MODES)
+        if self.delimiter_chars is not None:
+            if not isinstance(self.delimiter_chars, str) or not self.delimiter_chars:
+                raise KVConfigError(f"--kv-config: 'delimiter_chars' must be a non-empty string or null, got {self.delimiter_chars!r}")
+            if self.candidates == "all":
+                raise KVConfigError("--kv-config: 'delimiter_chars' chooses the candidate delimiters, but 'candidates' "
+                                    "is \"all\" (every token a candidate); use \"delimiters\" or drop delimiter_chars")
         _check_choice("split", self.split, SPLIT_RULES)
         _check_choice("weighting", self.weighting, WEIGHTINGS)
         _check_choice("layer_budgets", self.layer_budgets, LAYER_BUDGETS)

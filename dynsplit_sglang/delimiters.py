@@ -16,8 +16,8 @@ DELIMITER_CHARS = set(".,;:!?\n\t{}()[]<>\"'`|")
 SEPARATOR_CHARS = set(".,?!;:")
 
 
-def is_delimiter_text(text: str) -> bool:
-    return any(ch in DELIMITER_CHARS for ch in text)
+def is_delimiter_text(text: str, chars=DELIMITER_CHARS) -> bool:
+    return any(ch in chars for ch in text)
 
 
 def is_separator_text(text: str) -> bool:
@@ -53,12 +53,15 @@ class TokenTexts:
         return mask
 
 
-def candidate_token_mask(tokens: Optional[TokenTexts], mode: str, vocab_size: int) -> torch.Tensor:
-    """[vocab_size] bool: True where a token may end a DynSplit block.
+def candidate_token_mask(tokens: Optional[TokenTexts], mode: str, vocab_size: int,
+                         chars: Optional[str] = None) -> torch.Tensor:
+    """[vocab_size] bool: True where a token may end a DynSplit block: its text holds one of
+    `chars` (None: DELIMITER_CHARS).
 
     mode "all" (or no tokenizer available) lets every token end a block.
     """
-    mask = None if mode == "all" or tokens is None else tokens.mask(is_delimiter_text)
+    chars = DELIMITER_CHARS if chars is None else set(chars)
+    mask = None if mode == "all" or tokens is None else tokens.mask(lambda t: is_delimiter_text(t, chars))
     if mask is None:
         if mode != "all":
             logger.warning("dynsplit: no tokenizer, so every token is a candidate delimiter")

@@ -406,3 +406,14 @@ def test_prefix_reserve_leaves_the_window_of_the_requests_policy_to_recompute():
     finally:
         prefix_reserve.set_reserve({}, "")
     assert prefix_reserve.limit_prefix(original, req(), 100) == 99
+
+
+def test_delimiter_chars_choose_the_candidates():
+    """`delimiter_chars` replaces the default delimiter set: here only sentence ends may end a block."""
+    from dynsplit_sglang.config import DynSplitConfig
+
+    default = make_policy(DynSplitConfig(), 64).candidate_mask
+    sentences = make_policy(DynSplitConfig(delimiter_chars=".?\n"), 64).candidate_mask
+    # FakeTokens: "word", " word", ".", ",", "?", " the", "\n", ";", "x"
+    assert default.tolist() == [False, False, True, True, True, False, True, True, False]
+    assert sentences.tolist() == [False, False, True, False, True, False, True, False, False]

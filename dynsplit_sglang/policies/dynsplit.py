@@ -49,7 +49,7 @@ class DynSplitPolicy(KVPolicy):
         self.table = BlockTable(num_slots, shape, cfg, dtype, device)
         vocab = tokens.vocab_size if tokens is not None else 1
         # [vocab] bool; None means every token is a candidate.
-        self.candidate_mask = None if cfg.candidates == "all" else candidate_token_mask(tokens, cfg.candidates, vocab).to(device)
+        self.candidate_mask = None if cfg.candidates == "all" else candidate_token_mask(tokens, cfg.candidates, vocab, cfg.delimiter_chars).to(device)
         self.by_type = cfg.uses_scores and cfg.weighting == "delimiter_type"
         self.token_ids = torch.zeros(num_slots, dtype=torch.int64, device=device) if self.by_type else None
         self.queries = PromptQueries(self.query_window()) if cfg.layer_budgets == "dynamickv" else None
