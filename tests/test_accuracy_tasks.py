@@ -9,7 +9,7 @@ from benchmarks.accuracy import data, scoring
 from benchmarks.accuracy.__main__ import main as progress_main
 from benchmarks.accuracy.policies import VARIANTS, engine_args, parse_policies, policy_engine_kwargs
 from benchmarks.accuracy.report import aggregate, markdown, paired, paired_markdown, plot, sign_test
-from benchmarks.accuracy.run import Settings, budget_tokens, engine_groups, load_partial, pending, request_params
+from benchmarks.accuracy.run import Settings, budget_tokens, engine_groups, load_partial, pending, request_params, saved_records
 from benchmarks.accuracy.tasks import TASKS, Sample, largest_fitting, make_sample, render
 
 
@@ -189,6 +189,9 @@ def test_load_partial_drops_a_cut_off_last_record(tmp_path, capsys):
     path = tmp_path / "run.partial.jsonl"
     whole = json.dumps(record) + "\n" + json.dumps({**record, "model": "other"}) + "\n"
     path.write_text(whole + json.dumps(other)[:25])
+    # a reader beside the running run (--progress) leaves the cut-off record out and the file as it is
+    assert [r["model"] for r in saved_records(str(path))] == ["m", "other"]
+    assert path.read_text() == whole + json.dumps(other)[:25] and saved_records(str(tmp_path / "absent.jsonl")) == []
     done = load_partial(str(path), "m")
     assert [r["seed"] for r in done.values()] == [0]
     assert path.read_text() == whole and "dropping an unfinished last record" in capsys.readouterr().err
@@ -196,6 +199,8 @@ def test_load_partial_drops_a_cut_off_last_record(tmp_path, capsys):
     path.write_text("{not json\n" + whole)
     with pytest.raises(ValueError, match="run.partial.jsonl, line 1: not a JSON record"):
         load_partial(str(path), "m")
+    with pytest.raises(ValueError, match="run.partial.jsonl, line 1: not a JSON record"):
+        saved_records(str(path))
 
 
 def test_sign_test():

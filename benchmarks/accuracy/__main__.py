@@ -24,7 +24,7 @@ import shlex
 import sys
 
 from benchmarks.accuracy.policies import ABLATION, VARIANTS, parse_policies
-from benchmarks.accuracy.run import ENGINES
+from benchmarks.accuracy.run import ENGINES, saved_records
 from benchmarks.common import RESULTS, run_info
 from dynsplit_sglang.config import POLICIES, parse_json_object
 
@@ -186,11 +186,7 @@ def progress(partial: str, group: str) -> list[dict]:
     """Print the tables of the answers an unfinished run has saved (not a result: cells hold
     whatever samples are done, so they are not comparable until the run ends)."""
     from benchmarks.accuracy.report import aggregate, markdown, paired, paired_markdown
-
-    records = []
-    if os.path.exists(partial):
-        with open(partial) as fh:  # a line without its newline is a record being written: skipped
-            records = [json.loads(line) for line in fh if line.strip() and line.endswith("\n")]
+    records = saved_records(partial)
     if not records:
         print(f"no saved answers in {partial}")
         return records

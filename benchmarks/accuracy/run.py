@@ -62,9 +62,8 @@ def load_partial(path: str, model: str) -> dict[str, dict]:
     """Records of an interrupted run with this model, by `record_key`. A last line without its
     newline is a record whose write was cut off (the process was killed): it is cut from the file,
     so that the run appends after whole lines, and generated again."""
-    done = {}
     if not os.path.exists(path):
-        return done
+        return {}
     with open(path, "rb") as fh:
         data = fh.read()
     whole = data[: data.rfind(b"\n") + 1]
@@ -73,14 +72,28 @@ def load_partial(path: str, model: str) -> dict[str, dict]:
         print(f"{path}: dropping an unfinished last record ({len(data) - len(whole)} bytes)", file=sys.stderr)
         with open(path, "r+b") as fh:
             fh.truncate(len(whole))
+    return {record_key(r["policy"], r["config"], r["task"], r["length"], r["seed"], r["budget_setting"]): r
+            for r in _parse_records(path, whole) if r["model"] == model}
+
+
+def saved_records(path: str) -> list[dict]:
+    """Every whole record of a progress file, read only (the run may be appending to it: a last
+    line without its newline is left out); [] if there is none."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return _parse_records(path, data[: data.rfind(b"\n") + 1])
+
+
+def _parse_records(path: str, whole: bytes) -> list[dict]:
+    records = []
     for number, line in enumerate(whole.splitlines(), 1):
         try:
-            r = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}, line {number}: not a JSON record ({e})") from None
-        if r["model"] == model:
-            done[record_key(r["policy"], r["config"], r["task"], r["length"], r["seed"], r["budget_setting"])] = r
-    return done
+    return records
 
 
 Item = tuple[Policy, Optional[float]]  # (policy, budget setting; None for full)

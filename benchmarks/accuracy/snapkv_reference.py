@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from benchmarks.accuracy.run import saved_records
 from benchmarks.common import RESULTS
 from dynsplit_sglang.config import SnapKVOptions
 
@@ -135,13 +136,13 @@ def generate(tokenizer, model, holder, ids: torch.Tensor, max_new_tokens: int, s
 def suite_answers(path: str) -> dict[tuple, str]:
     """(task, length, seed, budget setting) -> output of the suite's `snapkv` answers saved at
     `path` (a results JSON or a .partial.jsonl; {} if it does not exist)."""
-    if not os.path.exists(path):
-        return {}
-    with open(path) as fh:
-        if path.endswith(".jsonl"):
-            records = [json.loads(line) for line in fh if line.endswith("\n")]
-        else:
+    if path.endswith(".jsonl"):
+        records = saved_records(path)
+    elif os.path.exists(path):
+        with open(path) as fh:
             records = json.load(fh)["samples"]
+    else:
+        return {}
     return {(r["task"], r["length"], r["seed"], r["budget_setting"]): r["output"]
             for r in records if r["policy"] == "snapkv"}
 
