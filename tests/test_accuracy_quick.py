@@ -98,11 +98,12 @@ def test_blocks_around_the_answer(tmp_path, tiny_model, capsys):
 
 @pytest.mark.server
 def test_blocks_summary_over_samples(tiny_model, capsys):
-    """`--samples N`: one engine answers the N prompts in one batch and a table sums them up; the
-    per-request trace and selection probe are keyed by rid, so every prompt gets its own blocks."""
+    """`--samples N`: one engine answers the N prompts with each rule and a table sums them up; the
+    per-request trace and selection probe are keyed by rid, so every prompt gets its own blocks,
+    and each rule its own (the second rule's requests find the prompts in the radix cache)."""
     from benchmarks.accuracy import blocks
 
-    seen = blocks.main(["--task", "niah_single", "--length", "512", "--seed", "1", "--samples", "3", "--kv", "dynsplit",
+    seen = blocks.main(["--task", "niah_single", "--length", "512", "--seed", "1", "--samples", "3", "--kv", "dynsplit,dynsplit-fixed",
                         "--budget", "0.25", "--model", tiny_model, "--kept", "1", "--lead", "4"])
     text = capsys.readouterr().out
     assert "niah_single, 512 tokens, seeds 1..3, budget 128;" in text and "with the 4 tokens before it" in text
@@ -112,12 +113,16 @@ def test_blocks_summary_over_samples(tiny_model, capsys):
     assert all(0.0 <= float(v) <= 1.0 for v in rates)
     layers = AutoConfig.from_pretrained(tiny_model).num_hidden_layers
     assert len(by_layer) == layers and by_layer.isdigit()
-    per_request = seen["dynsplit"]
-    assert sorted(per_request) == [f"blocks-niah_single-512-{seed}" for seed in (1, 2, 3)]
-    for got in per_request.values():
-        assert got["blocks"] and got["blocks"][0][0] == 0
-        seq_len, per_layer = got["kept"][0]
-        assert len(per_layer) == layers and seq_len > 128
+    assert next(line for line in text.splitlines() if line.startswith("| dynsplit-fixed |"))
+    for label, per_request in seen.items():
+        assert sorted(per_request) == [f"blocks-niah_single-512-{seed}" for seed in (1, 2, 3)]
+        for got in per_request.values():
+            assert got["blocks"] and got["blocks"][0][0] == 0
+            seq_len, per_layer = got["kept"][0]
+            assert len(per_layer) == layers and seq_len > 128
+    lengths = {label: {end - start + 1 for got in per_request.values() for start, end in got["blocks"]}
+               for label, per_request in seen.items()}
+    assert lengths["dynsplit-fixed"] == {16} and lengths["dynsplit"] != {16}
 
 
 def test_answer_cut_and_summary_row():

@@ -5,15 +5,16 @@ suite's "why", e.g. DD-Select ending a needle's block at "is:" so that its value
     python -m benchmarks.accuracy.blocks --task records_jsonl --length 4096 --kv dynsplit,dynsplit-punct
     python -m benchmarks.accuracy.blocks --task niah_single --samples 30 --kept 1     # a summary table
 
-For each policy (dynsplit or a split-rule variant) an engine answers the suite's prompt at
---budget with its block trace on, then this prints the answer, the policy's output and the blocks
-within --around tokens of the answer's first occurrence in the prompt, one line per block.
+One engine runs every policy given (dynsplit or a split-rule variant, as the suite's shared engine
+does: one prefill per prompt) and answers the suite's prompt at --budget with each, its block
+trace on; then this prints the answer, each policy's output and the blocks within --around tokens
+of the answer's first occurrence in the prompt, one line per block.
 `--kept` also prints, for the first decode steps, how many of the answer's prompt tokens each
 layer's selection kept, per KV head (one digit per head, 9 for 9 or more): whether the blocks
 holding the answer were chosen, not only where they end.
 
-With `--samples N` (seeds --seed .. --seed+N-1) one engine per policy answers all N prompts in one
-batch and a table sums them up per policy: the score, how often a block boundary cuts the answer
+With `--samples N` (seeds --seed .. --seed+N-1) every policy answers all N prompts, each policy's
+in one batch, and a table sums them up per policy: the score, how often a block boundary cuts the answer
 in two, and (with --kept STEPS) the share of the answer's tokens that the first STEPS decode steps
 kept, over layers and KV heads, how often a KV head kept the whole answer, and that rate per layer. `--lead N`
 counts the N prompt tokens before the answer as part of it: whether its key stays with it.
@@ -26,9 +27,9 @@ import json
 import multiprocessing
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from benchmarks.accuracy.policies import engine_args, parse_policies, policy_engine_kwargs
+from benchmarks.accuracy.policies import engine_args, parse_policies, shared_engine
 from benchmarks.accuracy.scoring import score
 from benchmarks.accuracy.tasks import TASKS, Sample, make_sample, render
 
@@ -139,32 +140,55 @@ def answer_cut(blocks: list[list[int]], span: tuple[int, int]) -> bool:
     return not any(start <= span[0] and span[1] <= end for start, end in blocks)
 
 
-def run_policy(policy, prompts: list[Prompt], budget: int, model: str, probe: bool) -> dict[str, dict]:
-    """One engine answers every prompt in one batch with its block trace on (and the selection
-    probe with `probe`). Per rid: output, score, blocks (every closed block), kept (kept_steps)."""
+def run_policies(policies, prompts: list[Prompt], budget: int, model: str, probe: bool) -> dict[str, dict[str, dict]]:
+    """One engine runs every policy (the first of them as --kv, the others as --kv-variants, each
+    with its own block trace) and answers every prompt with each: the first policy's requests
+    prefill the prompts in one batch, the others' follow in one batch that finds them in the radix
+    cache, as the suite's shared engine does. With `probe` the selection probe is on.
+    Per policy label, per prompt rid: output, score, blocks (every closed block), kept (kept_steps)."""
     import sglang as sgl
 
+    def rid(policy, prompt: Prompt) -> str:
+        return f"{policy.label}/{prompt.rid}"
+
     with tempfile.TemporaryDirectory() as tmp:
-        trace, log, spans = (os.path.join(tmp, name) for name in ("trace.jsonl", "kept.jsonl", "spans.json"))
+        traces = {p.label: os.path.join(tmp, f"trace-{k}.jsonl") for k, p in enumerate(policies)}
+        log, spans = (os.path.join(tmp, name) for name in ("kept.jsonl", "spans.json"))
         with open(spans, "w") as f:
-            json.dump({p.rid: p.span for p in prompts if p.span}, f)
-        kwargs = policy_engine_kwargs(policy, budget)
-        kwargs["kv_config"] = {**kwargs.get("kv_config", {}), "trace_path": trace}
+            json.dump({rid(policy, p): p.span for policy in policies for p in prompts if p.span}, f)
+        traced = [replace(p, config={**p.config, "trace_path": traces[p.label]}) for p in policies]
+        kwargs, labels = shared_engine(traced, budget)
         probe_env = dict(DYNSPLIT_EXTRA_SETUP="benchmarks.accuracy.blocks:probe_selection",
                          BLOCKS_PROBE_SPANS=spans, BLOCKS_PROBE_LOG=log) if probe else {}
         os.environ.update(probe_env)  # read by the scheduler process when it starts
         longest = max(len(p.ids) + p.sample.max_new_tokens for p in prompts)
-        eng = sgl.Engine(**engine_args(kwargs, model, (len(prompts) + 1) * longest, "cpu"))
+        # the prompts once (shared through the radix cache), plus every request's answer
+        tokens = (len(prompts) + 1) * longest + len(policies) * sum(p.sample.max_new_tokens for p in prompts)
+        eng = sgl.Engine(**engine_args(kwargs, model, tokens, "cpu"))
+        outputs = {}
         try:
-            outs = eng.generate(input_ids=[p.ids for p in prompts], rid=[p.rid for p in prompts],
-                                sampling_params=[{"temperature": 0, "max_new_tokens": p.sample.max_new_tokens} for p in prompts])
+            for batch in (policies[:1], policies[1:]):
+                todo = [(policy, p) for policy in batch for p in prompts]
+                if not todo:
+                    continue
+                params = [{"temperature": 0, "max_new_tokens": p.sample.max_new_tokens,
+                           "custom_params": {"kv_policy": labels[policy.label], "kv_budget": budget}} for policy, p in todo]
+                outs = eng.generate(input_ids=[p.ids for _, p in todo], rid=[rid(policy, p) for policy, p in todo],
+                                    sampling_params=params)
+                outputs.update({rid(policy, p): out["text"] for (policy, p), out in zip(todo, outs)})
         finally:
             eng.shutdown()
             for name in probe_env:
                 os.environ.pop(name, None)
-        blocks, kept = blocks_by_request(trace), kept_steps(log)
-    return {p.rid: {"output": out["text"], "score": score(p.sample, out["text"]), "blocks": blocks.get(p.rid, []),
-                    "kept": kept.get(p.rid, [])} for p, out in zip(prompts, outs)}
+        kept = kept_steps(log)
+        seen = {}
+        for policy in policies:
+            blocks = blocks_by_request(traces[policy.label])
+            seen[policy.label] = {
+                p.rid: {"output": outputs[rid(policy, p)], "score": score(p.sample, outputs[rid(policy, p)]),
+                        "blocks": blocks.get(rid(policy, p), []), "kept": kept.get(rid(policy, p), [])}
+                for p in prompts}
+    return seen
 
 
 def print_detail(tokenizer, prompt: Prompt, label: str, seen: dict, around: int, steps: int) -> list[list[int]]:
@@ -233,8 +257,9 @@ def main(argv=None):
         print(f"{args.task}, {args.length} tokens, seed {args.seed}: {len(p.ids)} prompt tokens, budget {budget}; "
               f"answer {p.sample.answers[0]!r} at {where}")
     shown, rows = {}, []
+    answered = run_policies(policies, prompts, budget, model, probe=bool(args.kept))
     for policy in policies:
-        seen = run_policy(policy, prompts, budget, model, probe=bool(args.kept))
+        seen = answered[policy.label]
         if args.samples == 1:
             seen_one = seen[prompts[0].rid]
             near = print_detail(tokenizer, prompts[0], policy.label, seen_one, args.around, args.kept)

@@ -107,12 +107,17 @@ def policy_engine_kwargs(policy: Policy, kv_budget: int | None) -> dict:
     return kwargs
 
 
-def shared_engine_kwargs(main: Policy, variants: dict, kv_budget: int) -> dict:
-    """The KV arguments of an engine that runs `main` as --kv and the others as --kv-variants."""
+def shared_engine(policies: list[Policy], kv_budget: int) -> tuple[dict, dict[str, str]]:
+    """The KV arguments of one engine that runs every (compressing) policy, and the server label
+    that each policy's requests name (custom_params kv_policy). The --kv policy is one whose label
+    is its policy name, if any, so that no variant's label clashes with it; the others run as
+    --kv-variants under their labels."""
+    main = next((p for p in policies if p.label == p.kv), policies[0])
     kwargs = policy_engine_kwargs(main, kv_budget)
+    variants = {p.label: {"policy": p.kv, **p.config} for p in policies if p is not main}
     if variants:
         kwargs["kv_variants"] = variants
-    return kwargs
+    return kwargs, {p.label: (main.kv if p is main else p.label) for p in policies}
 
 
 def engine_args(kv_kwargs: dict, model_path: str, max_total_tokens: int, device: str) -> dict:

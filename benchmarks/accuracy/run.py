@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from benchmarks.accuracy.policies import Policy, engine_args, policy_engine_kwargs, shared_engine_kwargs
+from benchmarks.accuracy.policies import Policy, engine_args, policy_engine_kwargs, shared_engine
 from benchmarks.accuracy.scoring import score
 from benchmarks.accuracy.tasks import Sample, render
 
@@ -114,12 +114,9 @@ def engine_groups(policies: list[Policy], work: list[tuple[Sample, list[Item]]],
     """[(engine kwargs except model/memory, server label of each policy, work)] in run order."""
     sparse = [p for p in policies if not p.dense]
     if settings.engines == "shared" and sparse:
-        # The --kv policy is one whose label is its policy name, if any, so no variant label clashes with it.
-        main = next((p for p in sparse if p.label == p.kv), sparse[0])
-        variants = {p.label: {"policy": p.kv, **p.config} for p in sparse if p is not main}
         budget = max(s.length for s, _ in work)  # every request names its own; this one is valid for all
-        labels = {p.label: (main.kv if p is main else p.label) for p in sparse}
-        return [(shared_engine_kwargs(main, variants, budget), labels, work)]
+        kwargs, labels = shared_engine(sparse, budget)
+        return [(kwargs, labels, work)]
     groups = []
     for p in policies:
         mine = [(s, [(q, b) for q, b in items if q is p]) for s, items in work]

@@ -144,7 +144,10 @@ class DynSplitPolicy(KVPolicy):
                 window = self.queries.take(i, r)
                 if r.ends_prompt():  # the prompt alone, as the prefill-time policies rank it
                     self._layer_budgets[r.row] = (r.rid, self._dynamickv_budgets(r.prompt(), window, key_buffers))
-            if self._trace is not None and (blocks or r.new_start == 0 or r.seq_len - r.new_start > 1):
+            # A line per request at least once its prompt is in (even all from the radix cache),
+            # then whenever it closes blocks.
+            if self._trace is not None and (blocks or (not self._is_decode and r.ends_prompt())
+                                          or r.seq_len - r.new_start > 1):
                 self._write_trace(r)
 
     def _type_prior(self, row_slots: torch.Tensor, start: int) -> dict:
