@@ -177,6 +177,11 @@ def test_report(tmp_path, capsys):
     assert len(progress_main(["--progress", "--out", str(out)])) == len(records)
     printed = capsys.readouterr().out
     assert "**dynsplit against each policy, prompt by prompt, 1024 tokens**" in printed and "| full | " in printed
+    # --tasks: only those tasks' answers
+    named = [{**r, "model": "m", "task": "niah_single" if r["task"] == "a" else r["task"]} for r in records]
+    (tmp_path / "run.partial.jsonl").write_text("".join(json.dumps(r) + "\n" for r in named))
+    assert progress_main(["--progress", "--tasks", "niah_single", "--out", str(out)]) == [r for r in named if r["task"] == "niah_single"]
+    assert "PARTIAL: 12 answers for 4 prompts" in capsys.readouterr().out
 
 
 def test_load_partial_drops_a_cut_off_last_record(tmp_path, capsys):

@@ -54,7 +54,7 @@ def parse_args(argv):
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/accuracy[_ablation][_quick].json)")
     p.add_argument("--replot", action="store_true", help="only redraw the plot and table from the JSON at --out")
     p.add_argument("--progress", action="store_true", help="only print the table of the answers an unfinished run "
-                   "has saved so far (marked partial; writes nothing)")
+                   "has saved so far (marked partial; writes nothing); with --tasks, of those tasks only")
     return p.parse_args(argv)
 
 
@@ -95,7 +95,8 @@ def main(argv=None):
             result = json.load(fh)
         return finish(result, out, write=False)
     if args.progress:
-        return progress(out.removesuffix(".json") + ".partial.jsonl", group)
+        tasks = None if args.tasks is None else select_tasks(args.tasks, ())
+        return progress(out.removesuffix(".json") + ".partial.jsonl", group, tasks)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -182,11 +183,12 @@ def views(labels: list[str], group: str) -> list[tuple[str, list[str], str]]:
     return out
 
 
-def progress(partial: str, group: str) -> list[dict]:
+def progress(partial: str, group: str, tasks: list[str] | None = None) -> list[dict]:
     """Print the tables of the answers an unfinished run has saved (not a result: cells hold
-    whatever samples are done, so they are not comparable until the run ends)."""
+    whatever samples are done, so they are not comparable until the run ends); with `tasks`, of
+    those tasks' answers only (`--progress --tasks niah_single`: one task's prompt-by-prompt table)."""
     from benchmarks.accuracy.report import aggregate, markdown, paired, paired_markdown
-    records = saved_records(partial)
+    records = [r for r in saved_records(partial) if tasks is None or r["task"] in tasks]
     if not records:
         print(f"no saved answers in {partial}")
         return records

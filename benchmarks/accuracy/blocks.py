@@ -1,5 +1,5 @@
 """Where a block policy's blocks fall around a prompt's answer: the evidence behind the accuracy
-suite's "why", e.g. DD-Select ending a needle's block at "is:" so that its value starts the next.
+suite's "why", e.g. whether a needle's key and its value share a block or are cut apart.
 
     python -m benchmarks.accuracy.blocks --task niah_single --seed 2                 # dynsplit and dynsplit-fixed
     python -m benchmarks.accuracy.blocks --task records_jsonl --length 4096 --kv dynsplit,dynsplit-punct
