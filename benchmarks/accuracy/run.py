@@ -62,14 +62,10 @@ def load_partial(path: str, model: str) -> dict[str, dict]:
     """Records of an interrupted run with this model, by `record_key`. A last line without its
     newline is a record whose write was cut off (the process was killed): it is cut from the file,
     so that the run appends after whole lines, and generated again."""
-    if not os.path.exists(path):
-        return {}
-    with open(path, "rb") as fh:
-        data = fh.read()
-    whole = data[: data.rfind(b"\n") + 1]
-    if len(whole) < len(data):
+    size, whole = _whole_lines(path)
+    if len(whole) < size:
         # stderr, not logging: SGLang's logging setup disables loggers that exist before it runs
-        print(f"{path}: dropping an unfinished last record ({len(data) - len(whole)} bytes)", file=sys.stderr)
+        print(f"{path}: dropping an unfinished last record ({size - len(whole)} bytes)", file=sys.stderr)
         with open(path, "r+b") as fh:
             fh.truncate(len(whole))
     return {record_key(r["policy"], r["config"], r["task"], r["length"], r["seed"], r["budget_setting"]): r
@@ -79,11 +75,16 @@ def load_partial(path: str, model: str) -> dict[str, dict]:
 def saved_records(path: str) -> list[dict]:
     """Every whole record of a progress file, read only (the run may be appending to it: a last
     line without its newline is left out); [] if there is none."""
+    return _parse_records(path, _whole_lines(path)[1])
+
+
+def _whole_lines(path: str) -> tuple[int, bytes]:
+    """(size of the file, its bytes up to and with the last newline); (0, b"") if there is no file."""
     if not os.path.exists(path):
-        return []
+        return 0, b""
     with open(path, "rb") as fh:
         data = fh.read()
-    return _parse_records(path, data[: data.rfind(b"\n") + 1])
+    return len(data), data[: data.rfind(b"\n") + 1]
 
 
 def _parse_records(path: str, whole: bytes) -> list[dict]:
