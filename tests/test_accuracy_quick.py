@@ -107,13 +107,14 @@ def test_blocks_summary_over_samples(tiny_model, capsys):
                         "--budget", "0.25", "--model", tiny_model, "--kept", "1", "--lead", "4"])
     text = capsys.readouterr().out
     assert "niah_single, 512 tokens, seeds 1..3, budget 128;" in text and "with the 4 tokens before it" in text
-    assert "| policy | score | answer cut | answer kept | whole answer | whole answer by layer |" in text
+    assert "| policy | score | mean block | answer cut | answer kept | whole answer | whole answer by layer |" in text
     row = next(line for line in text.splitlines() if line.startswith("| dynsplit |"))
-    *rates, by_layer = row.strip("| ").split(" | ")[1:]
-    assert all(0.0 <= float(v) <= 1.0 for v in rates)
+    score, mean_block, *rates, by_layer = row.strip("| ").split(" | ")[1:]
+    assert all(0.0 <= float(v) <= 1.0 for v in (score, *rates)) and 12 <= float(mean_block) <= 20  # C ± Δ
+    fixed_row = next(line for line in text.splitlines() if line.startswith("| dynsplit-fixed |"))
+    assert fixed_row.split(" | ")[2] == "16.00"
     layers = AutoConfig.from_pretrained(tiny_model).num_hidden_layers
     assert len(by_layer) == layers and by_layer.isdigit()
-    assert next(line for line in text.splitlines() if line.startswith("| dynsplit-fixed |"))
     for label, per_request in seen.items():
         assert sorted(per_request) == [f"blocks-niah_single-512-{seed}" for seed in (1, 2, 3)]
         for got in per_request.values():
@@ -140,6 +141,7 @@ def test_answer_cut_and_summary_row():
             "c": {"score": 0.5, "blocks": [], "kept": []}}
     row = blocks.summary_row("dynsplit", prompts, seen, steps=1)
     assert row["score"] == pytest.approx(0.5) and row["answer cut"] == pytest.approx(0.5)
+    assert row["mean block"] == pytest.approx(10)  # c has no blocks yet: it counts for nothing
     # first decode steps only: a's heads keep 4/4, 0 (layer 0), 2/4, 4/4 (layer 1); b's 4/4, 4/4, 0, 0
     assert row["answer kept"] == pytest.approx((1 + 0 + 0.5 + 1 + 1 + 1 + 0 + 0) / 8)
     assert row["whole answer"] == pytest.approx(4 / 8)

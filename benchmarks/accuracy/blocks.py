@@ -209,12 +209,16 @@ def print_detail(tokenizer, prompt: Prompt, label: str, seen: dict, around: int,
 
 
 def summary_row(label: str, prompts: list[Prompt], seen: dict[str, dict], steps: int) -> dict:
-    """Means over the samples of one policy; the answer columns count the samples whose answer is
+    """Means over the samples of one policy; "mean block" is the length in tokens of their closed
+    blocks, pooled; the answer columns count the samples whose answer is
     in the prompt, and the kept columns their first `steps` decode steps, every layer and KV head.
     "whole answer by layer" is a digit per layer: tenths of its KV heads that kept all of the
     answer (9 for 90% or more)."""
     located = [p for p in prompts if p.span]
+    closed = [end - start + 1 for p in prompts for start, end in seen[p.rid]["blocks"]]
     row = {"policy": label, "score": sum(seen[p.rid]["score"] for p in prompts) / len(prompts),
+           # the realised C: a token budget holds fewer blocks when they come out longer
+           "mean block": sum(closed) / max(len(closed), 1),
            "answer cut": sum(answer_cut(seen[p.rid]["blocks"], p.span) for p in located) / max(len(located), 1)}
     if steps:
         share, layer_whole, layer_heads = 0.0, {}, {}
