@@ -10,7 +10,9 @@
                                        itself is DD-Select with per-position weighting)
 
 The ablation varies only DynSplit-KV's split rule; block size, Δ, budget and everything else
-stay at the same values, so all four split rules have the same mean block length (C).
+stay at the same values, so all four split rules aim at the same block length C. Only the rigid
+rule always cuts exactly C tokens; the delimiter rules cut anywhere in C±Δ, and their mean depends
+on where the delimiters fall (`python -m benchmarks.accuracy.blocks --samples N` prints it).
 """
 
 from __future__ import annotations
