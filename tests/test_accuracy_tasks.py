@@ -182,6 +182,13 @@ def test_report(tmp_path, capsys):
     (tmp_path / "run.partial.jsonl").write_text("".join(json.dumps(r) + "\n" for r in named))
     assert progress_main(["--progress", "--tasks", "niah_single", "--out", str(out)]) == [r for r in named if r["task"] == "niah_single"]
     assert "PARTIAL: 12 answers for 4 prompts" in capsys.readouterr().out
+    # a finished run (no progress file): the same tables from its JSON, still nothing written
+    (tmp_path / "run.partial.jsonl").unlink()
+    out.write_text(json.dumps({"samples": named}))
+    assert progress_main(["--progress", "--tasks", "niah_single", "--out", str(out)]) == [r for r in named if r["task"] == "niah_single"]
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"12 answers for 4 prompts in {out} (the finished run)") and "PARTIAL" not in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "run.json"]
 
 
 def test_load_partial_drops_a_cut_off_last_record(tmp_path, capsys):

@@ -53,8 +53,9 @@ def parse_args(argv):
                    "scorer, not accuracy")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/accuracy[_ablation][_quick].json)")
     p.add_argument("--replot", action="store_true", help="only redraw the plot and table from the JSON at --out")
-    p.add_argument("--progress", action="store_true", help="only print the table of the answers an unfinished run "
-                   "has saved so far (marked partial; writes nothing); with --tasks, of those tasks only")
+    p.add_argument("--progress", action="store_true", help="only print the tables of the saved answers: an unfinished "
+                   "run's so far (marked partial), else the finished run's JSON at --out; writes nothing; with --tasks, "
+                   "of those tasks only")
     return p.parse_args(argv)
 
 
@@ -96,7 +97,7 @@ def main(argv=None):
         return finish(result, out, write=False)
     if args.progress:
         tasks = None if args.tasks is None else select_tasks(args.tasks, ())
-        return progress(out.removesuffix(".json") + ".partial.jsonl", group, tasks)
+        return progress(out.removesuffix(".json") + ".partial.jsonl", group, tasks, finished=out)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -183,19 +184,28 @@ def views(labels: list[str], group: str) -> list[tuple[str, list[str], str]]:
     return out
 
 
-def progress(partial: str, group: str, tasks: list[str] | None = None) -> list[dict]:
+def progress(partial: str, group: str, tasks: list[str] | None = None, finished: str | None = None) -> list[dict]:
     """Print the tables of the answers an unfinished run has saved (not a result: cells hold
-    whatever samples are done, so they are not comparable until the run ends); with `tasks`, of
-    those tasks' answers only (`--progress --tasks niah_single`: one task's prompt-by-prompt table)."""
+    whatever samples are done, so they are not comparable until the run ends), or, when there is
+    no progress file, those of the finished run's JSON at `finished`; with `tasks`, of those
+    tasks' answers only (`--progress --tasks niah_single`: one task's prompt-by-prompt table)."""
     from benchmarks.accuracy.report import aggregate, markdown, paired, paired_markdown
-    records = [r for r in saved_records(partial) if tasks is None or r["task"] in tasks]
+    records, source = saved_records(partial), partial
+    if not records and finished and os.path.exists(finished):
+        with open(finished) as fh:
+            records, source = json.load(fh)["samples"], finished
+    records = [r for r in records if tasks is None or r["task"] in tasks]
     if not records:
-        print(f"no saved answers in {partial}")
+        print(f"no saved answers in {partial}" + (f" or {finished}" if finished else ""))
         return records
     commits = sorted({r.get("commit", "unknown") for r in records})
     prompts = len({(r["task"], r["length"], r["seed"]) for r in records})
-    print(f"PARTIAL: {len(records)} answers for {prompts} prompts in {partial} (not a result)\n")
-    result = {"accuracy": aggregate(records), "model": records[0]["model"], "device": "unfinished run",
+    if source == partial:
+        print(f"PARTIAL: {len(records)} answers for {prompts} prompts in {partial} (not a result)\n")
+    else:
+        print(f"{len(records)} answers for {prompts} prompts in {finished} (the finished run)\n")
+    result = {"accuracy": aggregate(records), "model": records[0]["model"],
+              "device": "unfinished run" if source == partial else "saved run",
               "commit": ", ".join(commits), "date": "-", "command": "--progress"}
     for _, labels, by in views(list(dict.fromkeys(r["policy"] for r in records)), group):
         print(markdown(result, by, labels) + "\n")
