@@ -1,6 +1,6 @@
 """`python -m benchmarks.accuracy --quick` end to end on the tiny random model: prompts, one
 shared engine (full, and dynsplit, snapkv and dynsplit's other split rules at 1/4 of the length,
-chosen per request), generation, scoring, JSON, both tables and plots, and the resume file.
+chosen per request), generation, scoring, gzipped JSON, both tables and plots, and the resume file.
 Checks the pipeline, not accuracy (the model is random)."""
 
 import json
@@ -12,6 +12,7 @@ import pytest
 from transformers import AutoConfig
 
 from benchmarks.accuracy.__main__ import QUICK, main
+from benchmarks.accuracy.run import load_result
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +30,9 @@ def test_quick_mode(tmp_path, tiny_model):
     assert "| snapkv |" in policy_table and "dynsplit-fixed" not in policy_table
     assert "| dynsplit-punct | 128 (0.25) |" in split_table and "snapkv" not in split_table
 
-    result = json.loads(out.read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy_quick.json.gz", "accuracy_quick.png",
+                                                          "accuracy_quick_split_rule.png"]
+    result = load_result(str(tmp_path / "accuracy_quick.json.gz"))  # --out X.json names run X, written gzipped
     for key in ("commit", "device", "date", "command", "model", "settings", "accuracy", "samples"):
         assert key in result
     assert result["command"] == f"python -m benchmarks.accuracy --quick --out {out}"
@@ -62,7 +65,7 @@ def test_quick_mode(tmp_path, tiny_model):
     assert (tmp_path / "accuracy_quick.png").read_bytes()[:4] == b"\x89PNG"
 
     # An interrupted run resumes from its .partial.jsonl: with every answer there, no engine starts.
-    resumed = tmp_path / "resumed.json"
+    resumed = tmp_path / "resumed.json.gz"
     (tmp_path / "resumed.partial.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     again = main(["--quick", "--out", str(resumed)])
     assert again["samples"] == records and again["accuracy"] == result["accuracy"]

@@ -1,5 +1,6 @@
 """The accuracy suite's task generators, scorer, policy list and report, without an engine."""
 
+import gzip
 import json
 import random
 
@@ -8,8 +9,9 @@ import pytest
 from benchmarks.accuracy import data, scoring
 from benchmarks.accuracy.__main__ import main as progress_main
 from benchmarks.accuracy.policies import VARIANTS, engine_args, parse_policies, policy_engine_kwargs
-from benchmarks.accuracy.report import aggregate, markdown, paired, paired_markdown, plot, sign_test
-from benchmarks.accuracy.run import Settings, budget_tokens, engine_groups, load_partial, pending, request_params, saved_records
+from benchmarks.accuracy.report import aggregate, budget_name, markdown, paired, paired_markdown, plot, sign_test, summary_markdown
+from benchmarks.accuracy.run import (Settings, budget_tokens, engine_groups, find_result, load_partial, load_result, pending,
+                                     request_params, result_path, run_base, saved_records, write_result)
 from benchmarks.accuracy.tasks import TASKS, Sample, largest_fitting, make_sample, render
 
 
@@ -138,7 +140,7 @@ def test_shared_engine_runs_every_policy_with_per_request_choices(tokenizer):
     assert "custom_params" not in request_params(sample, ps[2], 0.25, {}, "budget")
 
 
-def test_report(tmp_path, capsys):
+def report_records():
     rng = random.Random(0)
     records = []
     for policy, settings in [("full", [None]), ("dynsplit", [0.25, 0.125])]:
@@ -151,6 +153,11 @@ def test_report(tmp_path, capsys):
                                         "length": length, "seed": seed, "budget_setting": b, "budget": budget,
                                         "fraction": budget / length, "prompt_tokens": length - 20,
                                         "score": rng.choice([0.0, 0.5, 1.0])})
+    return records
+
+
+def test_report(tmp_path, capsys):
+    records = report_records()
     rows = aggregate(records)
     cell = [r for r in rows if (r["policy"], r["length"], r["budget_setting"], r["name"]) == ("dynsplit", 1024, 0.25, "code")]
     expected = [r["score"] for r in records if (r["policy"], r["length"], r["budget_setting"], r["family"]) == ("dynsplit", 1024, 0.25, "code")]
@@ -189,6 +196,58 @@ def test_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith(f"12 answers for 4 prompts in {out} (the finished run)") and "PARTIAL" not in printed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "run.json"]
+    # a gzipped result beside it (what runs write now) is the one read; X, X.json and X.json.gz name one run
+    write_result({"samples": named[:3]}, str(out))
+    for name in ("run", "run.json", "run.json.gz"):
+        assert len(progress_main(["--progress", "--out", str(tmp_path / name)])) == 3
+        assert capsys.readouterr().out.startswith(f"3 answers for 3 prompts in {tmp_path / 'run.json.gz'} (the finished run)")
+
+
+def test_result_files_gzipped_and_plain(tmp_path):
+    """A run writes X.json.gz (gzipped JSON, the text plain files held); results are read from
+    X.json.gz, else from the plain X.json that runs wrote before."""
+    result = {"commit": "abc", "samples": [{"policy": "full", "score": 0.5}], "accuracy": []}
+    assert run_base(str(tmp_path / "x.json.gz")) == run_base(str(tmp_path / "x.json")) == str(tmp_path / "x")
+    assert result_path(str(tmp_path / "x.json")) == result_path(str(tmp_path / "x")) == str(tmp_path / "x.json.gz")
+    assert find_result(str(tmp_path / "x.json.gz")) is None
+    (tmp_path / "x.json").write_text(json.dumps({**result, "commit": "old"}, indent=1))
+    assert find_result(str(tmp_path / "x.json.gz")) == str(tmp_path / "x.json")
+    assert load_result(str(tmp_path / "x.json"))["commit"] == "old"
+    path = write_result(result, str(tmp_path / "x.json"))
+    assert path == str(tmp_path / "x.json.gz") and find_result(str(tmp_path / "x")) == path  # .gz preferred
+    assert gzip.decompress((tmp_path / "x.json.gz").read_bytes()).decode() == json.dumps(result, indent=1)
+    assert load_result(path) == result and load_result(str(tmp_path / "x.json"))["commit"] == "old"
+    again = write_result(result, str(tmp_path / "x.json.gz"))  # the same result gives the same bytes
+    assert (tmp_path / "x.json.gz").read_bytes() == gzip.compress(json.dumps(result, indent=1).encode(), 9, mtime=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "x.json.gz"] and again == path
+
+
+def test_summary(tmp_path, capsys):
+    """--summary: one table, a row per policy and a column per budget, each cell the mean over the
+    lengths of the mean over tasks; `full` repeats its one value; read from the gzipped result."""
+    assert [budget_name(b) for b in (0.25, 0.125, 0.0625, 0.3, 512)] == ["1/4", "1/8", "1/16", "0.3", "512 tokens"]
+    records = [{**r, "model": "m"} for r in report_records()]
+    rows = aggregate(records)
+    every = {(r["policy"], r["length"], r["budget_setting"]): r["accuracy"] for r in rows if r["group"] == "all"}
+    table = summary_markdown({"model": "m", "accuracy": rows})
+    lines = table.splitlines()
+    assert lines[0].startswith("**Accuracy per policy and KV budget** (m; the mean over 3 tasks at each length, "
+                               "then over the lengths 1024, 2048 tokens;") and "up to 2 prompts per task" in lines[0]
+    assert lines[2] == "| policy | budget 1/4 | budget 1/8 |"
+    full = (every[("full", 1024, None)] + every[("full", 2048, None)]) / 2
+    dyn = [(every[("dynsplit", 1024, b)] + every[("dynsplit", 2048, b)]) / 2 for b in (0.25, 0.125)]
+    assert lines[4] == f"| full (every token) | {full:.2f} | {full:.2f} |"
+    assert lines[5] == f"| dynsplit | {dyn[0]:.2f} | {dyn[1]:.2f} |" and len(lines) == 6
+    # an unfinished run: a cell missing a length is the mean of the others, marked
+    short = summary_markdown({"model": "m", "accuracy": aggregate([r for r in records if r["length"] == 1024
+                                                                    or r["budget_setting"] != 0.125])})
+    assert f"| dynsplit | {dyn[0]:.2f} | {every[('dynsplit', 1024, 0.125)]:.2f}* |" in short
+    assert "not every length answered yet" in short
+
+    write_result({"samples": records}, str(tmp_path / "run.json"))
+    assert progress_main(["--summary", "--out", str(tmp_path / "run.json")]) == records
+    printed = capsys.readouterr().out
+    assert printed == f"{len(records)} answers for 12 prompts in {tmp_path / 'run.json.gz'} (the finished run)\n\n{table}\n"
 
 
 def test_load_partial_drops_a_cut_off_last_record(tmp_path, capsys):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from benchmarks.accuracy import snapkv_reference as ref
+from benchmarks.accuracy.run import write_result
 from dynsplit_sglang.config import SnapKVOptions
 
 
@@ -49,9 +50,12 @@ def test_suite_answers_reads_partial_and_final(tmp_path):
     partial = tmp_path / "accuracy.partial.jsonl"
     partial.write_text(json.dumps(rec) + "\n" + json.dumps(other) + "\n" + '{"policy": "snap')  # a cut-off last line
     assert ref.suite_answers(str(partial)) == {("niah_single", 2048, 3, 0.25): " 12."}
-    final = tmp_path / "accuracy.json"
+    final = tmp_path / "accuracy.json"  # a result saved before results were gzipped
     final.write_text(json.dumps({"samples": [rec, other]}))
     assert ref.suite_answers(str(final)) == {("niah_single", 2048, 3, 0.25): " 12."}
+    assert ref.suite_answers(str(tmp_path / "accuracy.json.gz")) == {("niah_single", 2048, 3, 0.25): " 12."}
+    write_result({"samples": [dict(rec, output=" 14."), other]}, str(final))  # the gzipped one wins
+    assert ref.suite_answers(str(final)) == {("niah_single", 2048, 3, 0.25): " 14."}
     assert ref.suite_answers(str(tmp_path / "missing.json")) == {}
 
 

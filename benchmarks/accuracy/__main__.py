@@ -4,15 +4,19 @@
     python -m benchmarks.accuracy --kv full,dynsplit,snapkv --lengths 2048 --samples 5 --tasks niah
     python -m benchmarks.accuracy --ablation            # only DynSplit-KV's split rules, on 6 tasks
     python -m benchmarks.accuracy --quick               # pipeline check on the tiny random model
-    python -m benchmarks.accuracy --replot [--out X.json]
+    python -m benchmarks.accuracy --replot [--out X.json.gz]
+    python -m benchmarks.accuracy --progress [--tasks niah_single]   # the tables of the saved answers
+    python -m benchmarks.accuracy --summary     # one table: accuracy per policy and budget
 
 Runs SGLang in process on the embedded SmolLM2-135M-Instruct (or --model), greedy, chat template
 applied; by default one engine runs every policy (--kv-variants) and each prompt is prefilled
 once. The default run also answers with DynSplit-KV's other split rules (the ablation rides on
 the same prefills). Prints the policy table (by task family) and the split-rule table (by
-scenario) per length and writes JSON (commit, device, date, exact command, model, per-sample
-records, accuracy rows) and a PNG plot per table under benchmarks/results/. Every answer is
-saved to <out>.partial.jsonl at once; rerunning the same command resumes.
+scenario) per length and writes gzipped JSON (commit, device, date, exact command, model,
+per-sample records, accuracy rows; benchmarks/results/accuracy.json.gz) and a PNG plot per table
+under benchmarks/results/. Every answer is saved to <out>.partial.jsonl at once; rerunning the
+same command resumes. --progress, --summary and --replot read a finished run from X.json.gz, or
+from the plain X.json of a run saved before results were gzipped.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import shlex
 import sys
 
 from benchmarks.accuracy.policies import ABLATION, VARIANTS, parse_policies
-from benchmarks.accuracy.run import ENGINES, saved_records
+from benchmarks.accuracy.run import ENGINES, find_result, load_result, run_base, saved_records, write_result
 from benchmarks.common import RESULTS, run_info
 from dynsplit_sglang.config import POLICIES, parse_json_object
 
@@ -51,11 +55,15 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="tiny random model, 512 tokens, 1 sample of 3 tasks, full + "
                    "dynsplit, snapkv and the split rules at 1/4 in one shared engine: checks the pipeline and the "
                    "scorer, not accuracy")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/accuracy[_ablation][_quick].json)")
-    p.add_argument("--replot", action="store_true", help="only redraw the plot and table from the JSON at --out")
+    p.add_argument("--out", default=None, help="result path, X.json.gz (X or X.json name the same run; it is "
+                   "always written gzipped, and read from X.json.gz, else an older plain X.json); default "
+                   "benchmarks/results/accuracy[_ablation][_quick].json.gz")
+    p.add_argument("--replot", action="store_true", help="only redraw the plot and table from the result at --out")
     p.add_argument("--progress", action="store_true", help="only print the tables of the saved answers: an unfinished "
                    "run's so far (marked partial), else the finished run's JSON at --out; writes nothing; with --tasks, "
                    "of those tasks only")
+    p.add_argument("--summary", action="store_true", help="like --progress, but one table: accuracy per policy and "
+                   "budget, the mean over tasks and then over lengths")
     return p.parse_args(argv)
 
 
@@ -90,14 +98,14 @@ def main(argv=None):
     args = parse_args(argv)
     group = "scenario" if args.ablation else "family"
     name = "accuracy" + ("_ablation" if args.ablation else "") + ("_quick" if args.quick else "")
-    out = args.out or os.path.join(RESULTS, name + ".json")
+    out = args.out or os.path.join(RESULTS, name + ".json.gz")
     if args.replot:
-        with open(out) as fh:
-            result = json.load(fh)
-        return finish(result, out, write=False)
-    if args.progress:
+        if (saved := find_result(out)) is None:
+            raise SystemExit(f"python -m benchmarks.accuracy: error: no saved result for {out}")
+        return finish(load_result(saved), out, write=False)
+    if args.progress or args.summary:
         tasks = None if args.tasks is None else select_tasks(args.tasks, ())
-        return progress(out.removesuffix(".json") + ".partial.jsonl", group, tasks, finished=out)
+        return progress(run_base(out) + ".partial.jsonl", group, tasks, finished=find_result(out), summary=args.summary)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -138,7 +146,7 @@ def main(argv=None):
     # one prompt's KV, plus each request's answer and the prompt tail a radix hit recomputes; x2 margin
     max_total_tokens = 2 * (max(lengths) + per_prompt * (max_new + 64))
 
-    partial = out.removesuffix(".json") + ".partial.jsonl"
+    partial = run_base(out) + ".partial.jsonl"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     model_name = os.path.basename(str(model))
     done = load_partial(partial, model_name)
@@ -184,16 +192,17 @@ def views(labels: list[str], group: str) -> list[tuple[str, list[str], str]]:
     return out
 
 
-def progress(partial: str, group: str, tasks: list[str] | None = None, finished: str | None = None) -> list[dict]:
+def progress(partial: str, group: str, tasks: list[str] | None = None, finished: str | None = None,
+             summary: bool = False) -> list[dict]:
     """Print the tables of the answers an unfinished run has saved (not a result: cells hold
     whatever samples are done, so they are not comparable until the run ends), or, when there is
-    no progress file, those of the finished run's JSON at `finished`; with `tasks`, of those
-    tasks' answers only (`--progress --tasks niah_single`: one task's prompt-by-prompt table)."""
-    from benchmarks.accuracy.report import aggregate, markdown, paired, paired_markdown
+    no progress file, those of the finished run's result file `finished` (.json.gz or .json); with
+    `tasks`, of those tasks' answers only (`--progress --tasks niah_single`: one task's
+    prompt-by-prompt table); with `summary`, only the one table of accuracy per policy and budget."""
+    from benchmarks.accuracy.report import aggregate, markdown, paired, paired_markdown, summary_markdown
     records, source = saved_records(partial), partial
     if not records and finished and os.path.exists(finished):
-        with open(finished) as fh:
-            records, source = json.load(fh)["samples"], finished
+        records, source = load_result(finished)["samples"], finished
     records = [r for r in records if tasks is None or r["task"] in tasks]
     if not records:
         print(f"no saved answers in {partial}" + (f" or {finished}" if finished else ""))
@@ -201,12 +210,15 @@ def progress(partial: str, group: str, tasks: list[str] | None = None, finished:
     commits = sorted({r.get("commit", "unknown") for r in records})
     prompts = len({(r["task"], r["length"], r["seed"]) for r in records})
     if source == partial:
-        print(f"PARTIAL: {len(records)} answers for {prompts} prompts in {partial} (not a result)\n")
+        print(f"PARTIAL: {len(records)} answers for {prompts} prompts in {_shown_path(partial)} (not a result)\n")
     else:
-        print(f"{len(records)} answers for {prompts} prompts in {finished} (the finished run)\n")
+        print(f"{len(records)} answers for {prompts} prompts in {_shown_path(finished)} (the finished run)\n")
     result = {"accuracy": aggregate(records), "model": records[0]["model"],
               "device": "unfinished run" if source == partial else "saved run",
               "commit": ", ".join(commits), "date": "-", "command": "--progress"}
+    if summary:
+        print(summary_markdown(result))
+        return records
     for _, labels, by in views(list(dict.fromkeys(r["policy"] for r in records)), group):
         print(markdown(result, by, labels) + "\n")
     if rows := paired(records):
@@ -214,16 +226,21 @@ def progress(partial: str, group: str, tasks: list[str] | None = None, finished:
     return records
 
 
+def _shown_path(path: str) -> str:
+    """`path` relative to the working directory if it lies below it (as a user typed it), else as it is."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
 def finish(result: dict, out: str, write: bool = True) -> dict:
     from benchmarks.accuracy.report import markdown, paired, paired_markdown, plot
 
     result["paired"] = paired(result["samples"])
     if write:
-        with open(out, "w") as fh:
-            json.dump(result, fh, indent=1)
+        write_result(result, out)
     labels = [p["label"] for p in result["settings"]["policies"]]
     for suffix, shown, group in views(labels, result["settings"]["group"]):
-        plot(result, out.removesuffix(".json") + suffix + ".png", group, shown)
+        plot(result, run_base(out) + suffix + ".png", group, shown)
         print(markdown(result, group, shown) + "\n")
     if result["paired"]:
         print(paired_markdown(result["paired"]))

@@ -79,6 +79,46 @@ def markdown(result: dict, group: str, policies: list[str] | None = None) -> str
     return "\n".join(out)
 
 
+def budget_name(setting) -> str:
+    """A budget setting as a column header: "1/8" for 0.125, "0.3" for 0.3, "512 tokens" for 512."""
+    if setting > 1:
+        return f"{setting:g} tokens"
+    inverse = 1 / setting
+    return f"1/{round(inverse)}" if abs(inverse - round(inverse)) < 1e-6 else f"{setting:g}"
+
+
+def summary_markdown(result: dict, policies: list[str] | None = None) -> str:
+    """One table for a whole run: a row per policy, a column per budget setting. A cell is the
+    accuracy over every task (each task weighted alike, the "all" rows) at each length, averaged
+    over the lengths (each length alike). A dense policy (`full`) has one value per length; its row
+    repeats it in every column. A cell that lacks a length (an unfinished run) is marked *."""
+    rows = _shown([r for r in result["accuracy"] if r["group"] == "all"], policies)
+    lengths = sorted({r["length"] for r in rows})
+    settings = sorted({r["budget_setting"] for r in rows if r["budget_setting"] is not None},
+                      key=lambda b: (b > 1, -b))
+    tasks = sorted({r["name"] for r in result["accuracy"] if r["group"] == "task"})
+    samples = max((r["samples"] for r in result["accuracy"] if r["group"] == "task"), default=0)
+    out = [f"**Accuracy per policy and KV budget** ({result['model']}; the mean over {len(tasks)} tasks at each "
+           f"length, then over the lengths {', '.join(map(str, lengths))} tokens; budget as a fraction of the length; "
+           f"up to {samples} prompts per task and length)", "",
+           "| policy | " + " | ".join(f"budget {budget_name(b)}" for b in settings) + " |",
+           "| --- |" + " --- |" * len(settings)]
+    marked = False
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        mine = [r for r in rows if r["policy"] == policy]
+        dense = all(r["budget_setting"] is None for r in mine)
+        cells = []
+        for b in settings:
+            values = [r["accuracy"] for r in mine if r["budget_setting"] == (None if dense else b)]
+            short = len(values) < len(lengths)
+            marked |= bool(values) and short
+            cells.append("-" if not values else f"{_mean(values):.2f}" + ("*" if short else ""))
+        out.append(f"| {policy}{' (every token)' if dense else ''} | " + " | ".join(cells) + " |")
+    if marked:
+        out += ["", "\\* not every length answered yet: the mean of those that are."]
+    return "\n".join(out)
+
+
 def sign_test(better: int, worse: int) -> float:
     """Two-sided exact sign test: the chance of a split at least this uneven between `better` and
     `worse` if either were equally likely (ties left out)."""

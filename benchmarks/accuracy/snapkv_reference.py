@@ -23,14 +23,13 @@ the cause.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.accuracy.run import saved_records
+from benchmarks.accuracy.run import find_result, load_result, saved_records
 from benchmarks.common import RESULTS
 from dynsplit_sglang.config import SnapKVOptions
 
@@ -135,12 +134,11 @@ def generate(tokenizer, model, holder, ids: torch.Tensor, max_new_tokens: int, s
 
 def suite_answers(path: str) -> dict[tuple, str]:
     """(task, length, seed, budget setting) -> output of the suite's `snapkv` answers saved at
-    `path` (a results JSON or a .partial.jsonl; {} if it does not exist)."""
+    `path` (a .partial.jsonl, or a result: X.json.gz, else an older plain X.json; {} if there is none)."""
     if path.endswith(".jsonl"):
         records = saved_records(path)
-    elif os.path.exists(path):
-        with open(path) as fh:
-            records = json.load(fh)["samples"]
+    elif (found := find_result(path)) is not None:
+        records = load_result(found)["samples"]
     else:
         return {}
     return {(r["task"], r["length"], r["seed"], r["budget_setting"]): r["output"]
@@ -161,7 +159,7 @@ def parse_args(argv):
                    help="every layer also keeps the answer's prompt tokens and the K tokens before them")
     p.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--results", default=None, help="the suite's answers to compare with (default: "
-                   "benchmarks/results/accuracy.json, else its .partial.jsonl)")
+                   "benchmarks/results/accuracy.json.gz, else its .partial.jsonl)")
     args = p.parse_args(argv)
     if args.samples < 1:
         p.error(f"--samples {args.samples}: at least 1")
@@ -181,9 +179,9 @@ def main(argv=None) -> list[dict]:
     from dynsplit_sglang.default_model import smollm2_path
 
     args = parse_args(argv)
-    results = args.results or os.path.join(RESULTS, "accuracy.json")
-    if args.results is None and not os.path.exists(results):
-        results = results.removesuffix(".json") + ".partial.jsonl"
+    results = args.results or find_result(os.path.join(RESULTS, "accuracy.json.gz"))
+    if results is None:
+        results = os.path.join(RESULTS, "accuracy.partial.jsonl")
     saved = suite_answers(results)
     tokenizer, model, holder = reference_model(str(args.model or smollm2_path()))
     budget = budget_tokens(args.budget, args.length)
