@@ -126,7 +126,7 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
         self._save_kv(layer, fb, k, v, save_kv_cache)
         n = len(self._reqs)
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        sparse = self._sparse_requests()
+        sparse = self._sparse_requests(layer.layer_id)
         slots, valid = self._step_slots(q3, layer, fb, sparse)
         keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         values = self.token_to_kv_pool.get_value_buffer(layer.layer_id)

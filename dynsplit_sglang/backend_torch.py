@@ -57,7 +57,7 @@ class SparseTorchAttnBackend(PolicyHost, TorchNativeAttnBackend):
         if self._graph_capture:  # the dummy batch of a capture: only the output buffer counts
             return q.new_zeros(q.shape[0], H * D)
         q3 = q.reshape(-1, H, D)
-        sparse = self._sparse_requests()
+        sparse = self._sparse_requests(layer.layer_id)
         if not sparse:
             o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
         else:

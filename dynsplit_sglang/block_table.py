@@ -14,10 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from dynsplit_sglang.config import DynSplitConfig
 from dynsplit_sglang.kernels.block_summary import block_min_max
+
+if TYPE_CHECKING:  # the policy module imports this one
+    from dynsplit_sglang.policies.dynsplit import DynSplitOptions
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ class BlockTable:
     kmin, kmax:   [num_layers, capacity, KvH, D] key bounds of each record's block.
     """
 
-    def __init__(self, num_slots: int, shape: ModelShape, cfg: DynSplitConfig, dtype: torch.dtype, device):
+    def __init__(self, num_slots: int, shape: ModelShape, cfg: DynSplitOptions, dtype: torch.dtype, device):
         self.cfg = cfg
         self.shape = shape
         self.dtype = dtype

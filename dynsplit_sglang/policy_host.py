@@ -62,12 +62,15 @@ class PolicyHost:
         self._sparse_attention_name, self._sparse_attention = make_sparse_attention(self.shape)
         self._selection_name = selection_kernel(self.device)
         self.policy.use_gpu_selection(self._selection_name == "triton")
-        self._score_layers = self.policy.score_layers()
-        self._query_layers = self.policy.query_layers()
-        self._query_window = self.policy.query_window()
+        needs = self.policy.needs
+        self._score_layers = needs.score_layers
+        self._query_layers = needs.query_layers
+        self._query_window = needs.query_window
+        self._band_width = needs.band_width
+        self._score_heads = None if needs.score_heads is None else torch.tensor(needs.score_heads, device=self.device)
         # A radix hit must recompute the prompt's last queries its policy ranks with.
         members = getattr(self.policy, "members", {kv.policy: self.policy})
-        prefix_reserve.set_reserve({label: p.query_window() for label, p in members.items()}, kv.policy)
+        prefix_reserve.set_reserve({label: p.needs.query_window for label, p in members.items()}, kv.policy)
         request_options.enable(kv)
         # req_to_token row -> (rid, budget, policy, prompt length, the row's allocation count when read)
         self._row_request: dict[int, tuple] = {}
@@ -251,7 +254,7 @@ class PolicyHost:
                 offset += n
         if layer.layer_id in self._score_layers:
             keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
-            width, heads = self.policy.band_width(), self.policy.score_heads()
+            width, heads = self._band_width, self._score_heads
             offset = 0
             for i, r in enumerate(self._reqs):
                 n, s = r.seq_len - r.new_start, r.new_start
@@ -261,9 +264,10 @@ class PolicyHost:
                 offset += n
 
     # --- decode -------------------------------------------------------------------------------
-    def _sparse_requests(self) -> list[int]:
-        """Requests of this decode step longer than their budget (the others attend densely)."""
-        return [i for i, r in enumerate(self._reqs) if r.seq_len > r.budget]
+    def _sparse_requests(self, layer_id: int) -> list[int]:
+        """Requests of this decode step that select in this layer: those longer than their budget,
+        outside their policy's dense layers (the others attend densely)."""
+        return self.policy.sparse_in_layer(layer_id, [i for i, r in enumerate(self._reqs) if r.seq_len > r.budget])
 
     def _select_slots(self, q3, layer, fb, order: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """KV slots and valid mask [R, KvH, W] the requests `order` attend to in this layer."""
@@ -277,8 +281,7 @@ class PolicyHost:
 
     def _observe_decode(self, q3, layer, sparse: set[int]) -> None:
         keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
-        heads = self.policy.score_heads()
-        width = self.policy.band_width()
+        heads, width = self._score_heads, self._band_width
         for i, r in enumerate(self._reqs):
             p = r.seq_len - 1
             if i in sparse:  # mass relative to what this step attended (the full row was not read)

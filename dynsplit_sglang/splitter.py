@@ -17,12 +17,14 @@ the KV slot at that position, so it depends only on tokens that a radix-cache pr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 import torch
 
-from dynsplit_sglang.config import DynSplitConfig
 from dynsplit_sglang.kernels.dd_select import candidate_scores, quantize
+
+if TYPE_CHECKING:  # the policy module imports this one
+    from dynsplit_sglang.policies.dynsplit import DynSplitOptions
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class Block:
     decided_at: int  # position whose token made the decision
 
 
-def decision_position(open_start: int, cfg: DynSplitConfig) -> int:
+def decision_position(open_start: int, cfg: DynSplitOptions) -> int:
     """Position at which the block starting at `open_start` gets decided."""
     return open_start + cfg.max_block - 1 + cfg.decision_delay
 
@@ -42,7 +44,7 @@ def split(
     known: int,
     band_rows: Optional[torch.Tensor],
     is_candidate: torch.Tensor,
-    cfg: DynSplitConfig,
+    cfg: DynSplitOptions,
     token_ids: Optional[torch.Tensor] = None,
     prior: Optional[dict[int, tuple[float, int]]] = None,
 ) -> list[Block]:

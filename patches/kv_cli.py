@@ -17,9 +17,9 @@ from sglang.srt.plugins.hook_registry import HookType
 
 from dynsplit_sglang import request_options
 from dynsplit_sglang.config import (
-    DEFAULT_BUDGET, POLICIES, POLICY_OPTIONS, DynSplitConfig, KVConfig, KVConfigError, PolicyOptions, parse_json_object,
-    parse_variants,
+    DEFAULT_BUDGET, KVConfig, KVConfigError, PolicyOptions, check_policy_name, parse_json_object, parse_variants,
 )
+from dynsplit_sglang.policies import POLICIES, POLICY_OPTIONS
 
 BACKEND = "dynsplit"  # the attention backend every compressing policy runs on; full: untouched
 # --attention-backend values a compressing policy accepts: ours (the torch path, the default, and
@@ -57,7 +57,7 @@ def add_kv_args(result, parser: argparse.ArgumentParser):
         "--kv", choices=POLICIES, default=None,
         help="KV policy: 'full' is dense attention (the reference); 'dynsplit' attends, per decode "
         "step, only to the top semantic blocks within --kv-budget (DynSplit-KV); the others are "
-        "the seed methods and baselines (README.md, Policies).",
+        "the seed methods and baselines (README.md, Policies; `python -m dynsplit_sglang.policies`).",
     )
     group.add_argument(
         "--kv-budget", type=_budget_type, default=None,
@@ -67,7 +67,7 @@ def add_kv_args(result, parser: argparse.ArgumentParser):
     group.add_argument(
         "--kv-config", type=_json_object_arg("--kv-config"), default=None,
         help="Options of the --kv policy as a JSON object, e.g. '{\"block_size\": 16, \"delta\": 4}' "
-        "for dynsplit. Keys, defaults and meanings: README.md (Options).",
+        "for dynsplit. Keys, defaults and meanings: `python -m dynsplit_sglang.policies`.",
     )
     group.add_argument(
         "--kv-variants", type=_json_object_arg("--kv-variants"), default=None,
@@ -82,8 +82,7 @@ def kv_config_from(kv, kv_budget, kv_config, kv_variants=None) -> KVConfig | Non
     if kv is None and kv_budget is None and kv_config is None and kv_variants is None:
         return None
     policy = kv or "full"
-    if policy not in POLICIES:
-        raise KVConfigError(f"--kv: unknown policy {policy!r}; valid choices: {', '.join(POLICIES)}")
+    check_policy_name(policy)
     if policy == "full":
         for flag, value in (("--kv-budget", kv_budget), ("--kv-config", kv_config), ("--kv-variants", kv_variants)):
             if value is not None:
@@ -107,17 +106,6 @@ def _hf_config(server_args) -> dict:
     return config.get("text_config", config)
 
 
-def _check_model_indices(config: dict, kv: KVConfig) -> None:
-    for label, options in kv.policies.items():
-        if not isinstance(options, DynSplitConfig):
-            continue
-        flag = "--kv-config" if label == kv.policy else f"--kv-variants {label!r}"
-        for key, field in (("num_hidden_layers", "score_layers"), ("num_attention_heads", "score_heads")):
-            limit, chosen = config.get(key), getattr(options, field)
-            if limit and chosen and max(chosen) >= limit:
-                raise KVConfigError(f"{flag}: '{field}' {list(chosen)} out of range; the model has {limit} ({key})")
-
-
 def check_server_args(server_args, kv: KVConfig) -> None:
     """Refuse option combinations the policy cannot serve correctly."""
     config = _hf_config(server_args)
@@ -127,7 +115,8 @@ def check_server_args(server_args, kv: KVConfig) -> None:
     request_options.configure(kv, context_length)
     if kv.policy == "full":
         return
-    _check_model_indices(config, kv)
+    for label, options in kv.policies.items():
+        options.check_model(config, "--kv-config" if label == kv.policy else f"--kv-variants {label!r}")
     unsupported = {
         "speculative_algorithm": "speculative decoding",
         "enable_hierarchical_cache": "the hierarchical cache (HiCache)",

@@ -334,11 +334,12 @@ def test_policy_gpu_selection_is_its_torch_selection(name, device):
     every score exact, so the two agree exactly (ties included). No SGLang import (the GPU box
     runs the cuda case)."""
     from dynsplit_sglang.block_table import ModelShape
-    from dynsplit_sglang.config import DynSplitConfig, KVConfig, QuestOptions
+    from dynsplit_sglang.config import KVConfig
+    from dynsplit_sglang.policies import DynSplitOptions, QuestOptions
     from dynsplit_sglang.policies import POLICY_CLASSES, RequestView
 
     shape = ModelShape(num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8)
-    options = {"dynsplit": DynSplitConfig(candidates="all"), "fixed": DynSplitConfig(split="fixed_interval", candidates="all"),
+    options = {"dynsplit": DynSplitOptions(candidates="all"), "fixed": DynSplitOptions(split="fixed_interval", candidates="all"),
                "quest": QuestOptions()}[name]
     kv = KVConfig(policy=options.policy, budget=64, options=options)
     kv.validate()

@@ -1,14 +1,14 @@
 import torch
 
 from dynsplit_sglang.block_table import BlockTable, ModelShape
-from dynsplit_sglang.config import DynSplitConfig
+from dynsplit_sglang.policies import DynSplitOptions
 from dynsplit_sglang.splitter import Block
 
 SHAPE = ModelShape(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
 
 
 def test_records_follow_the_slot_that_decided_them():
-    cfg = DynSplitConfig()
+    cfg = DynSplitOptions()
     table = BlockTable(200, SHAPE, cfg, torch.float32, "cpu")
     keys = [torch.randn(200, 2, 8), torch.randn(200, 2, 8)]
     row = torch.randperm(199)[:100] + 1  # slots of positions 0 .. 99, scattered like a real pool
@@ -28,7 +28,7 @@ def test_records_follow_the_slot_that_decided_them():
 
 
 def test_pool_grows_instead_of_failing():
-    table = BlockTable(64, SHAPE, DynSplitConfig(), torch.float32, "cpu")
+    table = BlockTable(64, SHAPE, DynSplitOptions(), torch.float32, "cpu")
     cap = table.capacity
     keys = [torch.randn(64, 2, 8)] * 2
     row = torch.arange(64)

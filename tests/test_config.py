@@ -1,11 +1,12 @@
 import pytest
 
-from dynsplit_sglang.config import DynSplitConfig, KVConfig, KVConfigError
+from dynsplit_sglang.config import KVConfig, KVConfigError
+from dynsplit_sglang.policies import DynSplitOptions
 from dynsplit_sglang.patches.kv_cli import kv_config_from
 
 
 def test_defaults_are_valid_and_documented_bounds():
-    cfg = DynSplitConfig()
+    cfg = DynSplitOptions()
     cfg.validate()
     assert (cfg.min_block, cfg.max_block) == (12, 20)
     assert cfg.always_kept == cfg.sink_tokens + cfg.max_open_tail + cfg.recent_tokens

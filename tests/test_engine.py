@@ -61,10 +61,10 @@ def test_blocks_end_at_the_tokenizers_delimiters(tiny_model, prompts, uncached):
     delimiter token whenever its end window holds one. (SGLang 0.5.23 leaves
     ServerArgs.tokenizer_path None when the tokenizer is the model's; reading that field once made
     every token a candidate, and the punctuation rule the same as fixed intervals.)"""
-    from dynsplit_sglang.config import DynSplitConfig
+    from dynsplit_sglang.policies import DynSplitOptions
     from dynsplit_sglang.delimiters import TokenTexts, candidate_token_mask
 
-    cfg = DynSplitConfig()
+    cfg = DynSplitOptions()
     vocab = AutoConfig.from_pretrained(tiny_model).vocab_size
     is_delimiter = candidate_token_mask(TokenTexts(tiny_model, vocab), "delimiters", vocab)
     _, blocks, _ = uncached

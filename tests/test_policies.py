@@ -11,10 +11,8 @@ import torch
 
 from dynsplit_sglang import request_options
 from dynsplit_sglang.block_table import ModelShape
-from dynsplit_sglang.config import (
-    DynamicKVOptions, DynSplitConfig, KVConfig, PyramidKVOptions, QuestOptions, SepLLMOptions,
-    SnapKVOptions, StreamingLLMOptions, WindowKVOptions,
-)
+from dynsplit_sglang.config import KVConfig
+from dynsplit_sglang.policies import DynamicKVOptions, DynSplitOptions, PyramidKVOptions, QuestOptions, SepLLMOptions, SnapKVOptions, StreamingLLMOptions, WindowKVOptions
 from dynsplit_sglang.layer_budgets import dynamickv, group_pyramid, proportional, pyramid
 from dynsplit_sglang.patches import prefix_reserve
 from dynsplit_sglang.policies import POLICY_CLASSES, RequestView
@@ -48,8 +46,8 @@ def prefill(policy, keys, n, budget, queries=None, token_ids=None, rid="r", star
     ids = torch.zeros(n, dtype=torch.int64) if token_ids is None else token_ids
     r = RequestView(torch.arange(n), start, ids[start:], rid, row=0, budget=budget, prompt_len=prompt_len)
     policy.begin_forward([r], False)
-    mine = r.prompt_queries(policy.query_window())
-    for layer in sorted(policy.query_layers()):
+    mine = r.prompt_queries(policy.needs.query_window)
+    for layer in sorted(policy.needs.query_layers):
         if mine.stop > mine.start:
             policy.observe_queries(layer, 0, queries[start:][mine], 1.0)
     policy.end_forward([r], [keys] * SHAPE.num_layers)
@@ -109,11 +107,13 @@ def test_quest_picks_the_page_with_the_highest_bound():
 
 
 def test_quest_dense_layers_attend_to_everything():
+    """Quest's first `dense_layers` select for no request (the backend attends densely there)."""
     policy = make_policy(QuestOptions(page_size=16, dense_layers=1), budget=40)
     keys = torch.randn(SLOTS, 2, 8)
     prefill(policy, keys, 100, 40)
-    assert decode_select(policy, keys, 101, 40, torch.randn(4, 8), layer=0) == [set(range(101))] * 2
+    assert policy.sparse_in_layer(0, [0, 1]) == [] and policy.sparse_in_layer(1, [0, 1]) == [0, 1]
     assert len(decode_select(policy, keys, 101, 40, torch.randn(4, 8), layer=1)[0]) <= 40
+    assert make_policy(QuestOptions(), budget=40).sparse_in_layer(0, [0]) == [0]
 
 
 def window_pattern(n, hot):
@@ -292,7 +292,7 @@ def test_a_prompt_is_ranked_once_by_its_last_chunk_and_alone_after_a_retraction(
 def test_a_released_row_drops_what_its_request_left(name):
     """The host releases the rows SGLang freed (and those new requests take) at each prefill:
     rankings, DynamicKV layer budgets and carried queries go, other rows' stay."""
-    options = DynSplitConfig(layer_budgets="dynamickv") if name == "dynsplit" else KVConfig(policy=name).options
+    options = DynSplitOptions(layer_budgets="dynamickv") if name == "dynsplit" else KVConfig(policy=name).options
     policy = make_policy(options, budget=96)
     keys, queries = window_pattern(150, [3, 40])
     prefill(policy, keys, 100, 96, queries, prompt_len=150)  # an earlier chunk: queries carried
@@ -310,7 +310,7 @@ def test_dynsplit_layer_budgets_come_from_the_prompt_alone():
     """DynSplit-KV's DynamicKV layer budgets score the prompt with its last queries, also when a
     retracted request prefills its generated tokens with it (random data gives uniform budgets,
     so what the scoring is given is compared)."""
-    options = DynSplitConfig(split="fixed_interval", layer_budgets="dynamickv", sink_tokens=0, recent_tokens=8)
+    options = DynSplitOptions(split="fixed_interval", layer_budgets="dynamickv", sink_tokens=0, recent_tokens=8)
     torch.manual_seed(0)
     keys, queries = torch.randn(SLOTS, 2, 8), torch.randn(190, 4, 8)
     given = []
@@ -326,7 +326,7 @@ def test_dynsplit_layer_budgets_come_from_the_prompt_alone():
 
 
 def test_dynsplit_with_dynamickv_layer_budgets():
-    options = DynSplitConfig(split="fixed_interval", layer_budgets="dynamickv", sink_tokens=0, recent_tokens=8)
+    options = DynSplitOptions(split="fixed_interval", layer_budgets="dynamickv", sink_tokens=0, recent_tokens=8)
     policy = make_policy(options, budget=48)
     n = 160
     keys, queries = window_pattern(n, [3, 100])
@@ -339,13 +339,13 @@ def test_dynsplit_with_dynamickv_layer_budgets():
 
 # --- the splitter's ablation rules ---------------------------------------------------------------
 def test_fixed_interval_cuts_every_c_tokens():
-    cfg = DynSplitConfig(block_size=16, delta=4, split="fixed_interval")
+    cfg = DynSplitOptions(block_size=16, delta=4, split="fixed_interval")
     blocks = split(0, 100, None, torch.ones(100, dtype=torch.bool), cfg)
     assert [(b.start, b.end, b.decided_at) for b in blocks] == [(16 * i, 16 * i + 15, 16 * i + 15) for i in range(6)]
 
 
 def test_punctuation_cuts_at_the_delimiter_closest_to_c():
-    cfg = DynSplitConfig(block_size=16, delta=4, split="punctuation")
+    cfg = DynSplitOptions(block_size=16, delta=4, split="punctuation")
     cand = torch.zeros(200, dtype=torch.bool)
     cand[[12, 17, 19]] = True  # allowed ends 11 .. 19, ideal end 15
     blocks = split(0, 200, None, cand, cfg)
@@ -353,7 +353,7 @@ def test_punctuation_cuts_at_the_delimiter_closest_to_c():
 
 
 def test_delimiter_type_weighting_prefers_the_type_that_scored_well_before():
-    cfg = DynSplitConfig(block_size=16, delta=4, lookahead=8, weighting="delimiter_type")
+    cfg = DynSplitOptions(block_size=16, delta=4, lookahead=8, weighting="delimiter_type")
     n = 200
     rows = torch.zeros(n, cfg.lookahead)
     cand = torch.zeros(n, dtype=torch.bool)
@@ -363,7 +363,7 @@ def test_delimiter_type_weighting_prefers_the_type_that_scored_well_before():
     for j in range(1, cfg.lookahead + 1):  # position 18 scores higher on its own ...
         rows[18 + j, j - 1] = 0.5
         rows[14 + j, j - 1] = 0.25
-    assert split(0, n, rows, cand, DynSplitConfig(block_size=16, delta=4, lookahead=8))[0].end == 18
+    assert split(0, n, rows, cand, DynSplitOptions(block_size=16, delta=4, lookahead=8))[0].end == 18
     # ... but type 7 scored 1.0 earlier in the sequence (the prior), so its mean wins
     prior = {7: (3.0, 3), 9: (0.0, 2)}
     assert split(0, n, rows, cand, cfg, ids, prior)[0].end == 14
@@ -410,10 +410,10 @@ def test_prefix_reserve_leaves_the_window_of_the_requests_policy_to_recompute():
 
 def test_delimiter_chars_choose_the_candidates():
     """`delimiter_chars` replaces the default delimiter set: here only sentence ends may end a block."""
-    from dynsplit_sglang.config import DynSplitConfig
+    from dynsplit_sglang.policies import DynSplitOptions
 
-    default = make_policy(DynSplitConfig(), 64).candidate_mask
-    sentences = make_policy(DynSplitConfig(delimiter_chars=".?\n"), 64).candidate_mask
+    default = make_policy(DynSplitOptions(), 64).candidate_mask
+    sentences = make_policy(DynSplitOptions(delimiter_chars=".?\n"), 64).candidate_mask
     # FakeTokens: "word", " word", ".", ",", "?", " the", "\n", ";", "x"
     assert default.tolist() == [False, False, True, True, True, False, True, True, False]
     assert sentences.tolist() == [False, False, True, False, True, False, True, False, False]

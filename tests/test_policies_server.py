@@ -30,6 +30,7 @@ ALONE = ("dynsplit", "snapkv")
 VARIANTS = {
     "dynsplit+dynamickv": {"policy": "dynsplit", "layer_budgets": "dynamickv"},
     "quest": {}, "snapkv": {}, "pyramidkv": {}, "dynamickv": {}, "windowkv": {}, "streamingllm": {}, "sepllm": {},
+    "quest-dense": {"policy": "quest", "dense_layers": 30},  # SmolLM2's 30 layers: dense everywhere
 }
 _alone_outputs: dict[str, list] = {}
 
@@ -100,3 +101,4 @@ def test_one_server_runs_every_policy(smollm2, prompts, full_outputs, tmp_path):
     for policy, tokens in _alone_outputs.items():
         assert outputs[policy] == tokens, f"{policy} among variants differs from {policy} alone"
     assert len({json.dumps(o) for o in outputs.values()}) > 3, "the policies should not all attend alike"
+    assert outputs["quest-dense"] == full_outputs, "Quest's dense layers must attend to every token"

@@ -9,16 +9,15 @@ import pytest
 import torch
 
 from dynsplit_sglang import request_options
-from dynsplit_sglang.config import (
-    DynSplitConfig, KVConfig, KVConfigError, SnapKVOptions, StreamingLLMOptions, parse_variants,
-)
+from dynsplit_sglang.config import KVConfig, KVConfigError, parse_variants
+from dynsplit_sglang.policies import DynSplitOptions, SnapKVOptions, StreamingLLMOptions
 from dynsplit_sglang.patches.kv_cli import kv_config_from
-from dynsplit_sglang.policies import KVPolicy, RequestView
+from dynsplit_sglang.policies import KVPolicy, PolicyNeeds, RequestView
 from dynsplit_sglang.policies.policy_set import PolicySet, build_policy
 from tests.test_policies import SHAPE, FakeTokens, window_pattern
 
 N, BUDGET = 200, 80
-VARIANTS = {"snap": SnapKVOptions(window=8, kernel_size=1), "fixed": DynSplitConfig(split="fixed_interval")}
+VARIANTS = {"snap": SnapKVOptions(window=8, kernel_size=1), "fixed": DynSplitOptions(split="fixed_interval")}
 
 
 def run(policy, keys, queries, labels, steps=3, counted=None):
@@ -30,9 +29,9 @@ def run(policy, keys, queries, labels, steps=3, counted=None):
     reqs = [RequestView(r, 0, torch.zeros(N, dtype=torch.int64), f"r{i}", i, BUDGET, label)
             for i, (r, label) in enumerate(zip(rows, labels))]
     policy.begin_forward(reqs, False)
-    for layer in sorted(policy.query_layers()):
+    for layer in sorted(policy.needs.query_layers):
         for i in range(len(reqs)):
-            policy.observe_queries(layer, i, queries[N - min(policy.query_window(), N):], 1.0)
+            policy.observe_queries(layer, i, queries[N - min(policy.needs.query_window, N):], 1.0)
     policy.end_forward(reqs, [keys] * SHAPE.num_layers)
     kept = [[] for _ in labels]
     top = max(3, len(labels)) * N  # decode slots, past every prompt's range
@@ -109,9 +108,9 @@ def test_prompt_queries_are_kept_by_the_answering_member_until_decode():
     reqs = [RequestView(torch.arange(N), 0, torch.zeros(N, dtype=torch.int64), "r0", 0, BUDGET, "snap"),
             RequestView(torch.arange(N), 0, torch.zeros(N, dtype=torch.int64), "r1", 1, BUDGET, "streamingllm")]
     policy.begin_forward(reqs, False)
-    for layer in sorted(policy.query_layers()):
+    for layer in sorted(policy.needs.query_layers):
         for i in range(len(reqs)):
-            policy.observe_queries(layer, i, queries[N - policy.query_window():], 1.0)
+            policy.observe_queries(layer, i, queries[N - policy.needs.query_window:], 1.0)
     policy.end_forward(reqs, [keys] * SHAPE.num_layers)
     # StreamingLLM ranks without queries: it carries none
     assert policy.stats()["snap.carried_queries"] == 1 and policy.stats()["streamingllm.carried_queries"] == 0
@@ -127,7 +126,7 @@ def test_decode_time_members_give_their_counts_on_the_host():
     ones (`run` checks every count against the selection)."""
     keys, queries = window_pattern(N, [10, 50, 51, 120])
     keys = keys.repeat(4, 1, 1)
-    kv = KVConfig("dynsplit", BUDGET, DynSplitConfig(), variants={"fixed": DynSplitConfig(split="fixed_interval")})
+    kv = KVConfig("dynsplit", BUDGET, DynSplitOptions(), variants={"fixed": DynSplitOptions(split="fixed_interval")})
     kv.validate()
     counted = []
     run(build_policy(kv, SHAPE, keys.shape[0], torch.float32, "cpu", FakeTokens()), keys, queries, ["", "fixed"],
@@ -147,22 +146,11 @@ class Recorder(KVPolicy):
     name = "recorder"
 
     def __init__(self, layers, width, heads, window):
-        self.layers, self.width, self.heads, self.window, self.seen = frozenset(layers), width, heads, window, []
-
-    def score_layers(self):
-        return self.layers
-
-    def band_width(self):
-        return self.width
-
-    def score_heads(self):
-        return None if self.heads is None else torch.tensor(self.heads)
-
-    def query_layers(self):
-        return self.layers
-
-    def query_window(self):
-        return self.window
+        self.device, self.seen = "cpu", []
+        self.needs = PolicyNeeds(
+            score_layers=frozenset(layers), band_width=width, score_heads=None if heads is None else tuple(heads),
+            query_layers=frozenset(layers), query_window=window,
+        )
 
     def observe(self, layer_id, req_index, band_logits, lse):
         self.seen.append(("band", layer_id, band_logits.clone(), lse.clone()))
@@ -180,8 +168,8 @@ class Recorder(KVPolicy):
 def test_members_get_their_own_heads_width_and_window():
     a, b = Recorder([1], 4, [0, 2], 8), Recorder([1, 2], 6, None, 3)
     ps = PolicySet({"a": a, "b": b}, "a")
-    assert ps.score_layers() == {1, 2} and ps.band_width() == 6 and ps.query_window() == 8
-    assert ps.score_heads() is None  # the members disagree: all heads, each takes its own
+    assert ps.needs.score_layers == {1, 2} and ps.needs.band_width == 6 and ps.needs.query_window == 8
+    assert ps.needs.score_heads is None  # the members disagree: all heads, each takes its own
     band, lse, q = torch.randn(4, 5, 6), torch.randn(4, 5), torch.randn(8, 4, 2)
     ps.observe(1, 0, band, lse)
     ps.observe(2, 0, band[:, :, :6], lse)
@@ -191,7 +179,7 @@ def test_members_get_their_own_heads_width_and_window():
     assert [s[1] for s in b.seen if s[0] == "band"] == [1, 2] and torch.equal(b.seen[0][2], band)
     assert torch.equal(a.seen[-1][2], q) and torch.equal(b.seen[-1][2], q[-3:])
     same = PolicySet({"a": Recorder([1], 4, [1], 8), "b": Recorder([1], 4, [1], 8)}, "a")
-    assert same.score_heads().tolist() == [1]
+    assert same.needs.score_heads == (1,)
 
 
 def test_variants_flag_and_request_choice_are_checked():
@@ -225,3 +213,19 @@ def test_variants_flag_and_request_choice_are_checked():
         request_options.configure(None, None)
     with pytest.raises(ValueError, match="custom_params.kv_policy applies to a compressing policy"):
         request_options.check({"kv_policy": "snapkv"})
+
+
+def test_dense_layers_are_those_of_each_request_policy():
+    """A member's dense layers (Quest's `dense_layers`) hold for its own requests only."""
+    from dynsplit_sglang.policies import QuestOptions
+
+    kv = KVConfig("dynsplit", 64, DynSplitOptions(), variants={"q": QuestOptions(dense_layers=2)})
+    kv.validate()
+    ps = build_policy(kv, SHAPE, 256, torch.float32, "cpu", FakeTokens())
+    reqs = [
+        RequestView(torch.arange(100), 99, torch.zeros(1, dtype=torch.int64), f"r{i}", row=i, budget=64, policy=label)
+        for i, label in enumerate(["", "q", "dynsplit"])
+    ]
+    ps.begin_forward(reqs, True)
+    assert ps.sparse_in_layer(0, [0, 1, 2]) == [0, 2] and ps.sparse_in_layer(1, [1]) == []
+    assert ps.sparse_in_layer(2, [0, 1, 2]) == [0, 1, 2]

@@ -5,7 +5,8 @@ import types
 import torch
 
 from dynsplit_sglang.block_table import ModelShape
-from dynsplit_sglang.config import DynSplitConfig, KVConfig, QuestOptions, SnapKVOptions
+from dynsplit_sglang.config import KVConfig
+from dynsplit_sglang.policies import DynSplitOptions, QuestOptions, SnapKVOptions
 from dynsplit_sglang.patches import pool_memory
 from dynsplit_sglang.policies.policy_set import build_policy
 from dynsplit_sglang.policy_memory import bytes_per_slot, tensor_bytes
@@ -14,7 +15,7 @@ SHAPE = ModelShape(num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8)
 
 
 def test_dynsplit_tables_per_slot_match_what_it_allocates():
-    kv = KVConfig("dynsplit", 64, DynSplitConfig())
+    kv = KVConfig("dynsplit", 64, DynSplitOptions())
     per_slot = bytes_per_slot(kv, SHAPE, torch.float32)
     # DD-Select row (lookahead 8 x fp32) + candidate flag + slot -> record, and one record per
     # min_block = 12 tokens: key min and max per layer and KV head (2 x 4 x 2 x 8 x fp32) + start/end.
@@ -28,9 +29,9 @@ def test_dynsplit_tables_per_slot_match_what_it_allocates():
 
 
 def test_variants_are_charged_for_every_member():
-    alone = bytes_per_slot(KVConfig("dynsplit", 64, DynSplitConfig()), SHAPE, torch.float32)
+    alone = bytes_per_slot(KVConfig("dynsplit", 64, DynSplitOptions()), SHAPE, torch.float32)
     quest = bytes_per_slot(KVConfig("quest", 64, QuestOptions()), SHAPE, torch.float32)
-    both = KVConfig("dynsplit", 64, DynSplitConfig(), variants={"q": QuestOptions(), "s": SnapKVOptions()})
+    both = KVConfig("dynsplit", 64, DynSplitOptions(), variants={"q": QuestOptions(), "s": SnapKVOptions()})
     assert abs(bytes_per_slot(both, SHAPE, torch.float32) - (alone + quest)) <= 2
 
 
@@ -46,7 +47,7 @@ def test_the_hook_adds_the_tables_to_the_kv_cell(monkeypatch):
                                      model_config=model, kv_cache_dtype=torch.float32)
 
     kv_cell = 2 * 4 * 2 * 8 * 4
-    dynsplit = KVConfig("dynsplit", 64, DynSplitConfig())
+    dynsplit = KVConfig("dynsplit", 64, DynSplitOptions())
     got = pool_memory.charge_policy_tables(kv_cell, None, kvc(dynsplit), 4)
     assert got == kv_cell + bytes_per_slot(dynsplit, SHAPE, torch.float32)
     assert pool_memory.charge_policy_tables(kv_cell, None, kvc(None), 4) is None  # --kv not given

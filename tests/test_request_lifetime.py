@@ -10,7 +10,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from dynsplit_sglang import request_options
-from dynsplit_sglang.config import DynSplitConfig, KVConfig
+from dynsplit_sglang.config import KVConfig
+from dynsplit_sglang.policies import DynSplitOptions
 from tests.engine_utils import SAMPLE_TEXT, engine
 
 
@@ -25,7 +26,7 @@ class FakeReq:
 
 @pytest.fixture
 def recording():
-    request_options.enable(KVConfig("dynsplit", 128, DynSplitConfig()))
+    request_options.enable(KVConfig("dynsplit", 128, DynSplitOptions()))
     yield
     request_options.enable(KVConfig("full"))
 

@@ -8,7 +8,7 @@ import torch
 
 from benchmarks.accuracy import snapkv_reference as ref
 from benchmarks.accuracy.run import write_result
-from dynsplit_sglang.config import SnapKVOptions
+from dynsplit_sglang.policies import SnapKVOptions
 
 
 def test_snap_order_window_first_then_votes():

@@ -1,9 +1,9 @@
 import torch
 
-from dynsplit_sglang.config import DynSplitConfig
+from dynsplit_sglang.policies import DynSplitOptions
 from dynsplit_sglang.splitter import decision_position, split
 
-CFG = DynSplitConfig(block_size=16, delta=4, lookahead=8)
+CFG = DynSplitOptions(block_size=16, delta=4, lookahead=8)
 
 
 def random_sequence(n, seed, candidate_rate=0.3):

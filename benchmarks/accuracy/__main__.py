@@ -30,7 +30,8 @@ import sys
 from benchmarks.accuracy.policies import ABLATION, VARIANTS, parse_policies
 from benchmarks.accuracy.run import ENGINES, find_result, load_result, run_base, saved_records, write_result
 from benchmarks.common import RESULTS, run_info
-from dynsplit_sglang.config import POLICIES, parse_json_object
+from dynsplit_sglang.config import parse_json_object
+from dynsplit_sglang.policies import POLICIES
 
 ABLATION_TASKS = ("niah_single", "niah_multikey", "qa_squad", "code_return", "records_jsonl", "records_table")
 QUICK = dict(lengths=[512], samples=1, tasks=["niah_single", "code_return", "records_table"],

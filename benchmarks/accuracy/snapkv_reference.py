@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from benchmarks.accuracy.run import find_result, load_result, saved_records
 from benchmarks.common import RESULTS
-from dynsplit_sglang.config import SnapKVOptions
+from dynsplit_sglang.policies import SnapKVOptions
 
 NAME = "snapkv_reference"
 

@@ -19,7 +19,42 @@ from typing import ClassVar, Optional
 import torch
 
 from dynsplit_sglang.block_table import ModelShape
-from dynsplit_sglang.config import KVConfig
+from dynsplit_sglang.config import KVConfig, PolicyOptions
+
+
+@dataclass(frozen=True)
+class PolicyNeeds:
+    """Which attention statistics a policy reads, fixed when it is built; the backend computes
+    only these.
+
+    score_layers: layers whose band logits and row lse `observe` wants (DD-Select).
+    band_width:   how many keys before each query (the query's own key first) the band holds.
+    score_heads:  query heads `observe` wants; None for all.
+    query_layers: layers whose last prompt queries `observe_queries` wants (observation windows).
+    query_window: how many of the prompt's last queries those are. A radix-cache hit recomputes
+                  at least this many tokens (patches/prefix_reserve.py), so a hit sees the same
+                  queries as a miss.
+    """
+
+    score_layers: frozenset[int] = frozenset()
+    band_width: int = 0
+    score_heads: Optional[tuple[int, ...]] = None
+    query_layers: frozenset[int] = frozenset()
+    query_window: int = 0
+
+    @staticmethod
+    def union(needs: "list[PolicyNeeds]") -> "PolicyNeeds":
+        """What several policies need together: every layer any wants, the widest band and window;
+        the score heads they share, or all heads when the scoring ones disagree (each then takes
+        its own)."""
+        heads = {n.score_heads for n in needs if n.score_layers}
+        return PolicyNeeds(
+            score_layers=frozenset().union(*(n.score_layers for n in needs)),
+            band_width=max((n.band_width for n in needs), default=0),
+            score_heads=next(iter(heads)) if len(heads) == 1 else None,
+            query_layers=frozenset().union(*(n.query_layers for n in needs)),
+            query_window=max((n.query_window for n in needs), default=0),
+        )
 
 
 @dataclass
@@ -82,10 +117,23 @@ class RequestView:
 
 
 class KVPolicy(abc.ABC):
-    """Base class of the KV policies behind `--kv`."""
+    """Base class of the KV policies behind `--kv`.
 
+    A policy declares its options dataclass (`Options`, whose `policy` is the `--kv` name), its
+    `kind` ("decode-time" or "prefill-time") and a one-line `summary` of what a decode step
+    attends to; the registry (`dynsplit_sglang.policies`) and the README tables read them. At
+    construction it sets `needs`, the attention statistics it reads.
+    """
+
+    Options: ClassVar[type[PolicyOptions]]
     name: ClassVar[str]
+    kind: ClassVar[str]
+    summary: ClassVar[str]
     label: str = ""  # its label in a server running several policies (policy_set.py); "" alone
+    needs: PolicyNeeds = PolicyNeeds()
+    # The first `dense_layers` layers attend to every position (Quest's paper keeps 2 dense): the
+    # backend sends them down its dense path, so the selection methods never see them.
+    dense_layers: int = 0
 
     def answers(self, r: RequestView) -> bool:
         """Whether this policy selects for request r. State keyed by KV slot (blocks, token
@@ -101,40 +149,18 @@ class KVPolicy(abc.ABC):
         self.device = device
 
     # --- prefill and decode: attention statistics ---------------------------------------------
-    def score_layers(self) -> frozenset[int]:
-        """Layers whose attention statistics `observe` wants (band logits and row lse)."""
-        return frozenset()
-
-    def band_width(self) -> int:
-        """How many keys before each query (the query's own key first) `observe` wants."""
-        return 0
-
-    def score_heads(self) -> Optional[torch.Tensor]:
-        """Query heads `observe` wants; None for all."""
-        return None
-
-    def query_layers(self) -> frozenset[int]:
-        """Layers whose last prompt queries `observe_queries` wants."""
-        return frozenset()
-
-    def query_window(self) -> int:
-        """How many of the last queries of a prompt `observe_queries` wants. A radix-cache hit
-        recomputes at least this many tokens (patches/prefix_reserve.py), so a hit sees the same
-        queries as a miss."""
-        return 0
-
     def begin_forward(self, reqs: list[RequestView], is_decode: bool) -> None:
         """A forward pass over these requests starts."""
 
     def observe(self, layer_id: int, req_index: int, band_logits: torch.Tensor, lse: torch.Tensor) -> None:
-        """Attention statistics of one request's new queries in one score layer.
+        """Attention statistics of one request's new queries in one of `needs.score_layers`.
 
         band_logits: [h, n, W] fp32 logits of key q-b for b = 0 .. W-1 (-inf before position 0).
         lse:         [h, n] fp32 log-sum-exp of each query's logits over the keys it attended.
         """
 
     def observe_queries(self, layer_id: int, req_index: int, q: torch.Tensor, scale: float) -> None:
-        """Queries [m, H, D] of the last m <= query_window() positions computed in this prefill
+        """Queries [m, H, D] of the last m <= needs.query_window positions computed in this prefill
         forward for one request, in one of `query_layers` (after RoPE, as attention sees them);
         scale: the layer's softmax scale."""
 
@@ -143,11 +169,19 @@ class KVPolicy(abc.ABC):
         """All layers ran: commit per-request state (key_buffers: per layer [slots, KvH, D])."""
 
     # --- decode: selection --------------------------------------------------------------------
+    def sparse_in_layer(self, layer_id: int, req_indices: list[int]) -> list[int]:
+        """Which of these requests (longer than their budget) select in this layer; the others
+        attend to every position (the dense layers)."""
+        return [] if layer_id < self.dense_layers else req_indices
+
     @abc.abstractmethod
     def select(self, layer_id: int, req_index: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions the decode query q [H, D] of request `req_index` attends to in this layer.
 
-        Only called when the sequence is longer than the request's budget.
+        The reference path: one request, positions, plain torch. The backend calls
+        `select_slots_batch`; tests and the offline tools check it against this.
+        Only called when the sequence is longer than the request's budget, in a layer that
+        `sparse_in_layer` lets select.
         returns positions [KvH, B] int64 and valid [KvH, B] bool; B is at most the request's budget
         for this layer (the budget itself, or the layer's share for per-layer budgets).
         """
@@ -155,7 +189,8 @@ class KVPolicy(abc.ABC):
     def select_batch(self, layer_id: int, req_indices: list[int], q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`select` for several requests at once: q [R, H, D] holds the decode queries of
         `req_indices`. returns positions [R, KvH, W] int64 and valid [R, KvH, W] bool, row k the
-        selection of req_indices[k] padded to the widest. The default asks `select` per request."""
+        selection of req_indices[k] padded to the widest. The default asks `select` per request;
+        a batched override is the reference `select_slots_batch` maps to slots."""
         picks = [self.select(layer_id, i, q[k]) for k, i in enumerate(req_indices)]
         return stack_selections(len(picks), [(slice(k, k + 1), p[None], v[None]) for k, (p, v) in enumerate(picks)])
 
@@ -196,6 +231,13 @@ class KVPolicy(abc.ABC):
 
     def trace(self, event: dict) -> None:
         """Record a debugging event (a no-op unless the policy was configured to trace)."""
+
+
+def all_positions(seq_len: int, num_kv_heads: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A selection of every position: positions [KvH, seq_len] int64 and valid, all True (a
+    layer whose budget covers the sequence)."""
+    positions = torch.arange(seq_len, device=device)[None, :].expand(num_kv_heads, -1)
+    return positions, torch.ones_like(positions, dtype=torch.bool)
 
 
 def forget_rows(table: dict, rows: set[int]) -> None:

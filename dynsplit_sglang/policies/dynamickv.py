@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
+from dynsplit_sglang.config import check_int, check_number, option
 from dynsplit_sglang.kernels.window_scores import pool_scores
 from dynsplit_sglang.layer_budgets import dynamickv
 from dynsplit_sglang.policies.prefill_selection import PrefillSelectionPolicy, prompt_scores, shared_order
+from dynsplit_sglang.policies.snapkv import SnapKVOptions
+
+
+@dataclass(frozen=True)
+class DynamicKVOptions(SnapKVOptions):
+    """DynamicKV's options (`--kv dynamickv`): SnapKV's scoring and the global budget competition."""
+
+    policy: ClassVar[str] = "dynamickv"
+    window: int = option(8, "observation window, always kept (DynamicKV: 8)")
+    kernel_size: int = option(7, "1-D pooling kernel over positions, odd (DynamicKV: 7)")
+    r_max: float = option(10.0, "a layer's temporary maximum budget is r_max times the mean (DynamicKV: 10)")
+    update_interval: int = option(
+        4, "m, layers between re-allocations in the authors' progressive schedule (kept for reference: with the "
+        "KV resident only the final allocation matters)"
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        check_number("r_max", self.r_max, 1)
+        check_int("update_interval", self.update_interval, 1)
 
 
 def dynamickv_scores(r, window, key_buffers, obs: int, kernel: int, pooling: str) -> torch.Tensor:
@@ -24,10 +48,15 @@ class DynamicKVPolicy(PrefillSelectionPolicy):
     per KV head by pooled window attention. The whole-model budget is num_layers * budget; the
     per-layer budgets are recomputed for every request (the authors' code caches the first's)."""
 
-    name = "dynamickv"
+    Options = DynamicKVOptions
+    name = Options.policy
+    summary = (
+        "SnapKV-style ranking per KV head with task-aware per-layer budgets from a global competition of every "
+        "layer's scores"
+    )
 
-    def query_window(self) -> int:
-        return self.options.window
+    def prompt_needs(self):
+        return self.observation_window(self.options.window)
 
     def rank(self, r, window, key_buffers):
         o = self.options

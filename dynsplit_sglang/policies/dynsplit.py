@@ -3,20 +3,161 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 
 from dynsplit_sglang.block_table import BlockTable, ModelShape
-from dynsplit_sglang.config import DynamicKVOptions, DynSplitConfig, KVConfig
+from dynsplit_sglang.config import KVConfig, KVConfigError, PolicyOptions, check_choice, check_int, check_number, option
 from dynsplit_sglang.delimiters import candidate_token_mask
 from dynsplit_sglang.kernels.block_select import score_blocks, select_positions, select_positions_batched
 from dynsplit_sglang.kernels.dd_select import band_rows_from_logits, candidate_scores
 from dynsplit_sglang.layer_budgets import dynamickv
-from dynsplit_sglang.policies.base import KVPolicy, RequestView, forget_rows
-from dynsplit_sglang.policies.dynamickv import dynamickv_scores
+from dynsplit_sglang.policies.base import KVPolicy, PolicyNeeds, RequestView, all_positions, forget_rows
+from dynsplit_sglang.policies.dynamickv import DynamicKVOptions, dynamickv_scores
 from dynsplit_sglang.policies.prefill_selection import PromptQueries
 from dynsplit_sglang.splitter import decision_position, split, type_totals
+
+CANDIDATE_MODES = ("delimiters", "all")
+SPLIT_RULES = ("dd_select", "fixed_interval", "punctuation")
+WEIGHTINGS = ("position", "delimiter_type")
+LAYER_BUDGETS = ("uniform", "dynamickv")
+
+
+@dataclass(frozen=True)
+class DynSplitOptions(PolicyOptions):
+    """DynSplit-KV's options (`--kv dynsplit --kv-config '{"block_size": 16, ...}'`); the same
+    rules describe Quest's rigid pages (quest.py). DD-Select's score for a boundary after position
+    i reads the `lookahead` queries after it: their attention on the new block (after i) against
+    `alpha` times their attention on the distant past (before the `local_window` keys at i); see
+    docs/design.md."""
+
+    policy: ClassVar[str] = "dynsplit"
+    block_size: int = option(16, "C, target block length in tokens")
+    delta: int = option(4, "Δ: blocks end anywhere in C±Δ (must be < C)")
+    lookahead: int = option(8, "following queries that score a candidate boundary; a boundary is decided once they exist")
+    alpha: float = option(1.0, "weight of the penalty on attention to the distant past in the DD-Select score")
+    local_window: int = option(16, "keys just before a candidate that count as neither retained nor distant")
+    sink_tokens: int = option(4, "first tokens every step attends to")
+    recent_tokens: int = option(32, "last tokens every step attends to")
+    score_layers: Optional[tuple[int, ...]] = option(
+        None, "layers feeding the DD-Select score; `null` = 4 layers spread over the middle half of the model")
+    score_heads: Optional[tuple[int, ...]] = option(None, "query heads feeding the score; `null` = all")
+    candidates: str = option(
+        "delimiters", "which tokens may end a block: `\"delimiters\"` (punctuation, brackets, quotes, line breaks) "
+        "or `\"all\"`")
+    delimiter_chars: Optional[str] = option(
+        None, "with `\"delimiters\"`: the characters that make a token a candidate (its text contains one); "
+        "`null`: punctuation, brackets, quotes, tab and line break; e.g. `\".!?\\n\"` for sentence ends only")
+    split: str = option(
+        "dd_select", "how a block end is chosen in C±Δ: the best DD-Select score; `\"punctuation\"` (the delimiter "
+        "closest to C, no scores) or `\"fixed_interval\"` (always C) are the ablations")
+    weighting: str = option(
+        "position", "DD-Select weight of a candidate: its own score, or `\"delimiter_type\"`: the mean score of "
+        "every candidate so far with the same token")
+    layer_budgets: str = option(
+        "uniform", "`\"dynamickv\"`: DynamicKV's per-layer shares of layers x budget (each at least what a "
+        "step always keeps)")
+    trace_path: Optional[str] = option(
+        None, "debugging: append each request's block boundaries and the pool counters at cache flushes "
+        "to this file as JSON lines")
+
+    @property
+    def uses_scores(self) -> bool:
+        """Whether block ends depend on DD-Select scores (and so on attention statistics)."""
+        return self.split == "dd_select"
+
+    @property
+    def window_lo(self) -> int:
+        """Offset from a block's start of its earliest allowed end."""
+        return self.block_size - 1 if self.split == "fixed_interval" else self.block_size - self.delta - 1
+
+    @property
+    def window_width(self) -> int:
+        """How many end positions a block may choose from."""
+        return 1 if self.split == "fixed_interval" else 2 * self.delta + 1
+
+    @property
+    def decision_delay(self) -> int:
+        """Tokens after a block's latest allowed end before it can be decided."""
+        return self.lookahead if self.uses_scores else 0
+
+    @property
+    def min_block(self) -> int:
+        return self.window_lo + 1
+
+    @property
+    def max_block(self) -> int:
+        return self.window_lo + self.window_width
+
+    @property
+    def max_open_tail(self) -> int:
+        """Longest possible open (not yet closed) tail: a block is decided `decision_delay`
+        tokens after its longest possible end."""
+        return self.max_block + self.decision_delay
+
+    @property
+    def band(self) -> int:
+        """Keys before a query that the DD-Select score reads (look-ahead + local window)."""
+        return self.lookahead + self.local_window
+
+    @property
+    def always_kept(self) -> int:
+        """Upper bound of the tokens a decode step keeps whatever the scores are."""
+        return self.sink_tokens + self.max_open_tail + self.recent_tokens
+
+    def min_budget(self) -> int:
+        return self.always_kept
+
+    def budget_floor_reason(self) -> str:
+        return (
+            f"every step keeps the sink ({self.sink_tokens}), the open tail (up to "
+            f"{self.max_open_tail}) and the recent window ({self.recent_tokens})"
+        )
+
+    def validate(self) -> None:
+        check_int("block_size", self.block_size, 2)
+        check_int("delta", self.delta, 0)
+        check_int("lookahead", self.lookahead, 1)
+        check_int("local_window", self.local_window, 0)
+        check_int("sink_tokens", self.sink_tokens, 0)
+        check_int("recent_tokens", self.recent_tokens, 0)
+        if self.delta >= self.block_size:
+            raise KVConfigError(
+                f"--kv-config: 'block_size' (C={self.block_size}) must be larger than "
+                f"'delta' (Δ={self.delta}), so every block has at least one token"
+            )
+        check_number("alpha", self.alpha, 0)
+        check_choice("candidates", self.candidates, CANDIDATE_MODES)
+        if self.delimiter_chars is not None:
+            if not isinstance(self.delimiter_chars, str) or not self.delimiter_chars:
+                raise KVConfigError(
+                    f"--kv-config: 'delimiter_chars' must be a non-empty string or null, got {self.delimiter_chars!r}"
+                )
+            if self.candidates == "all":
+                raise KVConfigError(
+                    "--kv-config: 'delimiter_chars' chooses the candidate delimiters, but 'candidates' "
+                    'is "all" (every token a candidate); use "delimiters" or drop delimiter_chars'
+                )
+        check_choice("split", self.split, SPLIT_RULES)
+        check_choice("weighting", self.weighting, WEIGHTINGS)
+        check_choice("layer_budgets", self.layer_budgets, LAYER_BUDGETS)
+        for name in ("score_layers", "score_heads"):
+            value = getattr(self, name)
+            if value is not None and (
+                len(value) == 0 or any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in value)
+            ):
+                raise KVConfigError(
+                    f"--kv-config: '{name}' must be a non-empty list of indices >= 0 or null, got {list(value)!r}"
+                )
+
+    def check_model(self, hf_config: dict, flag: str) -> None:
+        for key, name in (("num_hidden_layers", "score_layers"), ("num_attention_heads", "score_heads")):
+            limit, chosen = hf_config.get(key), getattr(self, name)
+            if limit and chosen and max(chosen) >= limit:
+                raise KVConfigError(f"{flag}: '{name}' {list(chosen)} out of range; the model has {limit} ({key})")
+
 
 # DynamicKV's own defaults, used when `layer_budgets` is "dynamickv".
 LAYER_BUDGET_SCORING = DynamicKVOptions()
@@ -32,55 +173,65 @@ def default_score_layers(num_layers: int, count: int = 4) -> tuple[int, ...]:
 
 
 class DynSplitPolicy(KVPolicy):
-    name = "dynsplit"
+    """Decode-time: closed blocks get uniform records (per layer and KV head key min/max), and
+    every decode step scores them against its query and attends to the best ones that fill the
+    budget, plus the sink, the open tail and the recent window."""
+
+    Options = DynSplitOptions
+    name = Options.policy
+    kind = "decode-time"
+    summary = (
+        "DynSplit-KV: the best semantic blocks (DD-Select boundaries, key min/max records), re-selected every "
+        "step, plus sink, open tail, recent"
+    )
+
+    def block_rules(self) -> DynSplitOptions:
+        """How blocks are cut and what every step keeps (for DynSplit-KV, its own options)."""
+        return self.options
 
     def __init__(self, kv: KVConfig, shape: ModelShape, num_slots: int, dtype: torch.dtype, device, tokens=None):
         super().__init__(kv, shape, num_slots, dtype, device, tokens)
-        cfg: DynSplitConfig = kv.options
-        self.cfg = cfg
-        layers = (cfg.score_layers or default_score_layers(shape.num_layers)) if cfg.uses_scores else ()
-        bad = [l for l in layers if l >= shape.num_layers]
+        blocks = self.blocks = self.block_rules()
+        layers = (blocks.score_layers or default_score_layers(shape.num_layers)) if blocks.uses_scores else ()
+        bad = [layer for layer in layers if layer >= shape.num_layers]
         if bad:
             raise ValueError(f"--kv-config: score_layers {bad} do not exist (the model has {shape.num_layers} layers)")
-        self._score_layers = frozenset(layers)
-        if cfg.score_heads is not None and max(cfg.score_heads) >= shape.num_heads:
-            raise ValueError(f"--kv-config: score_heads {list(cfg.score_heads)} do not exist (the model has {shape.num_heads} query heads)")
-        self._score_heads = None if cfg.score_heads is None else torch.tensor(cfg.score_heads, device=device)
-        self.table = BlockTable(num_slots, shape, cfg, dtype, device)
+        if blocks.score_heads is not None and max(blocks.score_heads) >= shape.num_heads:
+            raise ValueError(
+                f"--kv-config: score_heads {list(blocks.score_heads)} do not exist "
+                f"(the model has {shape.num_heads} query heads)"
+            )
+        dynamickv_window = LAYER_BUDGET_SCORING.window if blocks.layer_budgets == "dynamickv" else 0
+        self.needs = PolicyNeeds(
+            score_layers=frozenset(layers),
+            band_width=blocks.band if layers else 0,
+            score_heads=blocks.score_heads,
+            query_layers=frozenset(range(shape.num_layers)) if dynamickv_window else frozenset(),
+            query_window=dynamickv_window,
+        )
+        self.table = BlockTable(num_slots, shape, blocks, dtype, device)
         vocab = tokens.vocab_size if tokens is not None else 1
         # [vocab] bool; None means every token is a candidate.
-        self.candidate_mask = None if cfg.candidates == "all" else candidate_token_mask(tokens, cfg.candidates, vocab, cfg.delimiter_chars).to(device)
-        self.by_type = cfg.uses_scores and cfg.weighting == "delimiter_type"
+        self.candidate_mask = (
+            None
+            if blocks.candidates == "all"
+            else candidate_token_mask(tokens, blocks.candidates, vocab, blocks.delimiter_chars).to(device)
+        )
+        self.by_type = blocks.uses_scores and blocks.weighting == "delimiter_type"
         self.token_ids = torch.zeros(num_slots, dtype=torch.int64, device=device) if self.by_type else None
-        self.queries = PromptQueries(self.query_window()) if cfg.layer_budgets == "dynamickv" else None
+        self.queries = PromptQueries(dynamickv_window) if dynamickv_window else None
         self._layer_budgets: dict[int, tuple[Optional[str], list[int]]] = {}  # row -> (rid, budgets)
-        self._trace = open(cfg.trace_path, "a", buffering=1) if cfg.trace_path else None
+        self._trace = open(blocks.trace_path, "a", buffering=1) if blocks.trace_path else None
         self._reqs: list[RequestView] = []
         self._is_decode = False
         self._rows: list[torch.Tensor] = []  # per request: [n, L] sum of DD rows over score layers
         self._gpu_selection = False  # select_slots_batch on the Triton kernel ($DYNSPLIT_SELECTION)
         self._decode_blocks: list[tuple] = []  # per request: (record ids, starts, ends, tail start, seq_len)
 
-    # --- statistics --------------------------------------------------------------------------
-    def score_layers(self) -> frozenset[int]:
-        return self._score_layers
-
-    def band_width(self) -> int:
-        return self.cfg.band
-
-    def score_heads(self) -> Optional[torch.Tensor]:
-        return self._score_heads
-
-    def query_layers(self) -> frozenset[int]:
-        return frozenset(range(self.shape.num_layers)) if self.queries is not None else frozenset()
-
-    def query_window(self) -> int:
-        return LAYER_BUDGET_SCORING.window if self.cfg.layer_budgets == "dynamickv" else 0
-
     def begin_forward(self, reqs: list[RequestView], is_decode: bool) -> None:
         self._reqs = reqs
         self._is_decode = is_decode
-        L = self.cfg.lookahead
+        L = self.blocks.lookahead
         self._rows = [torch.zeros(r.seq_len - r.new_start, L, device=r.row_slots.device) for r in reqs]
         if self.queries is not None and is_decode:
             self.queries.end_prompt(r.row for r in reqs)
@@ -104,25 +255,25 @@ class DynSplitPolicy(KVPolicy):
         for k, (recs, *_rest) in enumerate(self._decode_blocks):
             records[k, : recs.numel()] = recs
         seq_lens = [b[4] for b in self._decode_blocks]
-        tail_from = [max(0, min(b[3], b[4] - self.cfg.recent_tokens)) for b in self._decode_blocks]
+        tail_from = [max(0, min(b[3], b[4] - self.blocks.recent_tokens)) for b in self._decode_blocks]
         return {"records": records, "seq_lens": torch.tensor(seq_lens, device=device),
                 "keep_tail_from": torch.tensor(tail_from, device=device), "max_len": max(seq_lens, default=0)}
 
     def observe(self, layer_id, req_index, band_logits, lse) -> None:
-        rows = band_rows_from_logits(band_logits, lse, self.cfg.lookahead, self.cfg.local_window, self.cfg.alpha)
+        rows = band_rows_from_logits(band_logits, lse, self.blocks.lookahead, self.blocks.local_window, self.blocks.alpha)
         self._rows[req_index] += rows.mean(dim=0)
 
     def observe_queries(self, layer_id, req_index, q, scale) -> None:
         self.queries.add(req_index, layer_id, q, scale)
 
     def end_forward(self, reqs: list[RequestView], key_buffers: list[torch.Tensor]) -> None:
-        t, cfg = self.table, self.cfg
+        t, cfg = self.table, self.blocks
         for i, (r, rows) in enumerate(zip(reqs, self._rows)):
             new_slots = r.row_slots[r.new_start :]
             # A reused slot's old record is stale whatever path freed the slot.
             t.release_slots(new_slots)
             if cfg.uses_scores:
-                t.band[new_slots] = rows / len(self._score_layers)
+                t.band[new_slots] = rows / len(self.needs.score_layers)
             if self.candidate_mask is None:
                 t.is_candidate[new_slots] = True
             else:
@@ -154,14 +305,14 @@ class DynSplitPolicy(KVPolicy):
         """Per delimiter type, (score sum, count) of the candidates before position `start`."""
         if start == 0:
             return {}
-        slots = row_slots[: start + self.cfg.lookahead]
-        scores = candidate_scores(self.table.band[slots[1:]], self.cfg.lookahead)
+        slots = row_slots[: start + self.blocks.lookahead]
+        scores = candidate_scores(self.table.band[slots[1:]], self.blocks.lookahead)
         return type_totals(scores, self.table.is_candidate[slots[:start]], self.token_ids[slots[:start]])
 
     def _dynamickv_budgets(self, r: RequestView, window: dict, key_buffers) -> list[int]:
         """DynamicKV's per-layer shares of num_layers * budget, each at least what every step keeps."""
         o, n, num_layers = LAYER_BUDGET_SCORING, r.seq_len, self.shape.num_layers
-        floor = self.cfg.always_kept
+        floor = self.blocks.always_kept
         obs = min(o.window, n)
         if r.budget >= n or n <= obs or r.budget <= floor:
             return [r.budget] * num_layers
@@ -185,12 +336,11 @@ class DynSplitPolicy(KVPolicy):
         recs, starts, ends, tail, seq_len = self._decode_blocks[req_index]
         budget = self.layer_budget(self._reqs[req_index], layer_id)
         if seq_len <= budget:
-            positions = torch.arange(seq_len, device=q.device)[None, :].expand(self.shape.num_kv_heads, -1)
-            return positions, torch.ones_like(positions, dtype=torch.bool)
+            return all_positions(seq_len, self.shape.num_kv_heads, q.device)
         t = self.table
         scores = score_blocks(q, t.kmin[layer_id].index_select(0, recs), t.kmax[layer_id].index_select(0, recs))
-        keep_tail_from = max(0, min(tail, seq_len - self.cfg.recent_tokens))
-        return select_positions(scores, starts, ends, seq_len, self.cfg.sink_tokens, keep_tail_from, budget)
+        keep_tail_from = max(0, min(tail, seq_len - self.blocks.recent_tokens))
+        return select_positions(scores, starts, ends, seq_len, self.blocks.sink_tokens, keep_tail_from, budget)
 
     def select_batch(self, layer_id, req_indices, q):
         """`select` for several requests: the same scores (request by request, so bit for bit
@@ -208,7 +358,7 @@ class DynSplitPolicy(KVPolicy):
         budgets = torch.tensor([self.layer_budget(self._reqs[i], layer_id) for i in req_indices], device=rows.device)
         seq_lens = step["seq_lens"].index_select(0, rows)
         positions, counts = select_positions_batched(
-            scores, records, t.rec_start, t.rec_end, seq_lens, torch.full_like(seq_lens, self.cfg.sink_tokens),
+            scores, records, t.rec_start, t.rec_end, seq_lens, torch.full_like(seq_lens, self.blocks.sink_tokens),
             step["keep_tail_from"].index_select(0, rows), budgets, step["max_len"],
         )
         valid = torch.arange(positions.shape[2], device=positions.device) < counts[:, :, None]
@@ -239,7 +389,7 @@ class DynSplitPolicy(KVPolicy):
         counts = torch.empty(len(req_indices), self.shape.num_kv_heads, dtype=torch.int64, device=q.device)
         select_slots(
             q, t.kmin[layer_id], t.kmax[layer_id], step["records"].index_select(0, rows), t.rec_start, t.rec_end,
-            req_slots.to(torch.int64), seq_lens, torch.full_like(seq_lens, self.cfg.sink_tokens),
+            req_slots.to(torch.int64), seq_lens, torch.full_like(seq_lens, self.blocks.sink_tokens),
             step["keep_tail_from"].index_select(0, rows), torch.tensor(budgets, device=seq_lens.device), slots, counts,
         )
         valid = torch.arange(width, device=q.device) < counts[:, :, None]

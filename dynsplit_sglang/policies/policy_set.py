@@ -15,13 +15,12 @@ request's own policy attended, for every member alike.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
 from dynsplit_sglang.block_table import ModelShape
 from dynsplit_sglang.config import KVConfig
-from dynsplit_sglang.policies.base import KVPolicy, RequestView, stack_selections
+from dynsplit_sglang.policies.base import KVPolicy, PolicyNeeds, RequestView, stack_selections
 
 
 def build_policy(kv: KVConfig, shape: ModelShape, num_slots: int, dtype, device, tokens=None) -> KVPolicy:
@@ -47,27 +46,14 @@ class PolicySet(KVPolicy):
         self.members = members
         self.default = default
         self._reqs: list[RequestView] = []
-        scoring = [p for p in members.values() if p.score_layers()]
-        heads = {None if p.score_heads() is None else tuple(p.score_heads().tolist()) for p in scoring}
-        # One head subset for everyone, or all heads and each member takes its own.
-        self._heads = scoring[0].score_heads() if len(heads) == 1 else None
-        self._slice_heads = len(heads) > 1
-
-    # --- statistics: the union of what the members want ---------------------------------------
-    def score_layers(self) -> frozenset[int]:
-        return frozenset().union(*(p.score_layers() for p in self.members.values()))
-
-    def band_width(self) -> int:
-        return max(p.band_width() for p in self.members.values())
-
-    def score_heads(self) -> Optional[torch.Tensor]:
-        return self._heads
-
-    def query_layers(self) -> frozenset[int]:
-        return frozenset().union(*(p.query_layers() for p in self.members.values()))
-
-    def query_window(self) -> int:
-        return max(p.query_window() for p in self.members.values())
+        # What every member needs; when the score heads differ, the band holds all heads and
+        # each member takes its own (their indices as a tensor, made once).
+        self.needs = PolicyNeeds.union([p.needs for p in members.values()])
+        self._own_heads = {
+            label: torch.tensor(p.needs.score_heads, device=p.device)
+            for label, p in members.items()
+            if self.needs.score_heads is None and p.needs.score_heads is not None
+        }
 
     def begin_forward(self, reqs: list[RequestView], is_decode: bool) -> None:
         self._reqs = reqs
@@ -75,28 +61,32 @@ class PolicySet(KVPolicy):
             p.begin_forward(reqs, is_decode)
 
     def observe(self, layer_id: int, req_index: int, band_logits: torch.Tensor, lse: torch.Tensor) -> None:
-        """band_logits [h, n, W] over `score_heads()` and this set's band width; each member gets
-        its own heads and its own width (the first columns: keys q, q-1, ...)."""
-        for p in self.members.values():
-            if layer_id not in p.score_layers():
+        """band_logits [h, n, W] over `needs.score_heads` and this set's band width; each member
+        gets its own heads and its own width (the first columns: keys q, q-1, ...)."""
+        for label, p in self.members.items():
+            if layer_id not in p.needs.score_layers:
                 continue
-            band, member_lse = band_logits[..., : p.band_width()], lse
-            heads = p.score_heads()
-            if self._slice_heads and heads is not None:
+            band, member_lse = band_logits[..., : p.needs.band_width], lse
+            heads = self._own_heads.get(label)
+            if heads is not None:
                 band, member_lse = band[heads], lse[heads]
             p.observe(layer_id, req_index, band, member_lse)
 
     def observe_queries(self, layer_id: int, req_index: int, q: torch.Tensor, scale: float) -> None:
         """q [m, H, D], m <= this set's query window; each member gets its own last rows."""
         for p in self.members.values():
-            if layer_id in p.query_layers():
-                p.observe_queries(layer_id, req_index, q[max(0, q.shape[0] - p.query_window()) :], scale)
+            if layer_id in p.needs.query_layers:
+                p.observe_queries(layer_id, req_index, q[max(0, q.shape[0] - p.needs.query_window) :], scale)
 
     def end_forward(self, reqs: list[RequestView], key_buffers: list[torch.Tensor]) -> None:
         for p in self.members.values():
             p.end_forward(reqs, key_buffers)
 
     # --- decode: the request's own policy selects ----------------------------------------------
+    def sparse_in_layer(self, layer_id: int, req_indices: list[int]) -> list[int]:
+        """The requests whose own policy selects in this layer."""
+        return [i for i in req_indices if layer_id >= self.members[self._reqs[i].policy or self.default].dense_layers]
+
     def select(self, layer_id: int, req_index: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         label = self._reqs[req_index].policy or self.default
         return self.members[label].select(layer_id, req_index, q)

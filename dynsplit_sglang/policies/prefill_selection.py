@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from dynsplit_sglang.kernels.window_scores import pool_scores, window_scores
-from dynsplit_sglang.policies.base import KVPolicy, RequestView, forget_rows
+from dynsplit_sglang.policies.base import KVPolicy, PolicyNeeds, RequestView, all_positions, forget_rows
 
 logger = logging.getLogger(__name__)
 
@@ -124,18 +124,27 @@ def prompt_scores(r: RequestView, layer: int, window: dict, key_buffers, size: i
 
 
 class PrefillSelectionPolicy(KVPolicy):
-    """Base of the prefill-time policies: subclasses implement `rank`."""
+    """Base of the prefill-time policies: subclasses implement `rank` and declare the prompt
+    queries it reads (`prompt_needs`)."""
+
+    kind = "prefill-time"
 
     def __init__(self, kv, shape, num_slots, dtype, device, tokens=None):
         super().__init__(kv, shape, num_slots, dtype, device, tokens)
-        self.queries = PromptQueries(self.query_window())
+        self.needs = self.prompt_needs()
+        self.queries = PromptQueries(self.needs.query_window)
         self._rankings: dict[int, Ranking] = {}
         self._reqs: list[RequestView] = []
         self._warned = False
         self._is_decode = False
 
-    def query_layers(self) -> frozenset[int]:
-        return frozenset(range(self.shape.num_layers)) if self.query_window() else frozenset()
+    def prompt_needs(self) -> PolicyNeeds:
+        """The prompt queries `rank` reads (by default none: it ranks by position alone)."""
+        return PolicyNeeds()
+
+    def observation_window(self, window: int) -> PolicyNeeds:
+        """The last `window` prompt queries of every layer (SnapKV's observation window)."""
+        return PolicyNeeds(query_layers=frozenset(range(self.shape.num_layers)), query_window=window)
 
     # --- prefill ------------------------------------------------------------------------------
     def begin_forward(self, reqs: list[RequestView], is_decode: bool) -> None:
@@ -196,8 +205,7 @@ class PrefillSelectionPolicy(KVPolicy):
         rk = self._ranking_of(r)
         kept = self._kept(rk, layer_id, n)
         if kept is None:
-            positions = torch.arange(n, device=device)[None, :].expand(kvh, -1)
-            return positions, torch.ones_like(positions, dtype=torch.bool)
+            return all_positions(n, kvh, device)
         generated, prompt = kept
         newest = torch.arange(n - 1, n - 1 - generated, -1, device=device)
         positions = torch.cat([rk.order[layer_id, :, :prompt].long(), newest[None, :].expand(kvh, -1)], dim=1)

@@ -9,48 +9,48 @@ last page in score order is cut to fill it, so both attend to about the same num
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
 
-import torch
-
-from dynsplit_sglang.config import DynSplitConfig, KVConfig
-from dynsplit_sglang.policies.base import KVPolicy
-from dynsplit_sglang.policies.dynsplit import DynSplitPolicy
+from dynsplit_sglang.config import PolicyOptions, check_int, option
+from dynsplit_sglang.policies.dynsplit import DynSplitOptions, DynSplitPolicy
 
 
-def quest_block_config(page_size: int) -> DynSplitConfig:
-    return DynSplitConfig(
-        block_size=page_size, delta=0, split="fixed_interval", candidates="all", sink_tokens=0, recent_tokens=0
+@dataclass(frozen=True)
+class QuestOptions(PolicyOptions):
+    """Quest's options (`--kv quest --kv-config '{"page_size": 16}'`)."""
+
+    policy: ClassVar[str] = "quest"
+    page_size: int = option(16, "tokens per page (Quest: 16)")
+    dense_layers: int = option(
+        0, "the first layers attend to everything (Quest's paper: 2); 0 so that every layer honours the budget"
     )
+
+    def validate(self) -> None:
+        check_int("page_size", self.page_size, 1)
+        check_int("dense_layers", self.dense_layers, 0)
+
+    def min_budget(self) -> int:
+        return self.page_size  # the open (unfinished) page is always attended
+
+    def budget_floor_reason(self) -> str:
+        return f"every step keeps the unfinished page (up to {self.page_size} tokens)"
 
 
 class QuestPolicy(DynSplitPolicy):
-    name = "quest"
+    Options = QuestOptions
+    name = Options.policy
+    summary = (
+        "Quest: the best fixed pages by the min/max upper bound, re-selected every step, plus the unfinished page"
+    )
 
-    def __init__(self, kv: KVConfig, shape, num_slots, dtype, device, tokens=None):
-        self.quest = kv.options
-        inner = dataclasses.replace(kv, options=quest_block_config(self.quest.page_size))
-        super().__init__(inner, shape, num_slots, dtype, device, tokens)
-        self.kv = kv
+    def __init__(self, kv, shape, num_slots, dtype, device, tokens=None):
+        super().__init__(kv, shape, num_slots, dtype, device, tokens)
+        self.dense_layers = self.options.dense_layers
 
-    def select(self, layer_id, req_index, q):
-        if layer_id < self.quest.dense_layers:  # Quest keeps its first layers dense
-            n = self._reqs[req_index].seq_len
-            positions = torch.arange(n, device=q.device)[None, :].expand(self.shape.num_kv_heads, -1)
-            return positions, torch.ones_like(positions, dtype=torch.bool)
-        return super().select(layer_id, req_index, q)
-
-    def select_batch(self, layer_id, req_indices, q):
-        if layer_id < self.quest.dense_layers:
-            return KVPolicy.select_batch(self, layer_id, req_indices, q)
-        return super().select_batch(layer_id, req_indices, q)
-
-    def select_slots_batch(self, layer_id, req_indices, q, req_slots):
-        if layer_id < self.quest.dense_layers:
-            return KVPolicy.select_slots_batch(self, layer_id, req_indices, q, req_slots)
-        return super().select_slots_batch(layer_id, req_indices, q, req_slots)
-
-    def selection_counts(self, layer_id, req_indices):
-        if layer_id < self.quest.dense_layers:  # the whole sequence
-            return [self._reqs[i].seq_len for i in req_indices]
-        return super().selection_counts(layer_id, req_indices)
+    def block_rules(self) -> DynSplitOptions:
+        """Pages: blocks of exactly `page_size` tokens, nothing kept beyond the unfinished page."""
+        return DynSplitOptions(
+            block_size=self.options.page_size, delta=0, split="fixed_interval", candidates="all",
+            sink_tokens=0, recent_tokens=0,
+        )

@@ -2,8 +2,52 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
+from dynsplit_sglang.config import KVConfigError, PolicyOptions, check_choice, check_int, option
 from dynsplit_sglang.layer_budgets import pyramid
 from dynsplit_sglang.policies.prefill_selection import PrefillSelectionPolicy
+
+POOLINGS = ("avg", "max")
+
+
+@dataclass(frozen=True)
+class SnapKVOptions(PolicyOptions):
+    """SnapKV's options (`--kv snapkv`); PyramidKV and DynamicKV score the same way and add theirs."""
+
+    policy: ClassVar[str] = "snapkv"
+    window: int = option(32, "observation window: the last prompt queries that vote, always kept (SnapKV: 32)")
+    kernel_size: int = option(5, "1-D pooling kernel over positions, odd (SnapKV: 5)")
+    pooling: str = option("avg", '`"avg"` or `"max"` pooling')
+
+    def validate(self) -> None:
+        check_int("window", self.window, 1)
+        check_int("kernel_size", self.kernel_size, 1)
+        if self.kernel_size % 2 == 0:
+            raise KVConfigError(
+                f"--kv-config: 'kernel_size' must be odd (the pooling is centred), got {self.kernel_size}"
+            )
+        check_choice("pooling", self.pooling, POOLINGS)
+
+    def min_budget(self) -> int:
+        return self.window + 1
+
+    def budget_floor_reason(self) -> str:
+        return f"the observation window ({self.window}) is always kept and at least one more token is chosen"
+
+
+@dataclass(frozen=True)
+class PyramidKVOptions(SnapKVOptions):
+    """PyramidKV's options (`--kv pyramidkv`): SnapKV's, a smaller window, and the pyramid's slope."""
+
+    policy: ClassVar[str] = "pyramidkv"
+    window: int = option(8, "observation window, always kept (PyramidKV: 8)")
+    beta: int = option(20, "ratio that sets the smallest (last) layer budget, about mean/beta (PyramidKV: 20)")
+
+    def validate(self) -> None:
+        super().validate()
+        check_int("beta", self.beta, 1)
 
 
 class SnapKVPolicy(PrefillSelectionPolicy):
@@ -11,10 +55,12 @@ class SnapKVPolicy(PrefillSelectionPolicy):
     pooled window attention, budget tokens in all, per KV head (GQA: the scores of a KV head's
     query heads are summed, so the heads that share a KV head share its selection)."""
 
-    name = "snapkv"
+    Options = SnapKVOptions
+    name = Options.policy
+    summary = "the observation window plus, per KV head, the prompt tokens the window attends to most (pooled)"
 
-    def query_window(self) -> int:
-        return self.options.window
+    def prompt_needs(self):
+        return self.observation_window(self.options.window)
 
     def layer_budgets(self, r) -> list[int]:
         return [r.budget] * self.shape.num_layers
@@ -33,7 +79,9 @@ class PyramidKVPolicy(SnapKVPolicy):
     """PyramidKV: SnapKV's ranking with per-layer budgets that fall linearly with depth
     (layer_budgets.pyramid); the mean over layers is the budget."""
 
-    name = "pyramidkv"
+    Options = PyramidKVOptions
+    name = Options.policy
+    summary = "SnapKV's ranking, budgets falling linearly with depth (first layer ~2x the mean)"
 
     def layer_budgets(self, r) -> list[int]:
         o = self.options

@@ -3,13 +3,56 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 
+from dynsplit_sglang.config import PolicyOptions, check_int, option
 from dynsplit_sglang.delimiters import is_separator_text
 from dynsplit_sglang.policies.prefill_selection import PrefillSelectionPolicy, SlotFlags
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamingLLMOptions(PolicyOptions):
+    """StreamingLLM's options (`--kv streamingllm`)."""
+
+    policy: ClassVar[str] = "streamingllm"
+    sink_tokens: int = option(4, "first tokens always kept (the attention sink)")
+
+    def validate(self) -> None:
+        check_int("sink_tokens", self.sink_tokens, 0)
+
+    def min_budget(self) -> int:
+        return self.sink_tokens + 1
+
+    def budget_floor_reason(self) -> str:
+        return f"the {self.sink_tokens} sink tokens and at least one recent token are kept"
+
+
+@dataclass(frozen=True)
+class SepLLMOptions(PolicyOptions):
+    """SepLLM's options (`--kv sepllm`)."""
+
+    policy: ClassVar[str] = "sepllm"
+    initial_tokens: int = option(4, "a, the first tokens always kept (SepLLM: 4)")
+    recent_tokens: Optional[int] = option(None, "w, the recent window; `null` = half the budget (SepCache: 256 of 512)")
+
+    def validate(self) -> None:
+        check_int("initial_tokens", self.initial_tokens, 0)
+        if self.recent_tokens is not None:
+            check_int("recent_tokens", self.recent_tokens, 1)
+
+    def recent(self, budget: int) -> int:
+        return budget // 2 if self.recent_tokens is None else self.recent_tokens
+
+    def min_budget(self) -> int:
+        return self.initial_tokens + (self.recent_tokens or 1) + 1
+
+    def budget_floor_reason(self) -> str:
+        return "the initial tokens, the recent window and at least one separator must fit"
 
 
 def _same_for_all(order: torch.Tensor, num_layers: int, num_kv_heads: int) -> list[torch.Tensor]:
@@ -21,7 +64,9 @@ class StreamingLLMPolicy(PrefillSelectionPolicy):
     for every layer and head. As tokens are generated the window rolls (generated tokens push out
     the oldest prompt tokens); positions stay the original ones (no re-indexing inside the cache)."""
 
-    name = "streamingllm"
+    Options = StreamingLLMOptions
+    name = Options.policy
+    summary = "the first tokens (attention sink) and the most recent ones"
 
     def rank(self, r, window, key_buffers):
         n, device = r.seq_len, r.row_slots.device
@@ -37,7 +82,11 @@ class SepLLMPolicy(PrefillSelectionPolicy):
     in the budget. The same for every layer and head. Generated tokens push out the oldest
     separators first."""
 
-    name = "sepllm"
+    Options = SepLLMOptions
+    name = Options.policy
+    summary = (
+        "initial tokens, separator tokens (`. , ? ! ; :`, whitespace, line breaks; newest first) and a recent window"
+    )
 
     def __init__(self, kv, shape, num_slots, dtype, device, tokens=None):
         super().__init__(kv, shape, num_slots, dtype, device, tokens)

@@ -3,13 +3,52 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from dynsplit_sglang.config import PolicyOptions, check_choice, check_int, option
 from dynsplit_sglang.layer_budgets import group_pyramid
+from dynsplit_sglang.policies.base import PolicyNeeds
 from dynsplit_sglang.policies.prefill_selection import PrefillSelectionPolicy, SlotFlags, prompt_scores
 
 logger = logging.getLogger(__name__)
+
+WINDOW_RULES = ("auto", "max", "mean")
+
+
+@dataclass(frozen=True)
+class WindowKVOptions(PolicyOptions):
+    """WindowKV's options (`--kv windowkv`). The authors pick the scoring rule with a fine-tuned
+    BERT classifier that is not available offline; `rule` "auto" uses "max" when the end of the
+    prompt asks a question (a '?' among its last `suffix_max` tokens), else "mean"."""
+
+    policy: ClassVar[str] = "windowkv"
+    review_window: int = option(8, "W, tokens per window (WindowKV: 8)")
+    shared_layers: int = option(8, "G, layers per group that share the selected windows (WindowKV: 8)")
+    suffix_max: int = option(32, 'observation suffix of the "max" rule: localization, QA (WindowKV: 32)')
+    suffix_mean: int = option(16, 'observation suffix of the "mean" rule: aggregation (WindowKV: 16)')
+    beta: int = option(14, "pyramid ratio of the group budgets (WindowKV: 14)")
+    rule: str = option("auto", '`"max"`, `"mean"`, or `"auto"`: "max" when a `?` ends the prompt, else "mean"')
+
+    def validate(self) -> None:
+        for name in ("review_window", "shared_layers", "suffix_max", "suffix_mean", "beta"):
+            check_int(name, getattr(self, name), 1)
+        check_choice("rule", self.rule, WINDOW_RULES)
+
+    @property
+    def max_suffix(self) -> int:
+        return max(self.suffix_max, self.suffix_mean)
+
+    def min_budget(self) -> int:
+        return self.max_suffix + self.review_window
+
+    def budget_floor_reason(self) -> str:
+        return (
+            f"the observation suffix (up to {self.max_suffix}) is always kept plus at least one window of "
+            f"{self.review_window}"
+        )
 
 
 def window_scores_by_rule(token_scores: torch.Tensor, size: int, rule: str) -> torch.Tensor:
@@ -36,7 +75,12 @@ class WindowKVPolicy(PrefillSelectionPolicy):
     its observation suffix; the group keeps the suffix plus the best windows that fit its budget
     (a pyramid over groups, mean = budget), the same for all heads and all layers of the group."""
 
-    name = "windowkv"
+    Options = WindowKVOptions
+    name = Options.policy
+    summary = (
+        "the observation suffix plus whole 8-token windows, scored once per group of 8 layers and shared by its "
+        "heads and layers; group budgets form a pyramid"
+    )
 
     def __init__(self, kv, shape, num_slots, dtype, device, tokens=None):
         super().__init__(kv, shape, num_slots, dtype, device, tokens)
@@ -45,11 +89,10 @@ class WindowKVPolicy(PrefillSelectionPolicy):
             logger.warning("windowkv: no tokenizer, so rule 'auto' always picks 'mean'")
         self.questions = SlotFlags(num_slots, mask, device)
 
-    def query_window(self) -> int:
-        return self.options.max_suffix
-
-    def query_layers(self) -> frozenset[int]:
-        return frozenset(range(0, self.shape.num_layers, self.options.shared_layers))
+    def prompt_needs(self) -> PolicyNeeds:
+        """The suffix queries of the first layer of every group."""
+        groups = frozenset(range(0, self.shape.num_layers, self.options.shared_layers))
+        return PolicyNeeds(query_layers=groups, query_window=self.options.max_suffix)
 
     def record_tokens(self, reqs):
         self.questions.record(reqs)
