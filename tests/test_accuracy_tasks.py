@@ -9,9 +9,10 @@ import pytest
 from benchmarks.accuracy import data, scoring
 from benchmarks.accuracy.__main__ import main as progress_main
 from benchmarks.accuracy.policies import VARIANTS, engine_args, parse_policies, policy_engine_kwargs
-from benchmarks.accuracy.report import aggregate, budget_name, markdown, paired, paired_markdown, plot, sign_test, summary_markdown
-from benchmarks.accuracy.run import (Settings, budget_tokens, engine_groups, find_result, load_partial, load_result, pending,
-                                     request_params, result_path, run_base, saved_records, write_result)
+from benchmarks.accuracy.report import (aggregate, budget_name, markdown, paired, paired_markdown, plot, sign_test,
+                                        summary_markdown)
+from benchmarks.accuracy.run import (Settings, budget_tokens, engine_groups, find_result, load_partial, load_result,
+                                     pending, request_params, result_path, run_base, saved_records, write_result)
 from benchmarks.accuracy.tasks import TASKS, Sample, largest_fitting, make_sample, render
 
 
@@ -200,7 +201,8 @@ def test_report(tmp_path, capsys):
     write_result({"samples": named[:3]}, str(out))
     for name in ("run", "run.json", "run.json.gz"):
         assert len(progress_main(["--progress", "--out", str(tmp_path / name)])) == 3
-        assert capsys.readouterr().out.startswith(f"3 answers for 3 prompts in {tmp_path / 'run.json.gz'} (the finished run)")
+        printed = capsys.readouterr().out
+        assert printed.startswith(f"3 answers for 3 prompts in {tmp_path / 'run.json.gz'} (the finished run)")
 
 
 def test_result_files_gzipped_and_plain(tmp_path):
@@ -247,7 +249,8 @@ def test_summary(tmp_path, capsys):
     write_result({"samples": records}, str(tmp_path / "run.json"))
     assert progress_main(["--summary", "--out", str(tmp_path / "run.json")]) == records
     printed = capsys.readouterr().out
-    assert printed == f"{len(records)} answers for 12 prompts in {tmp_path / 'run.json.gz'} (the finished run)\n\n{table}\n"
+    head = f"{len(records)} answers for 12 prompts in {tmp_path / 'run.json.gz'} (the finished run)"
+    assert printed == f"{head}\n\n{table}\n"
 
 
 def test_load_partial_drops_a_cut_off_last_record(tmp_path, capsys):
