@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from benchmarks.common import RESULTS, run_info
-from benchmarks.server import CPU_ARGS, start_server
+from dynsplit_sglang.testing.server import CPU_ARGS, start_server
 
 # Llama-3.1-8B's shape (config.json of meta-llama/Llama-3.1-8B-Instruct, weights not needed).
 LLAMA_8B_SHAPE = dict(

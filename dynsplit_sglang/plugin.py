@@ -2,14 +2,13 @@
 
 SGLang calls `register()` in every process (server, scheduler, detokenizer) before it parses
 arguments or builds a model. It registers the `dynsplit` attention backend and applies the named
-hooks of `dynsplit_sglang.patches`.
+hooks of `dynsplit_sglang.patches`. (Tests that need their own code in those processes wrap this
+function from outside: `dynsplit_sglang.testing.process_setup`.)
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import pkgutil
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +50,3 @@ def register() -> None:
             add_attention_backend_choices([name])
         register_attention_backend(name)(factory)
     patches.apply()
-    # A test seam: a callable ("module:function") to run in every SGLang process after the plugin,
-    # e.g. the CPU tests' FlashInfer stand-ins (benchmarks/gpu/fake_flashinfer.py).
-    extra = os.environ.get("DYNSPLIT_EXTRA_SETUP")
-    if extra:
-        pkgutil.resolve_name(extra)()

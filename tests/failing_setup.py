@@ -1,4 +1,4 @@
-"""A setup (DYNSPLIT_EXTRA_SETUP=tests.failing_setup:install) that makes SGLang's scheduler fail:
+"""A setup (`in_sglang_processes("tests.failing_setup:install")`) that makes SGLang's scheduler fail:
 while it starts, when it builds the attention backend ($FAIL_AT=start, the default), or at its
 first forward ($FAIL_AT=forward). How a failing scheduler looks to the test that started it."""
 

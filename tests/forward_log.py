@@ -1,10 +1,11 @@
 """What each forward hands the policy, logged from SGLang's scheduler for a test to read.
 
-Run it with DYNSPLIT_EXTRA_SETUP=tests.forward_log:install; every forward appends one JSON line
+Run it with `in_sglang_processes("tests.forward_log:install")`; every forward appends one JSON line
 {"decode": bool, "reqs": [[rid, budget, policy label, req_to_token row, prompt_len, new_start,
-ranked], ...], "stats": the policy's stats() when the forward begins} to the file named by $FORWARD_LOG (raising in the scheduler would kill the test
-process with it). `ranked` is the prompt length of the request's ranking when the policy that
-answers it is a prefill-time one and has ranked it (else None).
+ranked], ...], "stats": the policy's stats() when the forward begins} to the file named by
+$FORWARD_LOG (raising in the scheduler would kill the test process with it). `ranked` is the prompt
+length of the request's ranking when the policy that answers it is a prefill-time one and has
+ranked it (else None).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ with the padded rows, read for their current contents. `install()` makes every d
 engine go through exactly that path (the stand-ins for FlashInfer included), runs a capture's
 dummy batch through the first layer once (it must touch nothing), and checks that the padding
 rows come back as zeros and that the per-request counts it plans from the host are what the
-selection made; run it in the scheduler with
-DYNSPLIT_EXTRA_SETUP=tests.graph_replay:install. What it saw goes to the file named by
+selection made; run it in the scheduler with `in_sglang_processes("tests.graph_replay:install")`
+(dynsplit_sglang.testing.process_setup). What it saw goes to the file named by
 $GRAPH_REPLAY_LOG, one line per event ("capture ok", "replay", or what went wrong), for the test
 to read: raising in the scheduler would kill the test process with it.
 """
@@ -49,12 +49,12 @@ def replay_view(fb) -> SimpleNamespace:
 
 
 def install() -> None:
-    from benchmarks.gpu.fake_flashinfer import install_in_sglang
     from dynsplit_sglang.backend_flashinfer import SparseFlashInferAttnBackend
     from dynsplit_sglang.backend_torch import SparseTorchAttnBackend
     from dynsplit_sglang.sparse_decode_flashinfer import FlashInferSparseAttention
+    from dynsplit_sglang.testing.fake_flashinfer import install_in_sglang
 
-    install_in_sglang()  # every process: the launching one validates --attention-backend with it
+    install_in_sglang()  # every process: a server's launcher validates --attention-backend with it
     if multiprocessing.current_process().name == "MainProcess":
         return  # the backends run in the scheduler; patching them here would outlive the test
     for backend in (SparseTorchAttnBackend, SparseFlashInferAttnBackend):

@@ -5,6 +5,7 @@ tests/graph_replay.py; a real capture needs CUDA)."""
 import pytest
 from transformers import AutoTokenizer
 
+from dynsplit_sglang.testing.process_setup import in_sglang_processes
 from tests.engine_utils import SAMPLE_TEXT, engine
 
 
@@ -53,11 +54,11 @@ def test_breakable_graph_replay_gives_the_eager_tokens(tiny_model, monkeypatch, 
     with engine(tiny_model, kv=kv, kv_budget=128) as eng:
         want = answers(eng, prompts, budgets)
     # The replay path (and the FlashInfer stand-ins) in the second engine's scheduler only.
-    monkeypatch.setenv("DYNSPLIT_EXTRA_SETUP", "tests.graph_replay:install")
     log = tmp_path / "replay.log"
     monkeypatch.setenv("GRAPH_REPLAY_LOG", str(log))
     monkeypatch.setenv("SGLANG_FLASHINFER_WORKSPACE_SIZE", str(8 << 20))
-    with engine(tiny_model, kv=kv, kv_budget=128, attention_backend=backend) as eng:
+    with in_sglang_processes("tests.graph_replay:install"), engine(
+            tiny_model, kv=kv, kv_budget=128, attention_backend=backend) as eng:
         got = answers(eng, prompts, budgets)
     events = log.read_text().splitlines()
     assert events[0] == "capture ok" and set(events[1:]) == {"replay"}, events[:5]

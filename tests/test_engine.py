@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
+from dynsplit_sglang.testing.process_setup import in_sglang_processes
 from tests.engine_utils import SAMPLE_TEXT, engine, flush, generate, read_trace
 
 pytestmark = pytest.mark.server
@@ -147,9 +148,8 @@ def test_a_failing_scheduler_fails_its_test_not_the_run(tiny_model, monkeypatch,
     from tests.subprocess_failures import SubprocessFailed, child_pids, new_children
 
     before = child_pids()
-    monkeypatch.setenv("DYNSPLIT_EXTRA_SETUP", "tests.failing_setup:install")
     monkeypatch.setenv("FAIL_AT", fail_at)
-    with pytest.raises(SubprocessFailed):
+    with pytest.raises(SubprocessFailed), in_sglang_processes("tests.failing_setup:install"):
         with engine(tiny_model, kv="dynsplit", kv_budget=128) as eng:
             generate(eng, [[1, 2, 3, 4]])
     psutil.wait_procs(new_children(before), timeout=10)

@@ -1,4 +1,4 @@
-"""The torch stand-ins for FlashInfer's wrappers (benchmarks/gpu/fake_flashinfer.py) against SDPA,
+"""The torch stand-ins for FlashInfer's wrappers (dynsplit_sglang/testing/fake_flashinfer.py) against SDPA,
 called the way SGLang 0.5.23's FlashInfer backend calls them (legacy begin_forward / forward).
 They let CPU tests run code written for FlashInfer; they must mean what FlashInfer means."""
 
@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu.fake_flashinfer import (
+from dynsplit_sglang.testing.fake_flashinfer import (
     FakeDecodeWrapper, FakePagedPrefillWrapper, FakeRaggedPrefillWrapper, fake_merge_state,
 )
 

@@ -1,7 +1,7 @@
 """The GPU benchmarks' --smoke mode on the CPU: the scripts run end to end and write the JSON rows.
 
 --smoke swaps the Triton selection for its torch reference and FlashInfer for the torch stand-in
-(benchmarks/gpu/fake_flashinfer.py) on tiny shapes; the code around them is what the GPU run uses.
+(dynsplit_sglang/testing/fake_flashinfer.py) on tiny shapes; the code around them is what the GPU run uses.
 Each script runs in a subprocess, as `python -m` does on the GPU box (it also keeps --smoke's
 single-thread setting out of this process).
 """

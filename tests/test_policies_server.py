@@ -18,8 +18,8 @@ import pytest
 import requests
 from transformers import AutoTokenizer
 
+from dynsplit_sglang.testing.server import launch_server
 from tests.engine_utils import SAMPLE_TEXT
-from benchmarks.server import launch_server
 
 pytestmark = pytest.mark.server
 

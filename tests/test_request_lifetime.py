@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from dynsplit_sglang import request_options
 from dynsplit_sglang.config import KVConfig
 from dynsplit_sglang.policies import DynSplitOptions
+from dynsplit_sglang.testing.process_setup import in_sglang_processes
 from tests.engine_utils import SAMPLE_TEXT, engine
 
 
@@ -72,11 +73,10 @@ def test_a_retracted_request_keeps_its_budget_policy_and_prompt(tiny_model, monk
     asked = [{}, {"kv_budget": 96}, {"kv_budget": 64, "kv_policy": "snap"}]
     want = [(128, "dynsplit"), (96, "dynsplit"), (64, "snap")]  # the first: the server's
     log = tmp_path / "forwards.jsonl"
-    monkeypatch.setenv("DYNSPLIT_EXTRA_SETUP", "tests.forward_log:install")
     monkeypatch.setenv("FORWARD_LOG", str(log))
     monkeypatch.setenv("SGLANG_TEST_RETRACT", "1")
-    with engine(tiny_model, kv="dynsplit", kv_budget=128,
-                kv_variants={"snap": {"policy": "snapkv", "window": 8}}) as eng:
+    with in_sglang_processes("tests.forward_log:install"), engine(
+            tiny_model, kv="dynsplit", kv_budget=128, kv_variants={"snap": {"policy": "snapkv", "window": 8}}) as eng:
         outs = eng.generate(input_ids=prompts, sampling_params=[
             {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True, "custom_params": c} for c in asked])
         # the next prefill finds the finished request's ranking dropped (its row is free)

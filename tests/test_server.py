@@ -9,7 +9,7 @@ import requests
 from transformers import AutoTokenizer
 
 from dynsplit_sglang.passkey import is_correct, make_sample
-from benchmarks.server import launch_server
+from dynsplit_sglang.testing.server import launch_server
 
 pytestmark = pytest.mark.server
 

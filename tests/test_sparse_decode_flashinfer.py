@@ -1,6 +1,6 @@
 """FlashInfer sparse decode with KV heads folded into the batch (dynsplit_sglang/sparse_decode_flashinfer.py).
 
-On CPU a torch stand-in with FlashInfer's plan/run contract (`benchmarks/gpu/fake_flashinfer.py`)
+On CPU a torch stand-in with FlashInfer's plan/run contract (`dynsplit_sglang/testing/fake_flashinfer.py`)
 checks the folding, the per-step plan and the in-place per-layer index writes against the torch
 path's `sparse_decode_attention`. The stand-in keeps what FlashInfer's fa2 decode wrapper keeps:
 in eager mode a reference to the indices tensor given to plan (so later in-place writes are seen),
@@ -12,11 +12,11 @@ bf16, against the same torch path.
 import pytest
 import torch
 
-from benchmarks.gpu.fake_flashinfer import FakeDecodeWrapper
 from dynsplit_sglang.kernels.block_select_triton import select_slots_reference
 from dynsplit_sglang.kernels.sparse_attention import sparse_decode_attention, sparse_decode_attention_batched
 from dynsplit_sglang.gpu_path import selection_kernel, sparse_attention_op
 from dynsplit_sglang.sparse_decode_flashinfer import FlashInferSparseAttention, FoldedSparseDecode, flashinfer_wrapper
+from dynsplit_sglang.testing.fake_flashinfer import FakeDecodeWrapper
 
 
 def fake(use_cuda_graph):

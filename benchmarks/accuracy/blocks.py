@@ -23,6 +23,7 @@ counts the N prompt tokens before the answer as part of it: whether its key stay
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -32,6 +33,7 @@ from dataclasses import dataclass, replace
 from benchmarks.accuracy.policies import engine_args, parse_policies, shared_engine
 from benchmarks.accuracy.scoring import score
 from benchmarks.accuracy.tasks import TASKS, Sample, make_sample, render
+from dynsplit_sglang.testing.process_setup import in_sglang_processes
 
 BLOCK_POLICIES = ("dynsplit",)  # the policy that cuts blocks and traces them (quest = dynsplit-fixed's pages)
 
@@ -95,10 +97,10 @@ def blocks_by_request(trace_path: str) -> dict[str, list[list[int]]]:
 
 
 def probe_selection() -> None:
-    """DYNSPLIT_EXTRA_SETUP for --kept: in the scheduler, log how many positions of each request's
-    answer span ($BLOCKS_PROBE_SPANS, a JSON file {rid: [first, last]}) each decode selection
-    keeps, per KV head, to $BLOCKS_PROBE_LOG. The plugin runs it in the launching process too,
-    which selects nothing: left alone."""
+    """The setup for --kept, run in the engine's processes (`in_sglang_processes`): in the scheduler,
+    log how many positions of each request's answer span ($BLOCKS_PROBE_SPANS, a JSON file
+    {rid: [first, last]}) each decode selection keeps, per KV head, to $BLOCKS_PROBE_LOG. Any other
+    process selects nothing: left alone."""
     if multiprocessing.current_process().name == "MainProcess":
         return
     from dynsplit_sglang.policies.dynsplit import DynSplitPolicy
@@ -158,13 +160,14 @@ def run_policies(policies, prompts: list[Prompt], budget: int, model: str, probe
             json.dump({rid(policy, p): p.span for policy in policies for p in prompts if p.span}, f)
         traced = [replace(p, config={**p.config, "trace_path": traces[p.label]}) for p in policies]
         kwargs, labels = shared_engine(traced, budget)
-        probe_env = dict(DYNSPLIT_EXTRA_SETUP="benchmarks.accuracy.blocks:probe_selection",
-                         BLOCKS_PROBE_SPANS=spans, BLOCKS_PROBE_LOG=log) if probe else {}
+        probe_env = dict(BLOCKS_PROBE_SPANS=spans, BLOCKS_PROBE_LOG=log) if probe else {}
         os.environ.update(probe_env)  # read by the scheduler process when it starts
+        setup = in_sglang_processes("benchmarks.accuracy.blocks:probe_selection") if probe else contextlib.nullcontext()
         longest = max(len(p.ids) + p.sample.max_new_tokens for p in prompts)
         # the prompts once (shared through the radix cache), plus every request's answer
         tokens = (len(prompts) + 1) * longest + len(policies) * sum(p.sample.max_new_tokens for p in prompts)
-        eng = sgl.Engine(**engine_args(kwargs, model, tokens, "cpu"))
+        with setup:  # the processes the engine starts run the probe
+            eng = sgl.Engine(**engine_args(kwargs, model, tokens, "cpu"))
         outputs = {}
         try:
             for batch in (policies[:1], policies[1:]):

@@ -70,7 +70,7 @@ class Env:
         """FlashInfer's BatchDecodeWithPagedKVCacheWrapper (fa2, NHD) or the stand-in; the three
         buffers are the ones it keeps in CUDA-graph mode (None otherwise)."""
         if self.smoke:
-            from benchmarks.gpu.fake_flashinfer import FakeDecodeWrapper
+            from dynsplit_sglang.testing.fake_flashinfer import FakeDecodeWrapper
 
             return FakeDecodeWrapper(use_cuda_graph, indptr, indices, last_page_len, use_tensor_cores=tensor_cores)
         return self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(

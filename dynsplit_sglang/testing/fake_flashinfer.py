@@ -239,8 +239,8 @@ def install_in_sglang() -> None:
     """Define FlashInfer's names in SGLang's FlashInfer backend module with these stand-ins and
     register the attention backend `flashinfer_standin`, which builds SGLang's own
     FlashInferAttnBackend on them. For CPU tests: run it in every SGLang process with
-    DYNSPLIT_EXTRA_SETUP=benchmarks.gpu.fake_flashinfer:install_in_sglang (a Triton kernel of
-    SGLang's index packing also needs TRITON_INTERPRET=1 there)."""
+    `dynsplit_sglang.testing.process_setup.in_sglang_processes` (a Triton kernel of SGLang's
+    index packing also needs TRITON_INTERPRET=1 there)."""
     from sglang.srt.layers.attention import flashinfer_backend as fb
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices

@@ -1,0 +1,124 @@
+"""Run a test's setup (`module:function`) in every process of an SGLang engine or server it starts.
+
+Some tests need their own code inside SGLang's processes: a log of what each forward hands the
+policy (tests/forward_log.py), an emulated CUDA-graph replay (tests/graph_replay.py), a scheduler
+that fails (tests/failing_setup.py), FlashInfer's stand-ins (`fake_flashinfer.install_in_sglang`),
+the accuracy probe (`benchmarks/accuracy/blocks.py --kept`). SGLang starts its scheduler and
+detokenizer as fresh interpreters (multiprocessing "spawn", set by `sgl.Engine`), and a server's
+launcher is one too, so nothing patched in the test's own process reaches them. What each fresh
+interpreter does run is the first `sitecustomize` module on its path (the `site` module imports it
+at start-up, after PYTHONPATH is on sys.path), and what it inherits is the environment.
+
+    with in_sglang_processes("tests.forward_log:install"):
+        eng = sgl.Engine(...)          # or a server: start_server(...), subprocess.Popen(...)
+
+`in_sglang_processes` writes a folder holding a `sitecustomize.py` for these setups and, for the
+`with` block, puts it first on PYTHONPATH in os.environ, which the processes started inside the
+block inherit (start them there; they keep it for their lifetime). In each of them that
+sitecustomize replaces `dynsplit_sglang.plugin.register` with a wrapper that calls it and then each
+setup. SGLang's `load_plugins()` resolves the entry point `dynsplit_sglang.plugin:register` by
+attribute when it runs (in the launcher, the scheduler and the detokenizer, before any model is
+built), so it calls the wrapper: the setups run after the plugin registered, in every SGLang process
+started in the block, as a plugin would. Then it runs the `sitecustomize` it shadows, if there is
+one (Debian's system Python has one; the next of our own when blocks are nested, so nested setups
+add up).
+
+The test's own process is left alone: an in-process `sgl.Engine` runs the setups only in the
+processes it starts. A setup that must not act in a server's launcher (also a MainProcess) checks
+`multiprocessing.current_process().name`. The folders live until this process exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib.machinery
+import importlib.util
+import os
+import pkgutil
+import shutil
+import sys
+import tempfile
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds dynsplit_sglang/
+_folders: dict[tuple[str, ...], str] = {}
+
+_SITECUSTOMIZE = """\
+# Written by dynsplit_sglang.testing.process_setup for a test's SGLang processes (see there).
+import sys
+
+try:
+    from dynsplit_sglang.testing.process_setup import set_up_this_process
+except ImportError:  # a source tree that is neither installed nor on PYTHONPATH
+    sys.path.append({root!r})
+    from dynsplit_sglang.testing.process_setup import set_up_this_process
+
+set_up_this_process(__file__, {setups!r})
+"""
+
+
+def _check(setup: str) -> None:
+    module, sep, function = setup.partition(":")
+    if not sep or not function or importlib.util.find_spec(module) is None:
+        raise ValueError(f"a setup is 'module:function' with an importable module, got {setup!r}")
+
+
+def sitecustomize_folder(*setups: str) -> str:
+    """The folder whose sitecustomize.py runs these setups (made once per set, removed at exit)."""
+    for setup in setups:
+        _check(setup)
+    if setups not in _folders:
+        folder = tempfile.mkdtemp(prefix="dynsplit-setup-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
+            f.write(_SITECUSTOMIZE.format(root=_ROOT, setups=setups))
+        _folders[setups] = folder
+    return _folders[setups]
+
+
+def environment(*setups: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """A copy of `env` (default os.environ) under which SGLang processes run these setups."""
+    env = dict(os.environ if env is None else env)
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = sitecustomize_folder(*setups) + (os.pathsep + path if path else "")
+    return env
+
+
+@contextlib.contextmanager
+def in_sglang_processes(*setups: str):
+    """Within the block, SGLang processes that start run these setups after the plugin registered."""
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = environment(*setups)["PYTHONPATH"]
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
+
+
+def set_up_this_process(sitecustomize_path: str, setups: tuple[str, ...]) -> None:
+    """Called by the generated sitecustomize at interpreter start: wrap the plugin's `register`,
+    then run the sitecustomize this one shadows."""
+    from dynsplit_sglang import plugin
+
+    register = plugin.register
+
+    def register_then_set_up() -> None:
+        register()
+        for setup in setups:
+            pkgutil.resolve_name(setup)()
+
+    plugin.register = register_then_set_up
+    _run_shadowed_sitecustomize(os.path.dirname(os.path.abspath(sitecustomize_path)))
+
+
+def _run_shadowed_sitecustomize(folder: str) -> None:
+    """Run the `sitecustomize` that the one in `folder` hides: the first on sys.path after it."""
+    entries = [os.path.abspath(p or os.curdir) for p in sys.path]
+    later = sys.path[entries.index(folder) + 1 :] if folder in entries else sys.path
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", later)
+    if spec is not None and spec.loader is not None:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
