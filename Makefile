@@ -1,5 +1,7 @@
 # dynsplit-sglang: `make serve` runs the server with DynSplit-KV on the embedded model,
-# `make test` runs the test suite. Both create .venv and install what they need first.
+# `make test` runs the whole test suite (what CI runs), `make test-fast` only the unit tests (no
+# SGLang engine or server starts: -m "not server"; a few minutes on a small CPU machine). All
+# create .venv and install what they need first.
 #
 # On a machine with an NVIDIA GPU (nvidia-smi works) the install is SGLang's own CUDA stack
 # (`pip install sglang==0.5.23`) and the server runs on the GPU. Without one, SGLang is installed
@@ -27,7 +29,7 @@ else
 endif
 DEPS := pyproject.toml requirements/cpu.txt requirements/cpu-lock.txt requirements/bench-data.txt
 
-.PHONY: install model serve test bench accuracy clean
+.PHONY: install model serve test test-fast bench accuracy clean
 
 install: $(STAMP)
 
@@ -59,6 +61,9 @@ serve: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not server" $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m benchmarks.passkey $(ARGS)

@@ -1,6 +1,9 @@
+import contextlib
+import multiprocessing.process
 import os
 import random
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -31,6 +34,56 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# The marker rule: a test that starts an SGLang engine or server (itself, through a fixture or a
+# benchmark's code) is marked `server`, which `make test-fast` (-m "not server") leaves out. An
+# unmarked test that starts one fails here, so none lands in the fast target unnoticed: SGLang's
+# engine starts its scheduler with multiprocessing (a target in `sglang.`), a server is a
+# `sglang.launch_server` command. (A test that runs a benchmark in a subprocess, which then starts
+# an engine, is out of this check's sight: mark it by hand, as test_accuracy_quick.py does.)
+UNMARKED = "{} in a test not marked `server`: mark it (pytestmark = pytest.mark.server for a module)"
+
+
+@contextlib.contextmanager
+def _no_sglang_processes():
+    start, popen_init = multiprocessing.process.BaseProcess.start, subprocess.Popen.__init__
+
+    def checked_start(self):
+        target = getattr(self, "_target", None)
+        if getattr(target, "__module__", "").startswith("sglang."):
+            pytest.fail(UNMARKED.format(f"an SGLang engine starts {target.__module__}.{target.__name__}"))
+        return start(self)
+
+    def checked_popen_init(self, args, *rest, **kwargs):
+        argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+        if any("sglang.launch_server" in str(a) for a in argv):
+            pytest.fail(UNMARKED.format("an SGLang server starts"))
+        return popen_init(self, args, *rest, **kwargs)
+
+    multiprocessing.process.BaseProcess.start = checked_start
+    subprocess.Popen.__init__ = checked_popen_init
+    try:
+        yield
+    finally:
+        multiprocessing.process.BaseProcess.start, subprocess.Popen.__init__ = start, popen_init
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    """Fixtures included (module-scoped ones are set up with their module's first test)."""
+    if item.get_closest_marker("server"):
+        return (yield)
+    with _no_sglang_processes():
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    if item.get_closest_marker("server"):
+        return (yield)
+    with _no_sglang_processes():
+        return (yield)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("DYNSPLIT_CACHE", os.path.join(REPO, ".cache"))

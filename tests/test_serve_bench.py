@@ -35,6 +35,7 @@ def test_max_batch_leaves_room_for_the_admission_reserve():
     assert max_batch(1000, 4096) == 1
 
 
+@pytest.mark.server
 def test_smoke_run_end_to_end(tmp_path, capsys):
     """Two CPU servers (full, dynsplit) on the tiny random model; checks the pipeline, not speed."""
     out = tmp_path / "serve.json"
