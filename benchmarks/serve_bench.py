@@ -9,6 +9,8 @@ repo):
                                                      # largest batch full fits
     python -m benchmarks.serve_bench --model-path M  # a real model folder instead (weights still dummy)
     python -m benchmarks.serve_bench --smoke         # tiny random model on the CPU: checks the pipeline (CI)
+    python -m benchmarks.serve_bench --cpu --kv full,dynsplit,quest,snapkv --kv-budget 1024 \
+        --settings 4048x1,7048x4 --new-tokens 48     # SmolLM2-135M on the CPU recipe (fp32, 32k-token pool)
 
 Each policy gets its own server (`python -m sglang.launch_server --load-format dummy
 --skip-tokenizer-init --disable-radix-cache`): random prompt ids, greedy, `ignore_eos`, so every
@@ -266,6 +268,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=256, help="tokens each request decodes")
     p.add_argument("--server-args", default="", help="extra flags for every server, e.g. '--mem-fraction-static 0.85'")
     p.add_argument("--smoke", action="store_true", help="tiny random model on the CPU, short contexts: pipeline check")
+    p.add_argument("--cpu", action="store_true",
+                   help="serve on the CPU (fp32, --max-total-tokens 32768); default model: SmolLM2-135M's shape")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/serve_bench[_smoke].json)")
     args = p.parse_args(argv)
 
@@ -278,6 +282,13 @@ def main(argv=None):
         model, device_args = str(tiny_model_path()), list(CPU_ARGS)
         settings, new_tokens, budget = [Setting(512, 2), Setting(1024, None)], 16, 128
         device_args[device_args.index("--max-total-tokens") + 1] = "4096"
+    elif args.cpu:
+        policies = [p for p in policies if ":" not in p]  # no FlashInfer on the CPU
+        from dynsplit_sglang.default_model import smollm2_path
+
+        model, device_args = args.model_path or str(smollm2_path()), list(CPU_ARGS)
+        device_args[device_args.index("--max-total-tokens") + 1] = "32768"
+        settings, new_tokens, budget = parse_settings(args.settings), args.new_tokens, args.kv_budget
     else:
         model = args.model_path or str(llama_8b_shape_path())
         device_args = []
@@ -288,17 +299,18 @@ def main(argv=None):
     with open(os.path.join(model, "config.json")) as f:
         config = json.load(f)
     vocab = config.get("text_config", config)["vocab_size"]
-    out = args.out or os.path.join(RESULTS, "serve_bench_smoke.json" if args.smoke else "serve_bench.json")
+    name = "serve_bench_smoke" if args.smoke else "serve_bench_cpu" if args.cpu else "serve_bench"
+    out = args.out or os.path.join(RESULTS, name + ".json")
     log_dir = out.removesuffix(".json") + "_logs"
     os.makedirs(log_dir, exist_ok=True)
-    on_gpu = not args.smoke
+    on_gpu = not (args.smoke or args.cpu)
 
     rows, batches = [], {}
     for policy in policies:
         log = os.path.join(log_dir, f"{policy.replace(':', '_')}.log")
         print(f"[{policy}] starting the server (log: {log})", flush=True)
         extra = server_args(policy, budget) + args.server_args.split()
-        if args.smoke and policy == "full":
+        if not on_gpu and policy == "full":
             extra += ["--attention-backend", "torch_native"]  # SGLang's CPU attention
         with start_server(model, *extra, device_args=device_args, timeout=1800, log_path=log) as (url, proc):
             memory = server_memory(url)
