@@ -16,10 +16,15 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 def git_commit() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
         # Results are not code: the accuracy run's committed progress file changes as it runs.
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"],
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -41,7 +46,15 @@ def run_info() -> dict:
     return {
         "commit": git_commit(),
         "device": device_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), "-m", "benchmarks." + os.path.basename(sys.argv[0]).removesuffix(".py"), *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(
+            shlex.quote(a)
+            for a in [
+                os.path.basename(sys.executable),
+                "-m",
+                "benchmarks." + os.path.basename(sys.argv[0]).removesuffix(".py"),
+                *sys.argv[1:],
+            ]
+        ),
         "torch": torch.__version__,
     }

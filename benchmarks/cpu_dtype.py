@@ -1,6 +1,6 @@
 """Why the CPU server runs in fp32: time of one SmolLM2-shaped MLP matmul in fp32 and bf16.
 
-    python -m benchmarks.cpu_dtype
+python -m benchmarks.cpu_dtype
 """
 
 from __future__ import annotations

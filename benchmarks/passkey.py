@@ -27,13 +27,21 @@ def engine(model_path: str, kv: str, budget: int | None):
 
     kv_args = {"kv": "dynsplit", "kv_budget": budget} if kv == "dynsplit" else {"attention_backend": "torch_native"}
     return sgl.Engine(
-        model_path=model_path, device="cpu", dtype="float32", max_total_tokens=16384, skip_server_warmup=True,
-        disable_overlap_schedule=True, disable_radix_cache=True, log_level="error", **kv_args,
+        model_path=model_path,
+        device="cpu",
+        dtype="float32",
+        max_total_tokens=16384,
+        skip_server_warmup=True,
+        disable_overlap_schedule=True,
+        disable_radix_cache=True,
+        log_level="error",
+        **kv_args,
     )
 
 
 def decode_step_ms(eng, prompt: str, steps: int) -> float:
     """Mean time of one decode step: (time of 1 + steps tokens - time of 1 token) / steps."""
+
     def timed(n):
         t = time.perf_counter()
         eng.generate(prompt, {"temperature": 0, "max_new_tokens": n, "ignore_eos": True})
@@ -98,7 +106,9 @@ def main(argv=None):
     with open(partial, "a") as log:
         for (kv, budget), settings in jobs.items():
             todo = [(n, f, s) for n, f in settings for s in range(samples) if (kv, budget, n, s) not in done]
-            time_it = any(n == longest for n, _ in settings) and (kv == "full" or budget == int(longest * min(fractions)))
+            time_it = any(n == longest for n, _ in settings) and (
+                kv == "full" or budget == int(longest * min(fractions))
+            )
             if not todo and not time_it:
                 continue
             eng = engine(str(model), kv, budget)
@@ -108,14 +118,26 @@ def main(argv=None):
                     prompt = tok.apply_chat_template(sample.messages, add_generation_prompt=True, tokenize=False)
                     t = time.perf_counter()
                     text = eng.generate(prompt, {"temperature": 0, "max_new_tokens": 16})["text"]
-                    r = {"kv": kv, "budget": budget, "fraction": f, "length": n, "seed": seed, "prompt_tokens": sample.num_tokens,
-                         "depth": round(sample.depth, 3), "answer": sample.answer, "output": text,
-                         "correct": is_correct(sample, text), "seconds": round(time.perf_counter() - t, 2)}
+                    r = {
+                        "kv": kv,
+                        "budget": budget,
+                        "fraction": f,
+                        "length": n,
+                        "seed": seed,
+                        "prompt_tokens": sample.num_tokens,
+                        "depth": round(sample.depth, 3),
+                        "answer": sample.answer,
+                        "output": text,
+                        "correct": is_correct(sample, text),
+                        "seconds": round(time.perf_counter() - t, 2),
+                    }
                     done[(kv, budget, n, seed)] = r
                     log.write(json.dumps(r) + "\n")
                     log.flush()
                 if time_it:
-                    prompt = tok.apply_chat_template(data[longest][0].messages, add_generation_prompt=True, tokenize=False)
+                    prompt = tok.apply_chat_template(
+                        data[longest][0].messages, add_generation_prompt=True, tokenize=False
+                    )
                     timings[(kv, budget)] = decode_step_ms(eng, prompt, steps)
             finally:
                 eng.shutdown()
@@ -124,14 +146,36 @@ def main(argv=None):
     for (kv, budget), settings in jobs.items():
         for n, f in settings:
             rs = [done[(kv, budget, n, s)] for s in range(samples)]
-            rows.append({"kv": kv, "length": n, "budget": budget if budget else n, "fraction": f or 1.0,
-                         "accuracy": sum(r["correct"] for r in rs) / len(rs), "samples": len(rs),
-                         "mean_prompt_tokens": round(sum(r["prompt_tokens"] for r in rs) / len(rs))})
+            rows.append(
+                {
+                    "kv": kv,
+                    "length": n,
+                    "budget": budget if budget else n,
+                    "fraction": f or 1.0,
+                    "accuracy": sum(r["correct"] for r in rs) / len(rs),
+                    "samples": len(rs),
+                    "mean_prompt_tokens": round(sum(r["prompt_tokens"] for r in rs) / len(rs)),
+                }
+            )
     full_ms = timings.get(("full", None))
-    speed = [{"kv": kv, "budget": b or longest, "length": longest, "decode_step_ms": round(ms, 2),
-              "ratio_to_full": round(ms / full_ms, 3) if full_ms else None} for (kv, b), ms in timings.items()]
-    result = {**info, "model": os.path.basename(str(model)), "dtype": "float32", "accuracy": rows, "decode_speed": speed,
-              "samples": sorted(done.values(), key=lambda r: (r["kv"], r["budget"] or 0, r["length"], r["seed"]))}
+    speed = [
+        {
+            "kv": kv,
+            "budget": b or longest,
+            "length": longest,
+            "decode_step_ms": round(ms, 2),
+            "ratio_to_full": round(ms / full_ms, 3) if full_ms else None,
+        }
+        for (kv, b), ms in timings.items()
+    ]
+    result = {
+        **info,
+        "model": os.path.basename(str(model)),
+        "dtype": "float32",
+        "accuracy": rows,
+        "decode_speed": speed,
+        "samples": sorted(done.values(), key=lambda r: (r["kv"], r["budget"] or 0, r["length"], r["seed"])),
+    }
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as fh:
         json.dump(result, fh, indent=1)
@@ -169,8 +213,14 @@ def markdown(result: dict) -> str:
     lines = ["| policy | prompt tokens | KV budget | accuracy |", "| --- | --- | --- | --- |"]
     for r in result["accuracy"]:
         budget = "all" if r["kv"] == "full" else f"{r['budget']} (1/{round(1 / r['fraction'])})"
-        lines.append(f"| {r['kv']} | {r['mean_prompt_tokens']} | {budget} | {r['accuracy']:.2f} ({r['samples']} samples) |")
-    lines += ["", "| policy | prompt tokens | KV budget | decode step (ms) | dynsplit / full |", "| --- | --- | --- | --- | --- |"]
+        lines.append(
+            f"| {r['kv']} | {r['mean_prompt_tokens']} | {budget} | {r['accuracy']:.2f} ({r['samples']} samples) |"
+        )
+    lines += [
+        "",
+        "| policy | prompt tokens | KV budget | decode step (ms) | dynsplit / full |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for s in result["decode_speed"]:
         lines.append(f"| {s['kv']} | {s['length']} | {s['budget']} | {s['decode_step_ms']} | {s['ratio_to_full']} |")
     lines.append(f"\n{result['device']}; commit {result['commit']}; {result['date']}; `{result['command']}`")

@@ -36,21 +36,37 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 from benchmarks.common import RESULTS, run_info
 from dynsplit_sglang.testing.server import CPU_ARGS, start_server
 
 # Llama-3.1-8B's shape (config.json of meta-llama/Llama-3.1-8B-Instruct, weights not needed).
 LLAMA_8B_SHAPE = dict(
-    architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
-    max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192},
-    bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False, torch_dtype="bfloat16",
+    architectures=["LlamaForCausalLM"],
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    bos_token_id=128000,
+    eos_token_id=128001,
+    tie_word_embeddings=False,
+    torch_dtype="bfloat16",
 )
 
 
@@ -71,7 +87,7 @@ class Setting:
     """One measured point: `batch` requests whose sequences reach `context` tokens."""
 
     context: int
-    batch: Optional[int]  # None: the largest batch the first policy's KV pool holds
+    batch: int | None  # None: the largest batch the first policy's KV pool holds
 
 
 def parse_settings(text: str) -> list[Setting]:
@@ -97,7 +113,7 @@ class Stream:
 
     times: list[float] = field(default_factory=list)  # one per chunk
     tokens: list[int] = field(default_factory=list)  # completion tokens so far, per chunk
-    error: Optional[str] = None
+    error: str | None = None
 
     def tokens_at(self, t: float) -> int:
         """Completion tokens received by time t."""
@@ -175,7 +191,10 @@ def gpu_memory_gib() -> float:
     index = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
     out = subprocess.run(
         ["nvidia-smi", "-i", index, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-        capture_output=True, text=True, check=True, timeout=10,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
     ).stdout
     return float(out.split()[0]) / 1024
 
@@ -225,8 +244,11 @@ def run_setting(url: str, context: int, batch: int, new_tokens: int, vocab: int,
     seconds, tokens = decode_window(streams)
     steps = tokens / batch
     if not steps:
-        print(f"  context {context} x {batch}: the requests never decoded all together (not all admitted at "
-              f"once, or their tokens arrived in one chunk); no decode rate", flush=True)
+        print(
+            f"  context {context} x {batch}: the requests never decoded all together (not all admitted at "
+            f"once, or their tokens arrived in one chunk); no decode rate",
+            flush=True,
+        )
     return {
         "wall_s": round(time.perf_counter() - t0, 3),
         "first_token_s": round(max(s.times[0] for s in streams) - t0, 3),
@@ -250,26 +272,37 @@ def server_args(setting: str, budget: int) -> list[str]:
     flags = ["--load-format", "dummy", "--skip-tokenizer-init", "--disable-radix-cache", "--kv", policy]
     if policy != "full":
         flags += ["--kv-budget", str(budget)]
-    return flags + (["--attention-backend", backend] if backend else []) + (
-        ["--cuda-graph-backend-decode", graphs] if graphs else [])
+    return (
+        flags
+        + (["--attention-backend", backend] if backend else [])
+        + (["--cuda-graph-backend-decode", graphs] if graphs else [])
+    )
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-path", default=None, help="model folder (default: a Llama-3.1-8B-shaped config)")
-    p.add_argument("--kv", default="full,dynsplit,dynsplit::breakable,dynsplit:dynsplit_flashinfer,"
-                   "dynsplit:dynsplit_flashinfer:breakable",
-                   help="policies, one server each, in this order; POLICY:BACKEND picks the attention backend "
-                   "(dynsplit: the torch backend, dynsplit_flashinfer: the FlashInfer subclass), "
-                   "POLICY:BACKEND:breakable (BACKEND may be empty) adds breakable decode CUDA graphs")
+    p.add_argument(
+        "--kv",
+        default="full,dynsplit,dynsplit::breakable,dynsplit:dynsplit_flashinfer,dynsplit:dynsplit_flashinfer:breakable",
+        help="policies, one server each, in this order; POLICY:BACKEND picks the attention backend "
+        "(dynsplit: the torch backend, dynsplit_flashinfer: the FlashInfer subclass), "
+        "POLICY:BACKEND:breakable (BACKEND may be empty) adds breakable decode CUDA graphs",
+    )
     p.add_argument("--kv-budget", type=int, default=4096)
-    p.add_argument("--settings", default="32768x8,131072xmax",
-                   help="CONTEXTxBATCH,...; BATCH 'max' is the largest batch the first policy's KV pool holds")
+    p.add_argument(
+        "--settings",
+        default="32768x8,131072xmax",
+        help="CONTEXTxBATCH,...; BATCH 'max' is the largest batch the first policy's KV pool holds",
+    )
     p.add_argument("--new-tokens", type=int, default=256, help="tokens each request decodes")
     p.add_argument("--server-args", default="", help="extra flags for every server, e.g. '--mem-fraction-static 0.85'")
     p.add_argument("--smoke", action="store_true", help="tiny random model on the CPU, short contexts: pipeline check")
-    p.add_argument("--cpu", action="store_true",
-                   help="serve on the CPU (fp32, --max-total-tokens 32768); default model: SmolLM2-135M's shape")
+    p.add_argument(
+        "--cpu",
+        action="store_true",
+        help="serve on the CPU (fp32, --max-total-tokens 32768); default model: SmolLM2-135M's shape",
+    )
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/serve_bench[_smoke].json)")
     args = p.parse_args(argv)
 
@@ -324,18 +357,31 @@ def main(argv=None):
                 with PeakMemory(read) as peak:
                     measured = run_setting(url, s.context, batch, new_tokens, vocab, seed=1 + i)
                 row = {
-                    "policy": policy, "budget": None if policy.startswith("full") else budget, "context": s.context,
-                    "batch": batch, "new_tokens": new_tokens, **measured, **memory,
+                    "policy": policy,
+                    "budget": None if policy.startswith("full") else budget,
+                    "context": s.context,
+                    "batch": batch,
+                    "new_tokens": new_tokens,
+                    **measured,
+                    **memory,
                     "peak_memory_gib": round(peak.peak, 3),
                 }
                 rows.append(row)
-                print(f"[{policy}]   {row['decode_tokens_per_s']} tok/s, step {row['decode_step_ms']} ms, "
-                      f"peak {row['peak_memory_gib']} GiB", flush=True)
+                print(
+                    f"[{policy}]   {row['decode_tokens_per_s']} tok/s, step {row['decode_step_ms']} ms, "
+                    f"peak {row['peak_memory_gib']} GiB",
+                    flush=True,
+                )
 
     result = {
-        **info, "model": model, "model_shape": {k: config.get(k) for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size")},
+        **info,
+        "model": model,
+        "model_shape": {
+            k: config.get(k) for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size")
+        },
         "memory_source": "nvidia-smi memory.used" if on_gpu else "server process group RSS",
-        "args": {k: v for k, v in vars(args).items()}, "rows": rows,
+        "args": {k: v for k, v in vars(args).items()},
+        "rows": rows,
     }
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
@@ -357,8 +403,10 @@ def markdown(result: dict) -> str:
         if ref and r["policy"] != "full" and r["decode_tokens_per_s"] and ref["decode_tokens_per_s"]:
             speedup = f"{r['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}x"
         name = r["policy"] + ("" if r["budget"] is None else f" ({r['budget']})")
-        lines.append(f"| {name} | {r['context']} | {r['batch']} | {r['decode_tokens_per_s']} | {r['decode_step_ms']} | "
-                     f"{speedup} | {r['kv_pool_gb']} | {r['peak_memory_gib']} |")
+        lines.append(
+            f"| {name} | {r['context']} | {r['batch']} | {r['decode_tokens_per_s']} | {r['decode_step_ms']} | "
+            f"{speedup} | {r['kv_pool_gb']} | {r['peak_memory_gib']} |"
+        )
     return "\n".join(lines) + f"\n\n{result['device']}, {result['date']}, commit {result['commit']}"
 
 

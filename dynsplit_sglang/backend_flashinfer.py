@@ -25,7 +25,6 @@ On a CPU the same code runs on torch stand-ins for FlashInfer's wrappers
 from __future__ import annotations
 
 import torch
-
 from sglang.srt.layers.attention import flashinfer_backend as sglang_flashinfer
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 from sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph.breakable_cuda_graph import eager_on_graph
@@ -40,8 +39,10 @@ BACKEND_NAME = "dynsplit_flashinfer"
 class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
     def __init__(self, model_runner, kv: KVConfig):
         if not hasattr(sglang_flashinfer, "BatchDecodeWithPagedKVCacheWrapper"):
-            raise ValueError(f"--attention-backend {BACKEND_NAME} needs FlashInfer on a CUDA GPU "
-                             "(pip install flashinfer-python); without one, drop the flag (torch backend)")
+            raise ValueError(
+                f"--attention-backend {BACKEND_NAME} needs FlashInfer on a CUDA GPU "
+                "(pip install flashinfer-python); without one, drop the flag (torch backend)"
+            )
         FlashInferAttnBackend.__init__(self, model_runner)
         self.device = model_runner.device  # the torch-native backend has it; this one does not
         # The decode wrapper class SGLang's module uses: FlashInfer's on a GPU, the stand-in in
@@ -52,7 +53,10 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
         def make_sparse_attention(shape):
             op = FlashInferSparseAttention(
                 flashinfer_wrapper(workspace, use_cuda_graph=False, wrapper_class=wrapper_class),
-                shape.num_kv_heads, shape.num_heads // shape.num_kv_heads, shape.head_dim, self.device,
+                shape.num_kv_heads,
+                shape.num_heads // shape.num_kv_heads,
+                shape.head_dim,
+                self.device,
             )
             return "flashinfer", op
 
@@ -98,7 +102,8 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
             return paged.forward_return_lse(q3, kv_cache, causal=True, sm_scale=layer.scaling)
         kvh, d = layer.tp_k_head_num, layer.qk_head_dim
         o, lse = self.prefill_wrapper_ragged.forward_return_lse(
-            q3, k.view(-1, kvh, d), v.view(-1, kvh, d), causal=True, sm_scale=layer.scaling)
+            q3, k.view(-1, kvh, d), v.view(-1, kvh, d), causal=True, sm_scale=layer.scaling
+        )
         if not md.extend_no_prefix:  # the cached prefix, all of it visible to every new query
             o_prefix, lse_prefix = paged.forward_return_lse(q3, kv_cache, causal=False, sm_scale=layer.scaling)
             o, lse = sglang_flashinfer._safe_merge_state(o, lse, o_prefix, lse_prefix)

@@ -11,7 +11,6 @@ positions (the `req_to_token` row is never compacted, so RoPE and the radix cach
 from __future__ import annotations
 
 import torch
-
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph.breakable_cuda_graph import eager_on_graph
 
@@ -25,8 +24,13 @@ class SparseTorchAttnBackend(PolicyHost, TorchNativeAttnBackend):
         TorchNativeAttnBackend.__init__(self, model_runner)
         # The decode attention over the selected slots: the torch op, or FlashInfer's paged decode
         # with the KV heads folded into the batch ($DYNSPLIT_SPARSE_ATTENTION=flashinfer, CUDA).
-        self._init_policy(model_runner, kv, lambda shape: sparse_attention_op(
-            self.device, shape.num_kv_heads, shape.num_heads // shape.num_kv_heads, shape.head_dim))
+        self._init_policy(
+            model_runner,
+            kv,
+            lambda shape: sparse_attention_op(
+                self.device, shape.num_kv_heads, shape.num_heads // shape.num_kv_heads, shape.head_dim
+            ),
+        )
 
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
@@ -86,16 +90,25 @@ class SparseTorchAttnBackend(PolicyHost, TorchNativeAttnBackend):
             idx = torch.tensor(dense, device=q3.device)
             o_dense = torch.empty_like(q3[idx])
             self._run_sdpa_forward_decode(
-                q3[idx], o_dense, keys, values, self.req_to_token_pool.req_to_token,
-                fb.req_pool_indices[idx], fb.seq_lens[idx], None,
-                scaling=layer.scaling, enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num,
+                q3[idx],
+                o_dense,
+                keys,
+                values,
+                self.req_to_token_pool.req_to_token,
+                fb.req_pool_indices[idx],
+                fb.seq_lens[idx],
+                None,
+                scaling=layer.scaling,
+                enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num,
             )
             o3[idx] = o_dense
         order = sorted(sparse)
         idx = torch.tensor(order, device=q3.device)
         slots, valid = self._select_slots(q3, layer, fb, order)
         # FlashInfer plans with the counts; known on the host they spare it a device read
-        counts = self.policy.selection_counts(layer.layer_id, order) if self._sparse_attention_name == "flashinfer" else None
+        counts = (
+            self.policy.selection_counts(layer.layer_id, order) if self._sparse_attention_name == "flashinfer" else None
+        )
         out, lse = self._sparse_attention(q3[idx], keys, values, slots, valid, layer.scaling, counts=counts)
         o3[idx] = out
         self._last_lse = {i: lse[k] for k, i in enumerate(order)}

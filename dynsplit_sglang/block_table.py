@@ -13,7 +13,6 @@ decision position and is returned to the pool when that slot is freed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -61,7 +60,9 @@ class BlockTable:
         if old == 0:
             self.rec_start = torch.zeros(capacity, dtype=torch.int64, device=self.device)
             self.rec_end = torch.zeros(capacity, dtype=torch.int64, device=self.device)
-            self.kmin = torch.zeros(s.num_layers, capacity, s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device)
+            self.kmin = torch.zeros(
+                s.num_layers, capacity, s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device
+            )
             self.kmax = torch.zeros_like(self.kmin)
             self.free_records: list[int] = new_free
         else:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 DEFAULT_BUDGET = 2048
 
@@ -76,7 +76,7 @@ class PolicyOptions:
         return "it keeps at least one token"
 
     @classmethod
-    def from_json(cls, text: "str | dict | None"):
+    def from_json(cls, text: str | dict | None):
         """Parse `--kv-config` (a JSON object, or an already parsed dict)."""
         data = parse_json_object(text)
         known = [f.name for f in dataclasses.fields(cls)]
@@ -100,7 +100,7 @@ class PolicyOptions:
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
-def parse_json_object(text: "str | dict | None", what: str = "--kv-config") -> dict:
+def parse_json_object(text: str | dict | None, what: str = "--kv-config") -> dict:
     """A JSON object given as text (or already a dict); `what` names the option in errors."""
     if text is None or text == "":
         return {}
@@ -159,7 +159,7 @@ class KVConfig:
         under its own name first, then the variants."""
         return {self.policy: self.options, **self.variants}
 
-    def validate(self, context_length: Optional[int] = None) -> None:
+    def validate(self, context_length: int | None = None) -> None:
         check_policy_name(self.policy)
         check_budget_value(self.budget)
         if context_length is not None and self.budget > context_length:
@@ -170,24 +170,30 @@ class KVConfig:
             raise KVConfigError("--kv-variants applies to a compressing policy; add e.g. --kv dynsplit")
         for label, options in self.policies.items():
             options.validate()
-            options.check_budget(self.budget, "--kv-budget" if label == self.policy else f"--kv-budget (variant {label!r})")
+            options.check_budget(
+                self.budget, "--kv-budget" if label == self.policy else f"--kv-budget (variant {label!r})"
+            )
 
     def to_dict(self) -> dict:
         return {
-            "policy": self.policy, "budget": self.budget, "options": self.options.to_dict(),
+            "policy": self.policy,
+            "budget": self.budget,
+            "options": self.options.to_dict(),
             "variants": {label: {"policy": o.policy, **o.to_dict()} for label, o in self.variants.items()},
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "KVConfig":
+    def from_dict(cls, data: dict) -> KVConfig:
         policy = data["policy"]
         return cls(
-            policy=policy, budget=data["budget"], options=policy_options()[policy].from_json(data.get("options")),
+            policy=policy,
+            budget=data["budget"],
+            options=policy_options()[policy].from_json(data.get("options")),
             variants=parse_variants(data.get("variants"), policy),
         )
 
 
-def parse_variants(text: "str | dict | None", main_policy: str) -> dict:
+def parse_variants(text: str | dict | None, main_policy: str) -> dict:
     """`--kv-variants '{"LABEL": {"policy": NAME, ...options}, ...}'` -> label -> options dataclass.
 
     "policy" defaults to the label itself, so '{"snapkv": {}, "quest": {"page_size": 32}}' adds
@@ -208,7 +214,7 @@ def parse_variants(text: "str | dict | None", main_policy: str) -> dict:
         policy = spec.pop("policy", label)
         if policy not in policy_options() or policy == "full":
             compressing = ", ".join(p for p in policy_options() if p != "full")
-            raise KVConfigError(f"{where}: unknown policy {policy!r}; give \"policy\": one of {compressing}")
+            raise KVConfigError(f'{where}: unknown policy {policy!r}; give "policy": one of {compressing}')
         try:
             variants[label] = policy_options()[policy].from_json(spec)
         except KVConfigError as e:

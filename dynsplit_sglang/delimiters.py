@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -29,9 +29,9 @@ def is_separator_text(text: str) -> bool:
 class TokenTexts:
     """The decoded text of every token id, loaded once, for policies that classify tokens."""
 
-    def __init__(self, tokenizer_path: Optional[str], vocab_size: int):
+    def __init__(self, tokenizer_path: str | None, vocab_size: int):
         self.vocab_size = vocab_size
-        self.texts: Optional[list[str]] = None
+        self.texts: list[str] | None = None
         if tokenizer_path is None:
             return
         try:
@@ -44,7 +44,7 @@ class TokenTexts:
         n = min(vocab_size, len(tok))
         self.texts = tok.batch_decode([[i] for i in range(n)])
 
-    def mask(self, predicate: Callable[[str], bool]) -> Optional[torch.Tensor]:
+    def mask(self, predicate: Callable[[str], bool]) -> torch.Tensor | None:
         """[vocab_size] bool, True where predicate(text) holds; None without a tokenizer."""
         if self.texts is None:
             return None
@@ -53,8 +53,9 @@ class TokenTexts:
         return mask
 
 
-def candidate_token_mask(tokens: Optional[TokenTexts], mode: str, vocab_size: int,
-                         chars: Optional[str] = None) -> torch.Tensor:
+def candidate_token_mask(
+    tokens: TokenTexts | None, mode: str, vocab_size: int, chars: str | None = None
+) -> torch.Tensor:
     """[vocab_size] bool: True where a token may end a DynSplit block: its text holds one of
     `chars` (None: DELIMITER_CHARS).
 

@@ -48,6 +48,7 @@ def sparse_attention_op(device, num_kv_heads: int, group: int, head_dim: int, en
     except ImportError as e:
         raise ValueError(f"${SPARSE_ATTENTION_ENV}=flashinfer needs the flashinfer-python package ({e})") from None
     workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-    op = FlashInferSparseAttention(flashinfer_wrapper(workspace, use_cuda_graph=False), num_kv_heads, group,
-                                   head_dim, device)
+    op = FlashInferSparseAttention(
+        flashinfer_wrapper(workspace, use_cuda_graph=False), num_kv_heads, group, head_dim, device
+    )
     return "flashinfer", op

@@ -12,7 +12,6 @@ import logging
 import threading
 
 import torch
-
 from sglang.srt.arg_groups.overrides import resolved_view
 from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool
@@ -85,9 +84,14 @@ class PolicyHost:
         self.policy.trace({"event": "init", "kv_available": self._kv_available_at_start, **self.policy.stats()})
         logger.info(
             "dynsplit-sglang: --kv %s, budget %d, score layers %s%s, attention backend %s, decode selection: %s, "
-            "sparse attention: %s", kv.policy, kv.budget, sorted(self._score_layers),
-            f", variants {', '.join(kv.variants)}" if kv.variants else "", type(self).__name__,
-            self._selection_name, self._sparse_attention_name,
+            "sparse attention: %s",
+            kv.policy,
+            kv.budget,
+            sorted(self._score_layers),
+            f", variants {', '.join(kv.variants)}" if kv.variants else "",
+            type(self).__name__,
+            self._selection_name,
+            self._sparse_attention_name,
         )
 
     # --- slot lifetime: policy state lives and dies with the KV slots -------------------------
@@ -152,8 +156,18 @@ class PolicyHost:
             (rid, budget, policy, prompt_len), changed = self._request_in(row, rid, generation)
             if changed:
                 renewed.add(row)
-            reqs.append(RequestView(req_to_token[row, :n].to(torch.int64), s, ids[offset : offset + new],
-                                    rid, row, budget, policy, prompt_len))
+            reqs.append(
+                RequestView(
+                    req_to_token[row, :n].to(torch.int64),
+                    s,
+                    ids[offset : offset + new],
+                    rid,
+                    row,
+                    budget,
+                    policy,
+                    prompt_len,
+                )
+            )
             offset += new
         if not is_decode:
             self._release_rows(renewed)
@@ -172,18 +186,23 @@ class PolicyHost:
 
     def _request_in(self, row: int, rid, generation: int) -> tuple[tuple, bool]:
         """((rid, budget, policy label, prompt length or None), whether the row's request is new
-        to the host) of the request in this row: its
-        custom_params.kv_budget and kv_policy, else the server's --kv-budget and --kv policy. They are read when a request
-        gets the row (SGLang's allocation count of the row changes); a retracted request that
-        comes back, in this row or another, reads them again. Without a rid (a CUDA-graph
+        to the host) of the request in this row: its custom_params.kv_budget and kv_policy, else
+        the server's --kv-budget and --kv policy. They are read when a request gets the row
+        (SGLang's allocation count of the row changes); a retracted request that comes back, in
+        this row or another, reads them again. Without a rid (a CUDA-graph
         replay), the row's request is the one its prefill registered: prefill always runs eager
         and names its requests, and a row changes hands only through a prefill."""
         known = self._row_request.get(row)
         changed = known is None or known[4] != generation or (rid is not None and known[0] != rid)
         if changed:
             asked = request_options.options(rid)
-            known = (rid, self.kv.budget if asked.budget is None else asked.budget, asked.policy or self.kv.policy,
-                     request_options.prompt_len(rid), generation)
+            known = (
+                rid,
+                self.kv.budget if asked.budget is None else asked.budget,
+                asked.policy or self.kv.policy,
+                request_options.prompt_len(rid),
+                generation,
+            )
             self._row_request[row] = known
         return known[:4], changed
 
@@ -191,8 +210,10 @@ class PolicyHost:
         if layer.is_cross_attention or layer.qk_head_dim != layer.v_head_dim:
             raise ValueError(f"--kv {self.kv.policy} does not support cross attention or MLA-style heads")
         if layer.attn_type == AttentionType.ENCODER_ONLY or (layer.sliding_window_size or -1) > -1:
-            raise ValueError(f"--kv {self.kv.policy} supports causal full-attention layers only; layer "
-                             f"{layer.layer_id} is {'bidirectional' if layer.attn_type == AttentionType.ENCODER_ONLY else 'sliding-window'}")
+            kind = "bidirectional" if layer.attn_type == AttentionType.ENCODER_ONLY else "sliding-window"
+            raise ValueError(
+                f"--kv {self.kv.policy} supports causal full-attention layers only; layer {layer.layer_id} is {kind}"
+            )
 
     def _finish_layer(self, layer) -> None:
         if layer.layer_id == self.shape.num_layers - 1:
@@ -232,10 +253,16 @@ class PolicyHost:
         q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o = torch.empty_like(q)
         lses = extend_attention(
-            q3, o.view_as(q3), self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            q3,
+            o.view_as(q3),
+            self.token_to_kv_pool.get_key_buffer(layer.layer_id),
             self.token_to_kv_pool.get_value_buffer(layer.layer_id),
-            self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
-            forward_batch.extend_prefix_lens, forward_batch.extend_seq_lens, layer.scaling,
+            self.req_to_token_pool.req_to_token,
+            forward_batch.req_pool_indices,
+            forward_batch.seq_lens,
+            forward_batch.extend_prefix_lens,
+            forward_batch.extend_seq_lens,
+            layer.scaling,
         )
         self._observe_prefill(q3, layer, lses)
         return o
@@ -250,7 +277,9 @@ class PolicyHost:
             for i, r in enumerate(self._reqs):
                 n, mine = r.seq_len - r.new_start, r.prompt_queries(self._query_window)
                 if mine.stop > mine.start:
-                    self.policy.observe_queries(layer.layer_id, i, q3[offset + mine.start : offset + mine.stop], layer.scaling)
+                    self.policy.observe_queries(
+                        layer.layer_id, i, q3[offset + mine.start : offset + mine.stop], layer.scaling
+                    )
                 offset += n
         if layer.layer_id in self._score_layers:
             keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
@@ -286,7 +315,9 @@ class PolicyHost:
             p = r.seq_len - 1
             if i in sparse:  # mass relative to what this step attended (the full row was not read)
                 lse = self._last_lse[i]
-                band = band_logits(q3[i : i + 1], keys[r.row_slots[max(0, p - width + 1) :]], min(p, width - 1), layer.scaling, width)
+                band = band_logits(
+                    q3[i : i + 1], keys[r.row_slots[max(0, p - width + 1) :]], min(p, width - 1), layer.scaling, width
+                )
             else:
                 band, lse = band_logits_and_lse(q3[i : i + 1], keys[r.row_slots], p, layer.scaling, width)
                 lse = lse[:, 0]

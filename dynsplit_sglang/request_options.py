@@ -22,7 +22,6 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Optional
 
 from dynsplit_sglang.config import KVConfig, KVConfigError, check_budget_value
 
@@ -30,22 +29,22 @@ BUDGET_KEY = "kv_budget"
 POLICY_KEY = "kv_policy"
 
 _lock = threading.Lock()
-_server: Optional[KVConfig] = None  # the server's --kv choice, in the process that checks requests
-_context_length: Optional[int] = None
+_server: KVConfig | None = None  # the server's --kv choice, in the process that checks requests
+_context_length: int | None = None
 _enabled = False  # in the scheduler process: a compressing policy runs, so record the options
 # rid -> (weak reference to SGLang's Req, its options); the entry goes when the Req does
-_recorded: "dict[str, tuple[weakref.ref, RequestOptions]]" = {}
+_recorded: dict[str, tuple[weakref.ref, RequestOptions]] = {}
 
 
 @dataclass(frozen=True)
 class RequestOptions:
     """What a request asked for; None: the server's default."""
 
-    budget: Optional[int] = None
-    policy: Optional[str] = None
+    budget: int | None = None
+    policy: str | None = None
 
 
-def configure(kv: Optional[KVConfig], context_length: Optional[int]) -> None:
+def configure(kv: KVConfig | None, context_length: int | None) -> None:
     """The server's KV choice (called where the server arguments are parsed)."""
     global _server, _context_length
     _server, _context_length = kv, context_length
@@ -93,8 +92,10 @@ def record(req) -> None:
     params = custom_params if isinstance(custom_params, dict) else {}
     budget, policy = params.get(BUDGET_KEY), params.get(POLICY_KEY)
     with _lock:
-        _recorded[rid] = (weakref.ref(req, lambda ref, rid=rid: _forget(rid, ref)),
-                          RequestOptions(None if budget is None else int(budget), policy))
+        _recorded[rid] = (
+            weakref.ref(req, lambda ref, rid=rid: _forget(rid, ref)),
+            RequestOptions(None if budget is None else int(budget), policy),
+        )
 
 
 def options(rid) -> RequestOptions:
@@ -104,7 +105,7 @@ def options(rid) -> RequestOptions:
     return entry[1] if entry else RequestOptions()
 
 
-def prompt_len(rid) -> Optional[int]:
+def prompt_len(rid) -> int | None:
     """Tokens of the live request's prompt (SGLang's origin_input_ids, as the scheduler left
     them: it may cut an overlong prompt after creating the request); None if unknown."""
     with _lock:

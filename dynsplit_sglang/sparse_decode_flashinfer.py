@@ -44,8 +44,9 @@ class FoldedSparseDecode:
       dest          [max_requests * KvH * max_out] int64   where each (row, j) of the selection goes
     """
 
-    def __init__(self, make_wrapper, num_kv_heads: int, group: int, head_dim: int, max_requests: int,
-                 max_out: int, device):
+    def __init__(
+        self, make_wrapper, num_kv_heads: int, group: int, head_dim: int, max_requests: int, max_out: int, device
+    ):
         """make_wrapper(self) -> the decode wrapper (it may keep this object's buffers)."""
         self.num_kv_heads, self.group, self.head_dim = num_kv_heads, group, head_dim
         self.max_requests, self.max_out = max_requests, max_out
@@ -60,8 +61,9 @@ class FoldedSparseDecode:
         self._width = 0
         self.wrapper = make_wrapper(self)
 
-    def plan(self, counts: list[int], width: int, q_dtype: torch.dtype, kv_dtype: torch.dtype, sm_scale: float,
-             **plan_kwargs) -> None:
+    def plan(
+        self, counts: list[int], width: int, q_dtype: torch.dtype, kv_dtype: torch.dtype, sm_scale: float, **plan_kwargs
+    ) -> None:
         """Plan one decode step. counts: slots each request attends to (the same for its KV heads
         and for every layer); width: MAXB of the [B, KvH, MAXB] selections of this step (>= every
         count, <= max_out). No device sync: FlashInfer plans from host indptr, and the scatter
@@ -72,11 +74,18 @@ class FoldedSparseDecode:
         with count 1) of width max_out."""
         batch = len(counts)
         if batch > self.max_requests or width > self.max_out:
-            raise ValueError(f"sparse decode planned for {self.max_requests} requests of {self.max_out} slots, "
-                             f"got {batch} requests of {width}")
-        if getattr(self.wrapper, "is_cuda_graph_enabled", False) and (batch, width) != (self.max_requests, self.max_out):
-            raise ValueError(f"a CUDA-graph sparse decode plans exactly {self.max_requests} requests of "
-                             f"{self.max_out} slots, got {batch} of {width}")
+            raise ValueError(
+                f"sparse decode planned for {self.max_requests} requests of {self.max_out} slots, "
+                f"got {batch} requests of {width}"
+            )
+        if getattr(self.wrapper, "is_cuda_graph_enabled", False) and (batch, width) != (
+            self.max_requests,
+            self.max_out,
+        ):
+            raise ValueError(
+                f"a CUDA-graph sparse decode plans exactly {self.max_requests} requests of "
+                f"{self.max_out} slots, got {batch} of {width}"
+            )
         if any(c < 1 or c > width for c in counts):
             raise ValueError(f"every count must be in [1, {width}], got {counts}")
         rows = batch * self.num_kv_heads
@@ -91,9 +100,18 @@ class FoldedSparseDecode:
         self.dest[: rows * width].view(rows, width).copy_(torch.where(starts + j < ends, starts + j, dump))
         self._batch, self._width = batch, width
         self.wrapper.plan(
-            indptr, self.indices[:total], torch.ones(rows, dtype=torch.int32),
-            self.group, 1, self.head_dim, 1,
-            pos_encoding_mode="NONE", q_data_type=q_dtype, kv_data_type=kv_dtype, sm_scale=sm_scale, **plan_kwargs,
+            indptr,
+            self.indices[:total],
+            torch.ones(rows, dtype=torch.int32),
+            self.group,
+            1,
+            self.head_dim,
+            1,
+            pos_encoding_mode="NONE",
+            q_data_type=q_dtype,
+            kv_data_type=kv_dtype,
+            sm_scale=sm_scale,
+            **plan_kwargs,
         )
 
     def write_indices(self, slots: torch.Tensor) -> None:
@@ -120,8 +138,9 @@ class FoldedSparseDecode:
         return out.view(batch, -1, d), (lse.float() * LN2).view(batch, -1)
 
 
-def flashinfer_wrapper(workspace: torch.Tensor, use_cuda_graph: bool, use_tensor_cores: bool = False,
-                       wrapper_class=None):
+def flashinfer_wrapper(
+    workspace: torch.Tensor, use_cuda_graph: bool, use_tensor_cores: bool = False, wrapper_class=None
+):
     """`make_wrapper` for FlashInfer's decode wrapper (GPU only: imports flashinfer).
 
     In CUDA-graph mode the wrapper keeps the sparse decode's own indptr/indices buffers, so the
@@ -136,7 +155,10 @@ def flashinfer_wrapper(workspace: torch.Tensor, use_cuda_graph: bool, use_tensor
 
     def make(sparse: FoldedSparseDecode):
         return wrapper_class(
-            workspace, "NHD", use_cuda_graph=use_cuda_graph, use_tensor_cores=use_tensor_cores,
+            workspace,
+            "NHD",
+            use_cuda_graph=use_cuda_graph,
+            use_tensor_cores=use_tensor_cores,
             paged_kv_indptr_buffer=sparse.indptr if use_cuda_graph else None,
             paged_kv_indices_buffer=sparse.indices if use_cuda_graph else None,
             paged_kv_last_page_len_buffer=sparse.last_page_len if use_cuda_graph else None,
@@ -184,8 +206,9 @@ class FlashInferSparseAttention:
             room_requests = max(requests, 2 * room_requests)
         if width > room_width:
             room_width = max(width, 2 * room_width)
-        self.sparse = FoldedSparseDecode(self.make_wrapper, self.num_kv_heads, self.group, self.head_dim,
-                                         room_requests, room_width, self.device)
+        self.sparse = FoldedSparseDecode(
+            self.make_wrapper, self.num_kv_heads, self.group, self.head_dim, room_requests, room_width, self.device
+        )
         self._planned = None
         return self.sparse
 

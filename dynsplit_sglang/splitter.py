@@ -9,15 +9,16 @@ token ("delimiter_type"). The ablation rules: "punctuation" takes the candidate 
 without scores, "fixed_interval" always cuts at C (Quest's pages).
 
 Causality: every score in the window needs the `lookahead` queries after it, so the block is
-decided exactly when position s + C + Δ - 1 + lookahead is known (s + C + Δ - 1 without scores), never later and never using
-anything after it. That position is the block's *decision position*; the block record is keyed by
-the KV slot at that position, so it depends only on tokens that a radix-cache prefix shares.
+decided exactly when position s + C + Δ - 1 + lookahead is known (s + C + Δ - 1 without scores),
+never later and never using anything after it. That position is the block's *decision
+position*; the block record is keyed by the KV slot at that position, so it depends only on
+tokens that a radix-cache prefix shares.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -42,11 +43,11 @@ def decision_position(open_start: int, cfg: DynSplitOptions) -> int:
 def split(
     open_start: int,
     known: int,
-    band_rows: Optional[torch.Tensor],
+    band_rows: torch.Tensor | None,
     is_candidate: torch.Tensor,
     cfg: DynSplitOptions,
-    token_ids: Optional[torch.Tensor] = None,
-    prior: Optional[dict[int, tuple[float, int]]] = None,
+    token_ids: torch.Tensor | None = None,
+    prior: dict[int, tuple[float, int]] | None = None,
 ) -> list[Block]:
     """Close every block of a sequence that can be decided with `known` tokens.
 
@@ -108,7 +109,9 @@ def _add_types(totals, scores, cands, token_ids, open_start, counted, upto) -> i
     return max(counted, upto)
 
 
-def type_totals(scores: torch.Tensor, is_candidate: torch.Tensor, token_ids: torch.Tensor) -> dict[int, tuple[float, int]]:
+def type_totals(
+    scores: torch.Tensor, is_candidate: torch.Tensor, token_ids: torch.Tensor
+) -> dict[int, tuple[float, int]]:
     """Per delimiter type (token id): (sum of DD-Select scores, count) over candidate positions.
 
     scores, is_candidate, token_ids: [n] of positions 0 .. n-1.

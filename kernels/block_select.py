@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
@@ -78,7 +76,7 @@ def select_positions_batched(
     keep_tail_from: torch.Tensor,
     budgets: torch.Tensor,
     max_len: int,
-    width: Optional[int] = None,
+    width: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`select_positions` for a batch of requests at once (same rule, same positions).
 

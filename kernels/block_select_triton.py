@@ -72,10 +72,18 @@ def _block_scores_kernel(
     kmax_ptr,  # [capacity, KvH, D]
     records_ptr,  # [B, NB] int64, -1 = none
     scores_ptr,  # [B, KvH, NB] fp32 contiguous
-    stride_qb, stride_qh, stride_qd,
-    stride_kc, stride_kh, stride_kd,
-    stride_rb, stride_rn,
-    num_kv_heads, num_blocks, group, head_dim,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_kc,
+    stride_kh,
+    stride_kd,
+    stride_rb,
+    stride_rn,
+    num_kv_heads,
+    num_blocks,
+    group,
+    head_dim,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -137,13 +145,19 @@ def _choose_blocks_kernel(
     records_ptr,  # [B, NB] int64
     rec_start_ptr,  # [capacity] int64
     rec_end_ptr,  # [capacity] int64
-    seq_lens_ptr, keep_head_ptr, keep_tail_from_ptr, budgets_ptr,  # [B]
+    seq_lens_ptr,
+    keep_head_ptr,
+    keep_tail_from_ptr,
+    budgets_ptr,  # [B]
     incl_ptr,  # [B, KvH, NB] int64 out: inclusive prefix of chosen costs, block order
     shift_ptr,  # [B, KvH, NB] int64 out: position - middle output index inside each block
     counts_ptr,  # [B, KvH] out
-    stride_rb, stride_rn,
-    stride_cb, stride_ch,
-    num_kv_heads, num_blocks,
+    stride_rb,
+    stride_rn,
+    stride_cb,
+    stride_ch,
+    num_kv_heads,
+    num_blocks,
     NB_P2: tl.constexpr,
 ):
     # One program per (request, KV head); all NB blocks of the request live in one [NB_P2] vector.
@@ -156,8 +170,9 @@ def _choose_blocks_kernel(
 
     i = tl.arange(0, NB_P2)
     row = (b * num_kv_heads + h) * num_blocks
-    skey = tl.sort(_sort_keys(scores_ptr, records_ptr, b, row, i, stride_rb, stride_rn, num_blocks, NB_P2),
-                   descending=True)
+    skey = tl.sort(
+        _sort_keys(scores_ptr, records_ptr, b, row, i, stride_rb, stride_rn, num_blocks, NB_P2), descending=True
+    )
 
     # Costs in score order: decode the block index, gather its record's extent.
     low = skey - ((skey >> 32) << 32)  # 0 for padding keys
@@ -211,12 +226,20 @@ def _expand_kernel(
     shift_ptr,  # [B, KvH, NB] int64
     counts_ptr,  # [B, KvH]
     req_slots_ptr,  # [B, max_len] int64
-    seq_lens_ptr, keep_head_ptr, keep_tail_from_ptr,  # [B]
+    seq_lens_ptr,
+    keep_head_ptr,
+    keep_tail_from_ptr,  # [B]
     out_ptr,  # [B, KvH, MAXB] int64
-    stride_cb, stride_ch,
-    stride_sb, stride_sp,
-    stride_ob, stride_oh, stride_oo,
-    num_kv_heads, num_blocks, max_out,
+    stride_cb,
+    stride_ch,
+    stride_sb,
+    stride_sp,
+    stride_ob,
+    stride_oh,
+    stride_oo,
+    num_kv_heads,
+    num_blocks,
+    max_out,
     BLOCK_O: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,
 ):
@@ -254,8 +277,21 @@ def _expand_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + o * stride_oo, slot, mask=o < max_out)
 
 
-def _check(q, kmin, kmax, records, rec_start, rec_end, req_slots, seq_lens, keep_head, keep_tail_from, budgets,
-           slots_out, counts_out) -> None:
+def _check(
+    q,
+    kmin,
+    kmax,
+    records,
+    rec_start,
+    rec_end,
+    req_slots,
+    seq_lens,
+    keep_head,
+    keep_tail_from,
+    budgets,
+    slots_out,
+    counts_out,
+) -> None:
     batch, num_blocks = records.shape
     num_kv_heads = kmin.shape[1]
     assert q.dim() == 3 and q.shape[0] == batch and q.shape[1] % num_kv_heads == 0, (q.shape, kmin.shape)
@@ -292,8 +328,21 @@ def select_slots(
     [B, KvH] are written in place and returned. No host sync, shapes only from tensor shapes, so
     it can be captured in a CUDA graph (the three scratch buffers come from the graph's pool).
     """
-    _check(q, kmin, kmax, records, rec_start, rec_end, req_slots, seq_lens, keep_head, keep_tail_from, budgets,
-           slots_out, counts_out)
+    _check(
+        q,
+        kmin,
+        kmax,
+        records,
+        rec_start,
+        rec_end,
+        req_slots,
+        seq_lens,
+        keep_head,
+        keep_tail_from,
+        budgets,
+        slots_out,
+        counts_out,
+    )
     scores = block_scores(q, kmin, kmax, records)
     batch, num_blocks = records.shape
     num_kv_heads = kmin.shape[1]
@@ -303,11 +352,23 @@ def select_slots(
     incl = torch.empty(batch, num_kv_heads, num_blocks, dtype=torch.int64, device=q.device)
     shift = torch.empty_like(incl)
     _choose_blocks_kernel[(batch, num_kv_heads)](
-        scores, records, rec_start, rec_end, seq_lens, keep_head, keep_tail_from, budgets,
-        incl, shift, counts_out,
-        records.stride(0), records.stride(1),
-        counts_out.stride(0), counts_out.stride(1),
-        num_kv_heads, num_blocks,
+        scores,
+        records,
+        rec_start,
+        rec_end,
+        seq_lens,
+        keep_head,
+        keep_tail_from,
+        budgets,
+        incl,
+        shift,
+        counts_out,
+        records.stride(0),
+        records.stride(1),
+        counts_out.stride(0),
+        counts_out.stride(1),
+        num_kv_heads,
+        num_blocks,
         NB_P2=nb_p2,
         num_warps=_choose_warps(nb_p2),
     )
@@ -315,11 +376,24 @@ def select_slots(
     if max_out == 0:
         return slots_out, counts_out
     _expand_kernel[(batch, num_kv_heads, triton.cdiv(max_out, BLOCK_O))](
-        incl, shift, counts_out, req_slots, seq_lens, keep_head, keep_tail_from, slots_out,
-        counts_out.stride(0), counts_out.stride(1),
-        req_slots.stride(0), req_slots.stride(1),
-        slots_out.stride(0), slots_out.stride(1), slots_out.stride(2),
-        num_kv_heads, num_blocks, max_out,
+        incl,
+        shift,
+        counts_out,
+        req_slots,
+        seq_lens,
+        keep_head,
+        keep_tail_from,
+        slots_out,
+        counts_out.stride(0),
+        counts_out.stride(1),
+        req_slots.stride(0),
+        req_slots.stride(1),
+        slots_out.stride(0),
+        slots_out.stride(1),
+        slots_out.stride(2),
+        num_kv_heads,
+        num_blocks,
+        max_out,
         BLOCK_O=BLOCK_O,
         SEARCH_STEPS=nb_p2.bit_length(),  # enough halvings for any range of <= NB_P2 blocks
     )
@@ -339,11 +413,23 @@ def block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, record
     if batch == 0 or num_blocks == 0:
         return scores
     _block_scores_kernel[(batch, num_kv_heads, triton.cdiv(num_blocks, BLOCK_N))](
-        q, kmin, kmax, records, scores,
-        q.stride(0), q.stride(1), q.stride(2),
-        kmin.stride(0), kmin.stride(1), kmin.stride(2),
-        records.stride(0), records.stride(1),
-        num_kv_heads, num_blocks, group, head_dim,
+        q,
+        kmin,
+        kmax,
+        records,
+        scores,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        kmin.stride(0),
+        kmin.stride(1),
+        kmin.stride(2),
+        records.stride(0),
+        records.stride(1),
+        num_kv_heads,
+        num_blocks,
+        group,
+        head_dim,
         BLOCK_G=triton.next_power_of_2(group),
         BLOCK_N=BLOCK_N,
         BLOCK_D=triton.next_power_of_2(head_dim),
@@ -374,8 +460,21 @@ def select_slots_reference(
     Scores come from `block_select.score_blocks` request by request (a host sync per request),
     so they are bit for bit the per-request path's; the selection is batched and fixed-shape.
     """
-    _check(q, kmin, kmax, records, rec_start, rec_end, req_slots, seq_lens, keep_head, keep_tail_from, budgets,
-           slots_out, counts_out)
+    _check(
+        q,
+        kmin,
+        kmax,
+        records,
+        rec_start,
+        rec_end,
+        req_slots,
+        seq_lens,
+        keep_head,
+        keep_tail_from,
+        budgets,
+        slots_out,
+        counts_out,
+    )
     batch, num_blocks = records.shape
     scores = torch.zeros(batch, kmin.shape[1], num_blocks, dtype=torch.float32, device=q.device)
     for b in range(batch):
@@ -383,8 +482,17 @@ def select_slots_reference(
         if recs.numel():
             scores[b, :, : recs.numel()] = score_blocks(q[b], kmin[recs], kmax[recs])
     return select_from_scores_reference(
-        scores, records, rec_start, rec_end, req_slots, seq_lens, keep_head, keep_tail_from, budgets,
-        slots_out, counts_out,
+        scores,
+        records,
+        rec_start,
+        rec_end,
+        req_slots,
+        seq_lens,
+        keep_head,
+        keep_tail_from,
+        budgets,
+        slots_out,
+        counts_out,
     )
 
 

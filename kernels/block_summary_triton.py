@@ -43,9 +43,14 @@ def _build_summaries_kernel(
     records_ptr,  # [nb] int64
     kmin_ptr,  # [capacity, KvH, D]
     kmax_ptr,  # [capacity, KvH, D]
-    stride_ks, stride_kh, stride_kd,
-    stride_sb, stride_sp,
-    stride_rc, stride_rh, stride_rd,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_sb,
+    stride_sp,
+    stride_rc,
+    stride_rh,
+    stride_rd,
     head_dim,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -97,10 +102,20 @@ def build_summaries(
         return
     num_kv_heads, head_dim = keys.shape[1], keys.shape[2]
     _build_summaries_kernel[(nb, num_kv_heads)](
-        keys, slots, lengths, records, kmin, kmax,
-        keys.stride(0), keys.stride(1), keys.stride(2),
-        slots.stride(0), slots.stride(1),
-        kmin.stride(0), kmin.stride(1), kmin.stride(2),
+        keys,
+        slots,
+        lengths,
+        records,
+        kmin,
+        kmax,
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        slots.stride(0),
+        slots.stride(1),
+        kmin.stride(0),
+        kmin.stride(1),
+        kmin.stride(2),
         head_dim,
         BLOCK_P=BLOCK_P,
         BLOCK_D=triton.next_power_of_2(head_dim),
@@ -137,8 +152,12 @@ def _update_open_summaries_kernel(
     reset_ptr,  # [B] bool
     kmin_ptr,  # [capacity, KvH, D]
     kmax_ptr,  # [capacity, KvH, D]
-    stride_ks, stride_kh, stride_kd,
-    stride_rc, stride_rh, stride_rd,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_rc,
+    stride_rh,
+    stride_rd,
     num_kv_heads,
     head_dim,
     BLOCK_H: tl.constexpr,
@@ -194,9 +213,18 @@ def update_open_summaries(
         return
     num_kv_heads, head_dim = keys.shape[1], keys.shape[2]
     _update_open_summaries_kernel[(batch,)](
-        keys, new_slots, records, reset, kmin, kmax,
-        keys.stride(0), keys.stride(1), keys.stride(2),
-        kmin.stride(0), kmin.stride(1), kmin.stride(2),
+        keys,
+        new_slots,
+        records,
+        reset,
+        kmin,
+        kmax,
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        kmin.stride(0),
+        kmin.stride(1),
+        kmin.stride(2),
         num_kv_heads,
         head_dim,
         BLOCK_H=triton.next_power_of_2(num_kv_heads),

@@ -37,12 +37,24 @@ def _dd_band_rows_kernel(
     lse_ptr,  # [H, n] fp32
     heads_ptr,  # [num_h] int64 (unused unless HAS_HEADS)
     out_ptr,  # [n, LOOKAHEAD] fp32
-    n, q_start, num_keys, num_h, group, head_dim,
-    stride_qn, stride_qh, stride_qd,
-    stride_kt, stride_kh, stride_kd,
-    stride_lh, stride_ln,
-    stride_on, stride_ol,
-    scale, alpha,
+    n,
+    q_start,
+    num_keys,
+    num_h,
+    group,
+    head_dim,
+    stride_qn,
+    stride_qh,
+    stride_qd,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_lh,
+    stride_ln,
+    stride_on,
+    stride_ol,
+    scale,
+    alpha,
     LOOKAHEAD: tl.constexpr,
     LOCAL: tl.constexpr,
     HAS_HEADS: tl.constexpr,
@@ -83,11 +95,13 @@ def _dd_band_rows_kernel(
             d_ok = d < head_dim
             qt = tl.load(
                 q_ptr + q_row[:, None] * stride_qn + h * stride_qh + d[None, :] * stride_qd,
-                mask=i_ok[:, None] & d_ok[None, :], other=0.0,
+                mask=i_ok[:, None] & d_ok[None, :],
+                other=0.0,
             ).to(tl.float32)
             kt = tl.load(
                 k_ptr + k_row[:, None] * stride_kt + kv_head * stride_kh + d[None, :] * stride_kd,
-                mask=k_ok[:, None] & d_ok[None, :], other=0.0,
+                mask=k_ok[:, None] & d_ok[None, :],
+                other=0.0,
             ).to(tl.float32)
             logits += tl.dot(qt, tl.trans(kt), input_precision="ieee")
         logits = logits * scale
@@ -142,13 +156,29 @@ def dd_band_rows_from_lse(
     block_k = max(16, triton.next_power_of_2(BLOCK_N + width - 1))
     block_d = max(16, min(BLOCK_D, triton.next_power_of_2(head_dim)))
     _dd_band_rows_kernel[(triton.cdiv(n, BLOCK_N),)](
-        q, k, lse, out if heads is None else heads, out,
-        n, q_start, num_keys, num_h, num_heads // num_kv_heads, head_dim,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1),
-        float(scale), float(alpha),
+        q,
+        k,
+        lse,
+        out if heads is None else heads,
+        out,
+        n,
+        q_start,
+        num_keys,
+        num_h,
+        num_heads // num_kv_heads,
+        head_dim,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        float(scale),
+        float(alpha),
         LOOKAHEAD=lookahead,
         LOCAL=local_window,
         HAS_HEADS=heads is not None,

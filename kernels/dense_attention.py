@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 
-def extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
-                     prefix_lens, extend_lens, scale) -> list[torch.Tensor]:
+def extend_attention(
+    query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, prefix_lens, extend_lens, scale
+) -> list[torch.Tensor]:
     """Causal attention of each request's new tokens over its whole sequence, written into output.
 
     query, output: [T, H, D] the new tokens of every request, back to back.
@@ -27,7 +28,9 @@ def extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_ind
     q_all = query.movedim(0, 1)  # [H, T, D]
     lses = []
     start = 0
-    for row, total, prefix, n in zip(req_pool_indices.tolist(), seq_lens.tolist(), prefix_lens.tolist(), extend_lens.tolist()):
+    for row, total, prefix, n in zip(
+        req_pool_indices.tolist(), seq_lens.tolist(), prefix_lens.tolist(), extend_lens.tolist()
+    ):
         slots = req_to_token[row, :total]
         q = q_all[None, :, start : start + n]
         k, v = k_cache[slots].movedim(0, 1)[None], v_cache[slots].movedim(0, 1)[None]
@@ -72,8 +75,10 @@ def _cuda_flash_fits(q: torch.Tensor) -> bool:
     """SDPA's CUDA FlashAttention-2 kernel runs on Ampere and newer, fp16/bf16, head dim <= 256 and a
     multiple of 8."""
     return (
-        q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
-        and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+        q.device.type == "cuda"
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] <= 256
+        and q.shape[-1] % 8 == 0
         and torch.cuda.get_device_capability(q.device)[0] >= 8
     )
 

@@ -26,7 +26,7 @@ def sparse_decode_attention_batched(q, keys, values, slots, valid, scale, counts
     cut to that width, so every request gets exactly the shapes it would get alone and the same
     bits (CPU kernels round by shape; padding to the batch's widest would change the last bit and
     make a request's tokens depend on what else is in its batch)."""
-    num_heads, dim = q.shape[1], q.shape[2]
+    num_heads = q.shape[1]
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[0], num_heads, dtype=torch.float32, device=q.device)
     widths = valid.sum(dim=2).amax(dim=1).tolist()  # [R] width of each request's own selection

@@ -4,16 +4,25 @@ Each hook is a (target, kind, function) triple registered with SGLang's own `Hoo
 SGLang source is copied. `check_targets()` runs at plugin load and names any target that no longer
 resolves, so an SGLang upgrade fails loudly instead of silently serving without `--kv`.
 
-| module            | target                                                        | why |
-| kv_cli            | ServerArgs.add_cli_args (after)                               | add --kv, --kv-budget, --kv-config, --kv-variants |
-| kv_cli            | ServerArgs.from_cli_args (around)                             | validate them, pick the attention backend, carry the config to the scheduler |
-| kv_cli            | Engine.server_args_class (attribute)                          | the same for `sgl.Engine(kv=..., kv_budget=..., kv_config=..., kv_variants=...)` |
-| prefix_reserve    | Req._compute_max_prefix_len (around)                          | a radix hit recomputes the last prompt tokens a prefill-time policy ranks with |
-| request_budget    | SamplingParams.verify (after)                                 | check custom_params.kv_budget and kv_policy like the other sampling parameters |
-| request_budget    | Req.__init__ (after)                                          | record custom_params.kv_budget and kv_policy for the attention backend |
-| cuda_graph        | attention_hook.handle_attention_backend_compatibility (after) | our backends decode only under breakable graphs (attention an eager break): keep those, turn off full decode graphs and prefill graphs |
-| pool_memory       | DefaultPoolConfigurator._compute_cell_size (after)            | size the KV pool with the policy's per-slot tables included, so they fit beside it |
-| cpu_rotary_import | (import system, only without CUDA and without vllm)           | SGLang's RotaryEmbedding imports vllm._custom_ops on a plain CPU, then never calls it |
+Hooks, by module: target (kind): why.
+- kv_cli: ServerArgs.add_cli_args (after): add --kv, --kv-budget, --kv-config, --kv-variants.
+- kv_cli: ServerArgs.from_cli_args (around): validate them, pick the attention backend, carry the
+  config to the scheduler.
+- kv_cli: Engine.server_args_class (attribute): the same for
+  `sgl.Engine(kv=..., kv_budget=..., kv_config=..., kv_variants=...)`.
+- prefix_reserve: Req._compute_max_prefix_len (around): a radix hit recomputes the last prompt
+  tokens a prefill-time policy ranks with.
+- request_budget: SamplingParams.verify (after): check custom_params.kv_budget and kv_policy like
+  the other sampling parameters.
+- request_budget: Req.__init__ (after): record custom_params.kv_budget and kv_policy for the
+  attention backend.
+- cuda_graph: attention_hook.handle_attention_backend_compatibility (after): our backends decode
+  only under breakable graphs (attention an eager break): keep those, turn off full decode graphs
+  and prefill graphs.
+- pool_memory: DefaultPoolConfigurator._compute_cell_size (after): size the KV pool with the
+  policy's per-slot tables included, so they fit beside it.
+- cpu_rotary_import: the import system, only without CUDA and without vllm: SGLang's
+  RotaryEmbedding imports vllm._custom_ops on a plain CPU, then never calls it.
 """
 
 from __future__ import annotations

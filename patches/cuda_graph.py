@@ -31,12 +31,18 @@ def disable_graphs_for_dynsplit(result, server_args):
         return None
     phases = [ah.Phase.PREFILL]
     if cfg.cuda_graph_config.decode.backend == ah.Backend.BREAKABLE:
-        logger.info("--attention-backend %s: decode replays breakable CUDA graphs (attention runs eagerly "
-                    "between the captured segments); prefill runs eager", backend)
+        logger.info(
+            "--attention-backend %s: decode replays breakable CUDA graphs (attention runs eagerly "
+            "between the captured segments); prefill runs eager",
+            backend,
+        )
     else:
         phases.append(ah.Phase.DECODE)
-        logger.warning("Cuda graph is disabled for --attention-backend %s (it captures decode only as "
-                       "breakable graphs: --cuda-graph-backend-decode breakable)", backend)
+        logger.warning(
+            "Cuda graph is disabled for --attention-backend %s (it captures decode only as "
+            "breakable graphs: --cuda-graph-backend-decode breakable)",
+            backend,
+        )
     for phase in phases:
         ah.declare_resolution(
             server_args,

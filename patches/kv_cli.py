@@ -17,7 +17,13 @@ from sglang.srt.plugins.hook_registry import HookType
 
 from dynsplit_sglang import request_options
 from dynsplit_sglang.config import (
-    DEFAULT_BUDGET, KVConfig, KVConfigError, PolicyOptions, check_policy_name, parse_json_object, parse_variants,
+    DEFAULT_BUDGET,
+    KVConfig,
+    KVConfigError,
+    PolicyOptions,
+    check_policy_name,
+    parse_json_object,
+    parse_variants,
 )
 from dynsplit_sglang.policies import POLICIES, POLICY_OPTIONS
 
@@ -54,26 +60,34 @@ def _json_object_arg(flag: str):
 def add_kv_args(result, parser: argparse.ArgumentParser):
     group = parser.add_argument_group("dynsplit-sglang KV policies")
     group.add_argument(
-        "--kv", choices=POLICIES, default=None,
+        "--kv",
+        choices=POLICIES,
+        default=None,
         help="KV policy: 'full' is dense attention (the reference); 'dynsplit' attends, per decode "
         "step, only to the top semantic blocks within --kv-budget (DynSplit-KV); the others are "
         "the seed methods and baselines (README.md, Policies; `python -m dynsplit_sglang.policies`).",
     )
     group.add_argument(
-        "--kv-budget", type=_budget_type, default=None,
+        "--kv-budget",
+        type=_budget_type,
+        default=None,
         help=f"KV tokens one request attends to per decode step, sink and recent window included "
         f"(default {DEFAULT_BUDGET}). Shorter sequences use dense attention.",
     )
     group.add_argument(
-        "--kv-config", type=_json_object_arg("--kv-config"), default=None,
-        help="Options of the --kv policy as a JSON object, e.g. '{\"block_size\": 16, \"delta\": 4}' "
+        "--kv-config",
+        type=_json_object_arg("--kv-config"),
+        default=None,
+        help='Options of the --kv policy as a JSON object, e.g. \'{"block_size": 16, "delta": 4}\' '
         "for dynsplit. Keys, defaults and meanings: `python -m dynsplit_sglang.policies`.",
     )
     group.add_argument(
-        "--kv-variants", type=_json_object_arg("--kv-variants"), default=None,
-        help="More policies this server runs side by side, as a JSON object LABEL -> {\"policy\": NAME, "
-        "...options}, e.g. '{\"snapkv\": {}, \"fixed\": {\"policy\": \"dynsplit\", \"split\": "
-        "\"fixed_interval\"}}'. A request picks one with custom_params.kv_policy (default: --kv).",
+        "--kv-variants",
+        type=_json_object_arg("--kv-variants"),
+        default=None,
+        help='More policies this server runs side by side, as a JSON object LABEL -> {"policy": NAME, '
+        '...options}, e.g. \'{"snapkv": {}, "fixed": {"policy": "dynsplit", "split": '
+        '"fixed_interval"}}\'. A request picks one with custom_params.kv_policy (default: --kv).',
     )
 
 
@@ -86,10 +100,15 @@ def kv_config_from(kv, kv_budget, kv_config, kv_variants=None) -> KVConfig | Non
     if policy == "full":
         for flag, value in (("--kv-budget", kv_budget), ("--kv-config", kv_config), ("--kv-variants", kv_variants)):
             if value is not None:
-                raise KVConfigError(f"{flag} applies to a compressing policy; add e.g. --kv dynsplit (valid --kv choices: {', '.join(POLICIES)})")
+                raise KVConfigError(
+                    f"{flag} applies to a compressing policy; add e.g. --kv dynsplit "
+                    f"(valid --kv choices: {', '.join(POLICIES)})"
+                )
     options = kv_config if isinstance(kv_config, PolicyOptions) else POLICY_OPTIONS[policy].from_json(kv_config)
     config = KVConfig(
-        policy=policy, budget=DEFAULT_BUDGET if kv_budget is None else kv_budget, options=options,
+        policy=policy,
+        budget=DEFAULT_BUDGET if kv_budget is None else kv_budget,
+        options=options,
         variants=parse_variants(kv_variants, policy),
     )
     config.validate()
@@ -161,8 +180,10 @@ def _pick_backend(kv: KVConfig | None, current):
     if kv is None or kv.policy == "full":
         return current
     if current not in (None, *OUR_BACKENDS):
-        raise KVConfigError(f"--kv {kv.policy} chooses the attention backend itself; drop --attention-backend "
-                            f"{current} (or pick one of {', '.join(OUR_BACKENDS)})")
+        raise KVConfigError(
+            f"--kv {kv.policy} chooses the attention backend itself; drop --attention-backend "
+            f"{current} (or pick one of {', '.join(OUR_BACKENDS)})"
+        )
     return current or BACKEND
 
 
@@ -174,7 +195,7 @@ def from_cli_args_with_kv(original, cls, args: argparse.Namespace):
         server_args = original(cls, args)
         if kv is not None:
             check_server_args(server_args, kv)
-            setattr(server_args, "_kv_config", kv.to_dict())
+            server_args._kv_config = kv.to_dict()
         return server_args
     except KVConfigError as e:
         # The same shape as argparse's own errors: one line, exit status 2.
@@ -192,7 +213,7 @@ def engine_server_args(**kwargs):
     server_args = ServerArgs(**kwargs)
     if kv is not None:
         check_server_args(server_args, kv)
-        setattr(server_args, "_kv_config", kv.to_dict())
+        server_args._kv_config = kv.to_dict()
     return server_args
 
 

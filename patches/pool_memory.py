@@ -36,13 +36,22 @@ def charge_policy_tables(result, configurator, kvc, num_layers):
 
     tp = get_parallel().attn_tp_size
     mc = kvc.model_config
-    shape = ModelShape(num_layers=num_layers, num_heads=mc.num_attention_heads // tp,
-                       num_kv_heads=mc.get_num_kv_heads(tp), head_dim=mc.head_dim)
+    shape = ModelShape(
+        num_layers=num_layers,
+        num_heads=mc.num_attention_heads // tp,
+        num_kv_heads=mc.get_num_kv_heads(tp),
+        head_dim=mc.head_dim,
+    )
     extra = bytes_per_slot(kv, shape, kvc.kv_cache_dtype)
     if extra and (kv.policy, extra, result) not in _logged:  # SGLang asks more than once
         _logged.add((kv.policy, extra, result))
-        logger.info("dynsplit-sglang: --kv %s keeps %d bytes per KV slot beside the %d of the KV itself; "
-                    "the KV pool is sized for both", kv.policy, extra, result)
+        logger.info(
+            "dynsplit-sglang: --kv %s keeps %d bytes per KV slot beside the %d of the KV itself; "
+            "the KV pool is sized for both",
+            kv.policy,
+            extra,
+            result,
+        )
     return result + extra
 
 

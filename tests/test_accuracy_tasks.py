@@ -47,7 +47,7 @@ def test_sentence_splitter():
 
 def test_largest_fitting_finds_the_boundary():
     for per_unit, base, target in [(7, 100, 2048), (1, 0, 5), (30, 50, 81), (13, 400, 100_000)]:
-        n = largest_fitting(lambda n: base + per_unit * n, target, 10**6)
+        n = largest_fitting(lambda n, base=base, per_unit=per_unit: base + per_unit * n, target, 10**6)
         assert base + per_unit * n <= target < base + per_unit * (n + 1)
     assert largest_fitting(lambda n: min(n, 50), 100, 10**4) == 10**4  # never reaches the target
     with pytest.raises(ValueError):

@@ -317,7 +317,9 @@ def test_dynsplit_layer_budgets_come_from_the_prompt_alone():
     for forwards in ([(0, 160)], [(0, 100), (100, 190)]):  # fresh; retracted after 30 tokens
         policy = make_policy(options, budget=48)
         scored = policy._dynamickv_budgets
-        policy._dynamickv_budgets = lambda r, window, k: given.append((r.seq_len, window)) or scored(r, window, k)
+        policy._dynamickv_budgets = lambda r, window, k, scored=scored: given.append((r.seq_len, window)) or scored(
+            r, window, k
+        )
         for start, end in forwards:
             prefill(policy, keys, end, 48, queries, start=start, prompt_len=160)
     assert [n for n, _ in given] == [160, 160]

@@ -93,7 +93,7 @@ def test_batched_selection_is_the_per_request_selection():
         seq_lens.append(seq_len)
         tails.append(max(0, min(int(ends[-1]) + 1 if ends.numel() else 0, seq_len - 8)))
         budgets.append(budget)
-    t = lambda v: torch.tensor(v)
+    t = torch.tensor
     positions, counts = select_positions_batched(scores, records, rec_start, rec_end, t(seq_lens), t([4] * 5),
                                                  t(tails), t(budgets), max(seq_lens))
     for b, (starts, ends, seq_len, budget, _) in enumerate(reqs):

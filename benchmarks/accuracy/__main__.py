@@ -1,6 +1,6 @@
 """Offline long-context accuracy suite: every KV policy at every budget, scored, tabled, plotted.
 
-    python -m benchmarks.accuracy                       # every policy and split rule, budgets 1/4, 1/8, 1/16, 2k/4k/8k, 30 samples
+    python -m benchmarks.accuracy                       # every policy and rule, budgets 1/4-1/16, 2k-8k, 30 samples
     python -m benchmarks.accuracy --kv full,dynsplit,snapkv --lengths 2048 --samples 5 --tasks niah
     python -m benchmarks.accuracy --ablation            # only DynSplit-KV's split rules, on 6 tasks
     python -m benchmarks.accuracy --quick               # pipeline check on the tiny random model
@@ -34,37 +34,75 @@ from dynsplit_sglang.config import parse_json_object
 from dynsplit_sglang.policies import POLICIES
 
 ABLATION_TASKS = ("niah_single", "niah_multikey", "qa_squad", "code_return", "records_jsonl", "records_table")
-QUICK = dict(lengths=[512], samples=1, tasks=["niah_single", "code_return", "records_table"],
-             kv="full,dynsplit,snapkv,dynsplit-fixed,dynsplit-punct,dynsplit-type", budgets=[0.25])
+QUICK = dict(
+    lengths=[512],
+    samples=1,
+    tasks=["niah_single", "code_return", "records_table"],
+    kv="full,dynsplit,snapkv,dynsplit-fixed,dynsplit-punct,dynsplit-type",
+    budgets=[0.25],
+)
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.splitlines()[0])
-    p.add_argument("--kv", default=None, help="comma-separated policies: NAME, NAME:{json options}, LABEL=NAME:{...}, "
-                   "or a split-rule variant (dynsplit-fixed, dynsplit-punct, dynsplit-type); default: every policy and split rule")
-    p.add_argument("--kv-config", default=None, help="JSON options given to every compressing policy (its own options win)")
-    p.add_argument("--budgets", default="0.25,0.125,0.0625", help="KV budgets: <= 1 a fraction of the length, > 1 tokens")
+    p.add_argument(
+        "--kv",
+        default=None,
+        help="comma-separated policies: NAME, NAME:{json options}, LABEL=NAME:{...}, "
+        "or a split-rule variant (dynsplit-fixed, dynsplit-punct, dynsplit-type); default: every policy and split rule",
+    )
+    p.add_argument(
+        "--kv-config", default=None, help="JSON options given to every compressing policy (its own options win)"
+    )
+    p.add_argument(
+        "--budgets", default="0.25,0.125,0.0625", help="KV budgets: <= 1 a fraction of the length, > 1 tokens"
+    )
     p.add_argument("--lengths", default="2048,4096,8192", help="length settings in tokens (prompt + answer)")
     p.add_argument("--samples", type=int, default=30, help="prompts per task and length (seeds 0..N-1)")
     p.add_argument("--tasks", default=None, help="'all', or task / family / scenario names, comma-separated")
-    p.add_argument("--ablation", action="store_true", help="only full + dynsplit's four split rules on the "
-                   "prose/code/records tasks, reported per scenario (the default run includes them on every task)")
-    p.add_argument("--engines", choices=ENGINES, default="shared", help="shared: one engine runs every policy, "
-                   "each request names its policy and budget, so a prompt is prefilled once; policy: one engine per "
-                   "policy; budget: one per policy and budget")
+    p.add_argument(
+        "--ablation",
+        action="store_true",
+        help="only full + dynsplit's four split rules on the "
+        "prose/code/records tasks, reported per scenario (the default run includes them on every task)",
+    )
+    p.add_argument(
+        "--engines",
+        choices=ENGINES,
+        default="shared",
+        help="shared: one engine runs every policy, "
+        "each request names its policy and budget, so a prompt is prefilled once; policy: one engine per "
+        "policy; budget: one per policy and budget",
+    )
     p.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--quick", action="store_true", help="tiny random model, 512 tokens, 1 sample of 3 tasks, full + "
-                   "dynsplit, snapkv and the split rules at 1/4 in one shared engine: checks the pipeline and the "
-                   "scorer, not accuracy")
-    p.add_argument("--out", default=None, help="result path, X.json.gz (X or X.json name the same run; it is "
-                   "always written gzipped, and read from X.json.gz, else an older plain X.json); default "
-                   "benchmarks/results/accuracy[_ablation][_quick].json.gz")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny random model, 512 tokens, 1 sample of 3 tasks, full + "
+        "dynsplit, snapkv and the split rules at 1/4 in one shared engine: checks the pipeline and the "
+        "scorer, not accuracy",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="result path, X.json.gz (X or X.json name the same run; it is "
+        "always written gzipped, and read from X.json.gz, else an older plain X.json); default "
+        "benchmarks/results/accuracy[_ablation][_quick].json.gz",
+    )
     p.add_argument("--replot", action="store_true", help="only redraw the plot and table from the result at --out")
-    p.add_argument("--progress", action="store_true", help="only print the tables of the saved answers: an unfinished "
-                   "run's so far (marked partial), else the finished run's JSON at --out; writes nothing; with --tasks, "
-                   "of those tasks only")
-    p.add_argument("--summary", action="store_true", help="like --progress, but one table: accuracy per policy and "
-                   "budget, the mean over tasks and then over lengths")
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        help="only print the tables of the saved answers: an unfinished "
+        "run's so far (marked partial), else the finished run's JSON at --out; writes nothing; with --tasks, "
+        "of those tasks only",
+    )
+    p.add_argument(
+        "--summary",
+        action="store_true",
+        help="like --progress, but one table: accuracy per policy and "
+        "budget, the mean over tasks and then over lengths",
+    )
     return p.parse_args(argv)
 
 
@@ -154,7 +192,11 @@ def main(argv=None):
     work = pending(policies, data, settings, done)
     total = len(data) * per_prompt
     left = sum(len(items) for _, items in work)
-    with open(partial, "a") as log, tqdm(total=total, initial=total - left, desc="answers", unit="answer", smoothing=0) as bar:
+    with (
+        open(partial, "a") as log,
+        tqdm(total=total, initial=total - left, desc="answers", unit="answer", smoothing=0) as bar,
+    ):
+
         def on_record(r: dict) -> None:
             r["commit"] = info["commit"]  # a resumed run may continue at a later commit
             log.write(json.dumps(r) + "\n")
@@ -163,20 +205,38 @@ def main(argv=None):
             bar.update()
 
         def on_engine(kv_kwargs: dict) -> None:
-            bar.set_postfix_str(kv_kwargs.get("kv", "full") + (f" + {len(kv_kwargs['kv_variants'])} variants" if "kv_variants" in kv_kwargs else ""))
+            bar.set_postfix_str(
+                kv_kwargs.get("kv", "full")
+                + (f" + {len(kv_kwargs['kv_variants'])} variants" if "kv_variants" in kv_kwargs else "")
+            )
 
         if work:
             run(policies, work, settings, tokenizer, max_total_tokens, on_record, on_engine)
 
-    records = [done[record_key(p.label, p.config, s.task, s.length, s.seed, b)]
-               for p in policies for s in data for b in ([None] if p.dense else budgets)]
+    records = [
+        done[record_key(p.label, p.config, s.task, s.length, s.seed, b)]
+        for p in policies
+        for s in data
+        for b in ([None] if p.dense else budgets)
+    ]
     # the commits the answers were generated at (more than one when a run was resumed after a change)
     info["answer_commits"] = sorted({r.get("commit", info["commit"]) for r in records})
-    result = {**info, "model": model_name, "dtype": "float32" if device == "cpu" else "bfloat16",
-              "settings": {"policies": [vars(p) for p in policies], "budgets": list(budgets), "lengths": lengths,
-                           "samples": samples, "tasks": tasks, "group": group,
-                           "engines": args.engines},
-              "accuracy": aggregate(records), "samples": records}
+    result = {
+        **info,
+        "model": model_name,
+        "dtype": "float32" if device == "cpu" else "bfloat16",
+        "settings": {
+            "policies": [vars(p) for p in policies],
+            "budgets": list(budgets),
+            "lengths": lengths,
+            "samples": samples,
+            "tasks": tasks,
+            "group": group,
+            "engines": args.engines,
+        },
+        "accuracy": aggregate(records),
+        "samples": records,
+    }
     finish(result, out)
     os.remove(partial)
     return result
@@ -193,14 +253,16 @@ def views(labels: list[str], group: str) -> list[tuple[str, list[str], str]]:
     return out
 
 
-def progress(partial: str, group: str, tasks: list[str] | None = None, finished: str | None = None,
-             summary: bool = False) -> list[dict]:
+def progress(
+    partial: str, group: str, tasks: list[str] | None = None, finished: str | None = None, summary: bool = False
+) -> list[dict]:
     """Print the tables of the answers an unfinished run has saved (not a result: cells hold
     whatever samples are done, so they are not comparable until the run ends), or, when there is
     no progress file, those of the finished run's result file `finished` (.json.gz or .json); with
     `tasks`, of those tasks' answers only (`--progress --tasks niah_single`: one task's
     prompt-by-prompt table); with `summary`, only the one table of accuracy per policy and budget."""
     from benchmarks.accuracy.report import aggregate, markdown, paired, paired_markdown, summary_markdown
+
     records, source = saved_records(partial), partial
     if not records and finished and os.path.exists(finished):
         records, source = load_result(finished)["samples"], finished
@@ -214,9 +276,14 @@ def progress(partial: str, group: str, tasks: list[str] | None = None, finished:
         print(f"PARTIAL: {len(records)} answers for {prompts} prompts in {_shown_path(partial)} (not a result)\n")
     else:
         print(f"{len(records)} answers for {prompts} prompts in {_shown_path(finished)} (the finished run)\n")
-    result = {"accuracy": aggregate(records), "model": records[0]["model"],
-              "device": "unfinished run" if source == partial else "saved run",
-              "commit": ", ".join(commits), "date": "-", "command": "--progress"}
+    result = {
+        "accuracy": aggregate(records),
+        "model": records[0]["model"],
+        "device": "unfinished run" if source == partial else "saved run",
+        "commit": ", ".join(commits),
+        "date": "-",
+        "command": "--progress",
+    }
     if summary:
         print(summary_markdown(result))
         return records

@@ -43,17 +43,32 @@ def parse_args(argv):
     p.add_argument("--task", default="niah_single", choices=sorted(TASKS))
     p.add_argument("--length", type=int, default=2048, help="length setting in tokens (prompt + answer)")
     p.add_argument("--seed", type=int, default=0, help="the (first) sample's seed")
-    p.add_argument("--samples", type=int, default=1,
-                   help="how many samples (seeds from --seed on); more than 1 prints a summary table")
-    p.add_argument("--kv", default="dynsplit,dynsplit-fixed", help="block policies or split-rule variants, comma-separated")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        help="how many samples (seeds from --seed on); more than 1 prints a summary table",
+    )
+    p.add_argument(
+        "--kv", default="dynsplit,dynsplit-fixed", help="block policies or split-rule variants, comma-separated"
+    )
     p.add_argument("--budget", type=float, default=0.125, help="KV budget: <= 1 a fraction of the length, > 1 tokens")
     p.add_argument("--around", type=int, default=24, help="tokens of context shown on each side of the answer")
-    p.add_argument("--lead", type=int, default=0,
-                   help="count this many prompt tokens before the answer as part of it (e.g. a needle's key, "
-                        "'for chubby-bet is:'), for the kept counts and the answer-cut rate")
+    p.add_argument(
+        "--lead",
+        type=int,
+        default=0,
+        help="count this many prompt tokens before the answer as part of it (e.g. a needle's key, "
+        "'for chubby-bet is:'), for the kept counts and the answer-cut rate",
+    )
     p.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--kept", type=int, default=0, metavar="STEPS",
-                   help="also show, for the first STEPS decode steps, the answer tokens each layer's selection kept")
+    p.add_argument(
+        "--kept",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also show, for the first STEPS decode steps, the answer tokens each layer's selection kept",
+    )
     args = p.parse_args(argv)
     policies = parse_policies(args.kv)
     for policy in policies:
@@ -118,7 +133,9 @@ def probe_selection() -> None:
                     continue
                 lo, hi = spans[r.rid]
                 kept = ((positions[k] >= lo) & (positions[k] <= hi) & valid[k]).sum(-1)  # [KvH]
-                f.write(json.dumps({"rid": r.rid, "seq_len": r.seq_len, "layer": layer_id, "kept": kept.tolist()}) + "\n")
+                f.write(
+                    json.dumps({"rid": r.rid, "seq_len": r.seq_len, "layer": layer_id, "kept": kept.tolist()}) + "\n"
+                )
         return positions, valid
 
     DynSplitPolicy.select_batch = logged
@@ -133,8 +150,10 @@ def kept_steps(log: str) -> dict[str, list[tuple[int, list[list[int]]]]]:
         for line in f:
             r = json.loads(line)
             by_request.setdefault(r["rid"], {}).setdefault(r["seq_len"], {})[r["layer"]] = r["kept"]
-    return {rid: [(n, [layers[i] for i in sorted(layers)]) for n, layers in sorted(steps.items())]
-            for rid, steps in by_request.items()}
+    return {
+        rid: [(n, [layers[i] for i in sorted(layers)]) for n, layers in sorted(steps.items())]
+        for rid, steps in by_request.items()
+    }
 
 
 def answer_cut(blocks: list[list[int]], span: tuple[int, int]) -> bool:
@@ -174,10 +193,19 @@ def run_policies(policies, prompts: list[Prompt], budget: int, model: str, probe
                 todo = [(policy, p) for policy in batch for p in prompts]
                 if not todo:
                     continue
-                params = [{"temperature": 0, "max_new_tokens": p.sample.max_new_tokens,
-                           "custom_params": {"kv_policy": labels[policy.label], "kv_budget": budget}} for policy, p in todo]
-                outs = eng.generate(input_ids=[p.ids for _, p in todo], rid=[rid(policy, p) for policy, p in todo],
-                                    sampling_params=params)
+                params = [
+                    {
+                        "temperature": 0,
+                        "max_new_tokens": p.sample.max_new_tokens,
+                        "custom_params": {"kv_policy": labels[policy.label], "kv_budget": budget},
+                    }
+                    for policy, p in todo
+                ]
+                outs = eng.generate(
+                    input_ids=[p.ids for _, p in todo],
+                    rid=[rid(policy, p) for policy, p in todo],
+                    sampling_params=params,
+                )
                 outputs.update({rid(policy, p): out["text"] for (policy, p), out in zip(todo, outs)})
         finally:
             eng.shutdown()
@@ -188,9 +216,14 @@ def run_policies(policies, prompts: list[Prompt], budget: int, model: str, probe
         for policy in policies:
             blocks = blocks_by_request(traces[policy.label])
             seen[policy.label] = {
-                p.rid: {"output": outputs[rid(policy, p)], "score": score(p.sample, outputs[rid(policy, p)]),
-                        "blocks": blocks.get(rid(policy, p), []), "kept": kept.get(rid(policy, p), [])}
-                for p in prompts}
+                p.rid: {
+                    "output": outputs[rid(policy, p)],
+                    "score": score(p.sample, outputs[rid(policy, p)]),
+                    "blocks": blocks.get(rid(policy, p), []),
+                    "kept": kept.get(rid(policy, p), []),
+                }
+                for p in prompts
+            }
     return seen
 
 
@@ -199,15 +232,19 @@ def print_detail(tokenizer, prompt: Prompt, label: str, seen: dict, around: int,
     ids, span = prompt.ids, prompt.span
     lo, hi = (span[0] - around, span[1] + around) if span else (len(ids) - 2 * around, len(ids))
     near = [b for b in seen["blocks"] if b[1] >= lo and b[0] <= hi]
-    print(f"\n{label}: output {seen['output']!r} (score {seen['score']:.2f}); "
-          f"{len(seen['blocks'])} blocks, those near the answer:")
+    print(
+        f"\n{label}: output {seen['output']!r} (score {seen['score']:.2f}); "
+        f"{len(seen['blocks'])} blocks, those near the answer:"
+    )
     for start, end in near:
         print(f"  [{start:5d}, {end:5d}] {tokenizer.decode(ids[start : end + 1])!r}")
     if steps and not seen["kept"]:
         print("  no decode step selected (the sequence stayed within the budget)")
     for seq_len, layers in seen["kept"][:steps]:
-        print(f"  step at length {seq_len}, answer tokens kept by layer: "
-              + " ".join("".join(str(min(k, 9)) for k in heads) for heads in layers))
+        print(
+            f"  step at length {seq_len}, answer tokens kept by layer: "
+            + " ".join("".join(str(min(k, 9)) for k in heads) for heads in layers)
+        )
     return near
 
 
@@ -219,10 +256,13 @@ def summary_row(label: str, prompts: list[Prompt], seen: dict[str, dict], steps:
     answer (9 for 90% or more)."""
     located = [p for p in prompts if p.span]
     closed = [end - start + 1 for p in prompts for start, end in seen[p.rid]["blocks"]]
-    row = {"policy": label, "score": sum(seen[p.rid]["score"] for p in prompts) / len(prompts),
-           # the realised C: a token budget holds fewer blocks when they come out longer
-           "mean block": sum(closed) / max(len(closed), 1),
-           "answer cut": sum(answer_cut(seen[p.rid]["blocks"], p.span) for p in located) / max(len(located), 1)}
+    row = {
+        "policy": label,
+        "score": sum(seen[p.rid]["score"] for p in prompts) / len(prompts),
+        # the realised C: a token budget holds fewer blocks when they come out longer
+        "mean block": sum(closed) / max(len(closed), 1),
+        "answer cut": sum(answer_cut(seen[p.rid]["blocks"], p.span) for p in located) / max(len(located), 1),
+    }
     if steps:
         share, layer_whole, layer_heads = 0.0, {}, {}
         for p in located:
@@ -235,7 +275,9 @@ def summary_row(label: str, prompts: list[Prompt], seen: dict[str, dict], steps:
         heads = max(sum(layer_heads.values()), 1)
         row["answer kept"] = share / heads
         row["whole answer"] = sum(layer_whole.values()) / heads
-        row["whole answer by layer"] = "".join(str(min(9, int(10 * layer_whole[i] / layer_heads[i]))) for i in sorted(layer_heads))
+        row["whole answer by layer"] = "".join(
+            str(min(9, int(10 * layer_whole[i] / layer_heads[i]))) for i in sorted(layer_heads)
+        )
     return row
 
 
@@ -261,8 +303,10 @@ def main(argv=None):
         p = prompts[0]
         found = find(p.ids, tokenizer, p.sample.answers[0])
         where = f"prompt tokens {found[0]}..{found[1]}" if found else "not found verbatim in the prompt"
-        print(f"{args.task}, {args.length} tokens, seed {args.seed}: {len(p.ids)} prompt tokens, budget {budget}; "
-              f"answer {p.sample.answers[0]!r} at {where}")
+        print(
+            f"{args.task}, {args.length} tokens, seed {args.seed}: {len(p.ids)} prompt tokens, budget {budget}; "
+            f"answer {p.sample.answers[0]!r} at {where}"
+        )
     shown, rows = {}, []
     answered = run_policies(policies, prompts, budget, model, probe=bool(args.kept))
     for policy in policies:
@@ -276,8 +320,11 @@ def main(argv=None):
             shown[policy.label] = seen
     if rows:
         located = sum(p.span is not None for p in prompts)
-        print(f"{args.task}, {args.length} tokens, seeds {args.seed}..{args.seed + args.samples - 1}, budget {budget}; "
-              f"answer found in {located} of {len(prompts)} prompts" + (f"; with the {args.lead} tokens before it" if args.lead else ""))
+        print(
+            f"{args.task}, {args.length} tokens, seeds {args.seed}..{args.seed + args.samples - 1}, budget {budget}; "
+            f"answer found in {located} of {len(prompts)} prompts"
+            + (f"; with the {args.lead} tokens before it" if args.lead else "")
+        )
         print("| " + " | ".join(rows[0]) + " |\n|" + " --- |" * len(rows[0]))
         for row in rows:
             print("| " + " | ".join(v if isinstance(v, str) else f"{v:.2f}" for v in row.values()) + " |")

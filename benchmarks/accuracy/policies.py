@@ -40,7 +40,7 @@ class Policy:
     def dense(self) -> bool:
         return self.kv == "full"
 
-    def with_options(self, options: dict) -> "Policy":
+    def with_options(self, options: dict) -> Policy:
         """Run-wide `--kv-config` options under this policy's own (its own win); none for full."""
         return self if self.dense or not options else Policy(self.label, self.kv, {**options, **self.config})
 
@@ -126,8 +126,13 @@ def engine_args(kv_kwargs: dict, model_path: str, max_total_tokens: int, device:
     """Keyword arguments of `sgl.Engine` (the radix cache stays on: requests with the same prompt
     share its prefill); no KV arguments means `--kv full` (torch_native attention on the CPU)."""
     args = dict(
-        model_path=str(model_path), device=device, dtype="float32" if device == "cpu" else "bfloat16",
-        max_total_tokens=max_total_tokens, skip_server_warmup=True, disable_overlap_schedule=True, log_level="error",
+        model_path=str(model_path),
+        device=device,
+        dtype="float32" if device == "cpu" else "bfloat16",
+        max_total_tokens=max_total_tokens,
+        skip_server_warmup=True,
+        disable_overlap_schedule=True,
+        log_level="error",
         **kv_kwargs,
     )
     if not kv_kwargs and device == "cpu":

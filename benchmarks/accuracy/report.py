@@ -33,12 +33,20 @@ def aggregate(records: list[dict]) -> list[dict]:
         by_task: dict[str, list[float]] = defaultdict(list)
         for r in rs:
             by_task[r["task"]].append(r["score"])
-        rows.append({
-            "policy": policy, "length": length, "budget_setting": setting,
-            "budget": round(_mean(r["budget"] for r in rs)), "fraction": round(_mean(r["fraction"] for r in rs), 4),
-            "group": group, "name": name, "accuracy": round(_mean(_mean(s) for s in by_task.values()), 4),
-            "samples": len(rs), "mean_prompt_tokens": round(_mean(r["prompt_tokens"] for r in rs)),
-        })
+        rows.append(
+            {
+                "policy": policy,
+                "length": length,
+                "budget_setting": setting,
+                "budget": round(_mean(r["budget"] for r in rs)),
+                "fraction": round(_mean(r["fraction"] for r in rs), 4),
+                "group": group,
+                "name": name,
+                "accuracy": round(_mean(_mean(s) for s in by_task.values()), 4),
+                "samples": len(rs),
+                "mean_prompt_tokens": round(_mean(r["prompt_tokens"] for r in rs)),
+            }
+        )
     order = {p: i for i, p in enumerate(dict.fromkeys(r["policy"] for r in records))}
     rows.sort(key=lambda r: (r["group"], r["length"], order[r["policy"]], -r["fraction"], r["name"]))
     return rows
@@ -63,19 +71,33 @@ def markdown(result: dict, group: str, policies: list[str] | None = None) -> str
     out = []
     for length in sorted({r["length"] for r in rows}):
         cell = {(r["policy"], r["budget_setting"], r["name"]): r for r in rows if r["length"] == length}
-        settings = list(dict.fromkeys((r["policy"], r["budget_setting"]) for r in rows if r["length"] == length and r["group"] == "all"))
+        settings = list(
+            dict.fromkeys(
+                (r["policy"], r["budget_setting"]) for r in rows if r["length"] == length and r["group"] == "all"
+            )
+        )
         prompt = round(_mean(r["mean_prompt_tokens"] for r in rows if r["length"] == length and r["group"] == "all"))
-        out += [f"**{TITLES[group]}, {length} tokens** (prompts {prompt} tokens on average; accuracy, mean over samples)", "",
-                "| policy | KV budget | " + " | ".join(names) + " | all |", "| --- | --- |" + " --- |" * (len(names) + 1)]
+        out += [
+            f"**{TITLES[group]}, {length} tokens** (prompts {prompt} tokens on average; accuracy, mean over samples)",
+            "",
+            "| policy | KV budget | " + " | ".join(names) + " | all |",
+            "| --- | --- |" + " --- |" * (len(names) + 1),
+        ]
         for policy, setting in settings:
             first = cell[(policy, setting, "all")]
             budget = "all" if setting is None else f"{first['budget']} ({first['fraction']:.3g})"
             values = [cell.get((policy, setting, n)) for n in names + ["all"]]
-            out.append(f"| {policy} | {budget} | " + " | ".join("-" if v is None else f"{v['accuracy']:.2f}" for v in values) + " |")
+            out.append(
+                f"| {policy} | {budget} | "
+                + " | ".join("-" if v is None else f"{v['accuracy']:.2f}" for v in values)
+                + " |"
+            )
         n = max(r["samples"] for r in rows if r["length"] == length and r["group"] == group)
         out += ["", f"Up to {n} samples per cell."] if n else []
         out.append("")
-    out.append(f"{result['model']}; {result['device']}; commit {result['commit']}; {result['date']}; `{result['command']}`")
+    out.append(
+        f"{result['model']}; {result['device']}; commit {result['commit']}; {result['date']}; `{result['command']}`"
+    )
     return "\n".join(out)
 
 
@@ -94,15 +116,17 @@ def summary_markdown(result: dict, policies: list[str] | None = None) -> str:
     repeats it in every column. A cell that lacks a length (an unfinished run) is marked *."""
     rows = _shown([r for r in result["accuracy"] if r["group"] == "all"], policies)
     lengths = sorted({r["length"] for r in rows})
-    settings = sorted({r["budget_setting"] for r in rows if r["budget_setting"] is not None},
-                      key=lambda b: (b > 1, -b))
+    settings = sorted({r["budget_setting"] for r in rows if r["budget_setting"] is not None}, key=lambda b: (b > 1, -b))
     tasks = sorted({r["name"] for r in result["accuracy"] if r["group"] == "task"})
     samples = max((r["samples"] for r in result["accuracy"] if r["group"] == "task"), default=0)
-    out = [f"**Accuracy per policy and KV budget** ({result['model']}; the mean over {len(tasks)} tasks at each "
-           f"length, then over the lengths {', '.join(map(str, lengths))} tokens; budget as a fraction of the length; "
-           f"up to {samples} prompts per task and length)", "",
-           "| policy | " + " | ".join(f"budget {budget_name(b)}" for b in settings) + " |",
-           "| --- |" + " --- |" * len(settings)]
+    out = [
+        f"**Accuracy per policy and KV budget** ({result['model']}; the mean over {len(tasks)} tasks at each "
+        f"length, then over the lengths {', '.join(map(str, lengths))} tokens; budget as a fraction of the length; "
+        f"up to {samples} prompts per task and length)",
+        "",
+        "| policy | " + " | ".join(f"budget {budget_name(b)}" for b in settings) + " |",
+        "| --- |" + " --- |" * len(settings),
+    ]
     marked = False
     for policy in dict.fromkeys(r["policy"] for r in rows):
         mine = [r for r in rows if r["policy"] == policy]
@@ -140,20 +164,39 @@ def paired(records: list[dict], reference: str = "dynsplit") -> list[dict]:
         scores[(r["task"], r["length"], r["seed"])][(r["policy"], r["budget_setting"])] = r["score"]
     policies = [p for p in dict.fromkeys(r["policy"] for r in records) if p != reference]
     dense = {r["policy"] for r in records if r["budget_setting"] is None}
-    settings = sorted({(r["length"], r["budget_setting"]) for r in records if r["policy"] == reference
-                       and r["budget_setting"] is not None}, key=lambda x: (x[0], -x[1]))
+    settings = sorted(
+        {
+            (r["length"], r["budget_setting"])
+            for r in records
+            if r["policy"] == reference and r["budget_setting"] is not None
+        },
+        key=lambda x: (x[0], -x[1]),
+    )
     rows = []
     for length, setting in settings:
         for policy in policies:
             other = (policy, None if policy in dense else setting)
-            pairs = [(s[(reference, setting)], s[other]) for (_, n, _), s in scores.items()
-                     if n == length and (reference, setting) in s and other in s]
+            pairs = [
+                (s[(reference, setting)], s[other])
+                for (_, n, _), s in scores.items()
+                if n == length and (reference, setting) in s and other in s
+            ]
             if not pairs:
                 continue
             better, worse = sum(a > b for a, b in pairs), sum(a < b for a, b in pairs)
-            rows.append({"reference": reference, "policy": policy, "length": length, "budget_setting": setting,
-                         "prompts": len(pairs), "better": better, "worse": worse, "ties": len(pairs) - better - worse,
-                         "p": float(f"{sign_test(better, worse):.3g}")})
+            rows.append(
+                {
+                    "reference": reference,
+                    "policy": policy,
+                    "length": length,
+                    "budget_setting": setting,
+                    "prompts": len(pairs),
+                    "better": better,
+                    "worse": worse,
+                    "ties": len(pairs) - better - worse,
+                    "p": float(f"{sign_test(better, worse):.3g}"),
+                }
+            )
     return rows
 
 
@@ -168,13 +211,20 @@ def paired_markdown(rows: list[dict]) -> str:
         at = [r for r in rows if r["length"] == length]
         ref, settings = at[0]["reference"], list(dict.fromkeys(r["budget_setting"] for r in at))
         cell = {(r["policy"], r["budget_setting"]): r for r in at}
-        out += [f"**{ref} against each policy, prompt by prompt, {length} tokens** (prompts where {ref} "
-                f"scores higher / lower; two-sided sign test p, ties left out)", "",
-                "| policy | " + " | ".join(f"budget {s:g}" for s in settings) + " |", "| --- |" + " --- |" * len(settings)]
+        out += [
+            f"**{ref} against each policy, prompt by prompt, {length} tokens** (prompts where {ref} "
+            f"scores higher / lower; two-sided sign test p, ties left out)",
+            "",
+            "| policy | " + " | ".join(f"budget {s:g}" for s in settings) + " |",
+            "| --- |" + " --- |" * len(settings),
+        ]
         for policy in dict.fromkeys(r["policy"] for r in at):
             values = [cell.get((policy, s)) for s in settings]
-            out.append(f"| {policy} | " + " | ".join(
-                "-" if v is None else f"{v['better']} / {v['worse']} ({_p(v['p'])})" for v in values) + " |")
+            out.append(
+                f"| {policy} | "
+                + " | ".join("-" if v is None else f"{v['better']} / {v['worse']} ({_p(v['p'])})" for v in values)
+                + " |"
+            )
         out.append("")
     return "\n".join(out)
 
@@ -192,15 +242,24 @@ def plot(result: dict, path: str, group: str, policies: list[str] | None = None)
     lengths = sorted({r["length"] for r in rows})
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     colors = {p: f"C{i}" for i, p in enumerate(policies)}
-    fig, axes = plt.subplots(len(lengths), len(names), figsize=(2.6 * len(names) + 0.6, 2.3 * len(lengths) + 0.8),
-                             squeeze=False, sharex=True, sharey=True)
+    fig, axes = plt.subplots(
+        len(lengths),
+        len(names),
+        figsize=(2.6 * len(names) + 0.6, 2.3 * len(lengths) + 0.8),
+        squeeze=False,
+        sharex=True,
+        sharey=True,
+    )
     fractions = sorted({r["fraction"] for r in rows if r["budget_setting"] is not None})
     for i, length in enumerate(lengths):
         for j, name in enumerate(names):
             ax = axes[i][j]
             for policy in policies:
-                pts = sorted((r["fraction"], r["accuracy"]) for r in rows
-                             if r["policy"] == policy and r["length"] == length and r["name"] == name)
+                pts = sorted(
+                    (r["fraction"], r["accuracy"])
+                    for r in rows
+                    if r["policy"] == policy and r["length"] == length and r["name"] == name
+                )
                 if not pts:
                     continue
                 if all(r["budget_setting"] is None for r in rows if r["policy"] == policy):

@@ -24,12 +24,10 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 from benchmarks.accuracy.policies import Policy, engine_args, policy_engine_kwargs, shared_engine
 from benchmarks.accuracy.scoring import score
 from benchmarks.accuracy.tasks import Sample, render
-
 
 ENGINES = ("shared", "policy", "budget")
 
@@ -70,8 +68,11 @@ def load_partial(path: str, model: str) -> dict[str, dict]:
         print(f"{path}: dropping an unfinished last record ({size - len(whole)} bytes)", file=sys.stderr)
         with open(path, "r+b") as fh:
             fh.truncate(len(whole))
-    return {record_key(r["policy"], r["config"], r["task"], r["length"], r["seed"], r["budget_setting"]): r
-            for r in _parse_records(path, whole) if r["model"] == model}
+    return {
+        record_key(r["policy"], r["config"], r["task"], r["length"], r["seed"], r["budget_setting"]): r
+        for r in _parse_records(path, whole)
+        if r["model"] == model
+    }
 
 
 def saved_records(path: str) -> list[dict]:
@@ -99,7 +100,7 @@ def find_result(out: str) -> str | None:
 
 def load_result(path: str) -> dict:
     """A result file, gzipped (`.gz`) or plain JSON."""
-    with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as fh:
+    with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as fh:
         return json.load(fh)
 
 
@@ -133,15 +134,21 @@ def _parse_records(path: str, whole: bytes) -> list[dict]:
     return records
 
 
-Item = tuple[Policy, Optional[float]]  # (policy, budget setting; None for full)
+Item = tuple[Policy, float | None]  # (policy, budget setting; None for full)
 
 
-def pending(policies: list[Policy], samples: list[Sample], settings: Settings, done: dict) -> list[tuple[Sample, list[Item]]]:
+def pending(
+    policies: list[Policy], samples: list[Sample], settings: Settings, done: dict
+) -> list[tuple[Sample, list[Item]]]:
     """(sample, [(policy, budget setting), ...]) still to generate; `full` has the one setting None."""
     out = []
     for s in samples:
-        todo = [(p, b) for p in policies for b in ([None] if p.dense else settings.budgets)
-                if record_key(p.label, p.config, s.task, s.length, s.seed, b) not in done]
+        todo = [
+            (p, b)
+            for p in policies
+            for b in ([None] if p.dense else settings.budgets)
+            if record_key(p.label, p.config, s.task, s.length, s.seed, b) not in done
+        ]
         if todo:
             out.append((s, todo))
     return out
@@ -172,7 +179,9 @@ def engine_groups(policies: list[Policy], work: list[tuple[Sample, list[Item]]],
     return groups
 
 
-def run(policies: list[Policy], work, settings: Settings, tokenizer, max_total_tokens: int, on_record, on_engine=None) -> None:
+def run(
+    policies: list[Policy], work, settings: Settings, tokenizer, max_total_tokens: int, on_record, on_engine=None
+) -> None:
     """Generate, score and hand each record to `on_record` as soon as it exists."""
     import sglang as sgl
 
@@ -216,19 +225,35 @@ def generate(eng, sample: Sample, items: list[Item], labels: dict, engines: str,
         if not batch:
             continue
         start = time.perf_counter()
-        outs = eng.generate(input_ids=[ids] * len(batch),
-                            sampling_params=[request_params(sample, p, b, labels, engines) for p, b in batch])
+        outs = eng.generate(
+            input_ids=[ids] * len(batch),
+            sampling_params=[request_params(sample, p, b, labels, engines) for p, b in batch],
+        )
         seconds = round(time.perf_counter() - start, 3)
         outputs += [(p, b, o, seconds) for (p, b), o in zip(batch, outs)]
     records = []
     for policy, setting, out, seconds in outputs:
         budget = sample.length if setting is None else budget_tokens(setting, sample.length)
-        records.append({
-            "policy": policy.label, "kv": policy.kv, "config": policy.config, "model": model,
-            "task": sample.task, "family": sample.family, "scenario": sample.scenario,
-            "length": sample.length, "seed": sample.seed, "budget_setting": setting, "budget": budget,
-            "fraction": round(budget / sample.length, 6), "prompt_tokens": len(ids),
-            "cached_tokens": out["meta_info"].get("cached_tokens"), "seconds": seconds,
-            "answers": list(sample.answers), "output": out["text"], "score": score(sample, out["text"]),
-        })
+        records.append(
+            {
+                "policy": policy.label,
+                "kv": policy.kv,
+                "config": policy.config,
+                "model": model,
+                "task": sample.task,
+                "family": sample.family,
+                "scenario": sample.scenario,
+                "length": sample.length,
+                "seed": sample.seed,
+                "budget_setting": setting,
+                "budget": budget,
+                "fraction": round(budget / sample.length, 6),
+                "prompt_tokens": len(ids),
+                "cached_tokens": out["meta_info"].get("cached_tokens"),
+                "seconds": seconds,
+                "answers": list(sample.answers),
+                "output": out["text"],
+                "score": score(sample, out["text"]),
+            }
+        )
     return records

@@ -103,7 +103,9 @@ def reference_model(model_path: str):
         if s is None or (query.shape[2] == 1 and layer < s.dense_layers):
             return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
         if query.shape[2] > 1:  # the prefill: rank the prompt from its attention weights
-            out, weights = eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+            out, weights = eager_attention_forward(
+                module, query, key, value, attention_mask, scaling, dropout, **kwargs
+            )
             s.orders[layer] = snap_order(weights[0], key.shape[1], options)
             return out, weights
         total = key.shape[2]
@@ -141,25 +143,39 @@ def suite_answers(path: str) -> dict[tuple, str]:
         records = load_result(found)["samples"]
     else:
         return {}
-    return {(r["task"], r["length"], r["seed"], r["budget_setting"]): r["output"]
-            for r in records if r["policy"] == "snapkv"}
+    return {
+        (r["task"], r["length"], r["seed"], r["budget_setting"]): r["output"]
+        for r in records
+        if r["policy"] == "snapkv"
+    }
 
 
 def parse_args(argv):
     from benchmarks.accuracy.tasks import TASKS
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy.snapkv_reference", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.accuracy.snapkv_reference", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--task", default="niah_single", choices=sorted(TASKS))
     p.add_argument("--length", type=int, default=2048, help="length setting in tokens (prompt + answer)")
     p.add_argument("--seed", type=int, default=0, help="the first sample's seed")
     p.add_argument("--samples", type=int, default=1, help="how many samples (seeds from --seed on)")
     p.add_argument("--budget", type=float, default=0.25, help="KV budget: <= 1 a fraction of the length, > 1 tokens")
     p.add_argument("--dense-layers", type=int, default=0, metavar="N", help="layers 0..N-1 attend to everything")
-    p.add_argument("--keep-answer", type=int, default=None, metavar="K",
-                   help="every layer also keeps the answer's prompt tokens and the K tokens before them")
+    p.add_argument(
+        "--keep-answer",
+        type=int,
+        default=None,
+        metavar="K",
+        help="every layer also keeps the answer's prompt tokens and the K tokens before them",
+    )
     p.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--results", default=None, help="the suite's answers to compare with (default: "
-                   "benchmarks/results/accuracy.json.gz, else its .partial.jsonl)")
+    p.add_argument(
+        "--results",
+        default=None,
+        help="the suite's answers to compare with (default: "
+        "benchmarks/results/accuracy.json.gz, else its .partial.jsonl)",
+    )
     args = p.parse_args(argv)
     if args.samples < 1:
         p.error(f"--samples {args.samples}: at least 1")
@@ -186,15 +202,19 @@ def main(argv=None) -> list[dict]:
     tokenizer, model, holder = reference_model(str(args.model or smollm2_path()))
     budget = budget_tokens(args.budget, args.length)
     rows = []
-    print(f"SnapKV reference, budget {budget}, dense layers < {args.dense_layers}, keep answer "
-          f"{'no' if args.keep_answer is None else f'+{args.keep_answer} before it'}; suite answers from {results}")
+    print(
+        f"SnapKV reference, budget {budget}, dense layers < {args.dense_layers}, keep answer "
+        f"{'no' if args.keep_answer is None else f'+{args.keep_answer} before it'}; suite answers from {results}"
+    )
     print("| seed | gold | full | reference | suite `snapkv` | same |\n| --- | --- | --- | --- | --- | --- |")
     for seed in range(args.seed, args.seed + args.samples):
         sample = make_sample(tokenizer, args.task, args.length, seed)
         ids = tokenizer(render(tokenizer, sample.messages), add_special_tokens=False, return_tensors="pt").input_ids
         n = ids.shape[1]
         if budget >= n:
-            raise SystemExit(f"--budget {args.budget} is {budget} tokens, not less than the {n}-token prompt: nothing to select")
+            raise SystemExit(
+                f"--budget {args.budget} is {budget} tokens, not less than the {n}-token prompt: nothing to select"
+            )
         forced = []
         if args.keep_answer is not None:
             span = find(ids[0].tolist(), tokenizer, sample.answers[0])
@@ -202,14 +222,26 @@ def main(argv=None) -> list[dict]:
                 raise SystemExit(f"{args.task} seed {seed}: the answer {sample.answers[0]!r} is not in the prompt")
             forced = list(range(max(0, span[0] - args.keep_answer), span[1] + 1))  # end inclusive
         full = generate(tokenizer, model, holder, ids, sample.max_new_tokens, None)
-        ref = generate(tokenizer, model, holder, ids, sample.max_new_tokens, Selection(budget, n, args.dense_layers, forced))
+        ref = generate(
+            tokenizer, model, holder, ids, sample.max_new_tokens, Selection(budget, n, args.dense_layers, forced)
+        )
         suite = saved.get((args.task, args.length, seed, args.budget))
-        row = {"seed": seed, "gold": list(sample.answers), "full": full, "reference": ref, "suite": suite,
-               "reference_score": score(sample, ref)}
+        row = {
+            "seed": seed,
+            "gold": list(sample.answers),
+            "full": full,
+            "reference": ref,
+            "suite": suite,
+            "reference_score": score(sample, ref),
+        }
         rows.append(row)
         plain = args.dense_layers == 0 and not forced  # else the reference is an experiment, not a check
         same = "-" if suite is None or not plain else ("yes" if suite == ref else "no")
-        print(f"| {seed} | {', '.join(sample.answers)} | {full!r} | {ref!r} | {'-' if suite is None else repr(suite)} | {same} |", flush=True)
+        print(
+            f"| {seed} | {', '.join(sample.answers)} | {full!r} | {ref!r} | "
+            f"{'-' if suite is None else repr(suite)} | {same} |",
+            flush=True,
+        )
     return rows
 
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 import json
 import random
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from benchmarks.accuracy import data
 
@@ -114,8 +114,18 @@ def make_sample(tokenizer, task: str, length: int, seed: int) -> Sample:
     d = draft(n)
     if d.units < n:
         raise ValueError(f"{task}: its source data holds {d.units} haystack units, too few for {length} tokens")
-    return Sample(task, t.family, t.scenario, length, seed, messages(d), d.answers, t.metric, t.max_new_tokens,
-                  count_tokens(tokenizer, messages(d)))
+    return Sample(
+        task,
+        t.family,
+        t.scenario,
+        length,
+        seed,
+        messages(d),
+        d.answers,
+        t.metric,
+        t.max_new_tokens,
+        count_tokens(tokenizer, messages(d)),
+    )
 
 
 def messages(draft: Draft) -> tuple[dict, ...]:
@@ -174,7 +184,7 @@ def _insert(haystack: list[str], items: list[str], depths: list[float]) -> list[
     """`haystack` with items[i] inserted at relative depth depths[i] (0 = start, 1 = end); items
     at equal depth keep their order."""
     out = list(haystack)
-    for i, item, depth in sorted(zip(range(len(items)), items, depths), key=lambda t: (t[2], t[0]), reverse=True):
+    for _i, item, depth in sorted(zip(range(len(items)), items, depths), key=lambda t: (t[2], t[0]), reverse=True):
         out.insert(round(depth * len(haystack)), item)
     return out
 
@@ -224,14 +234,18 @@ def niah(num_keys: int, num_values: int, num_queries: int):
         query = ", ".join(keys[i] for i in queried[:-1]) + (", and " if num_queries > 1 else "") + keys[queried[-1]]
         answers = tuple(v for i in queried for v in values[i])
         if len(answers) == 1:
-            prompt = (f"A special magic number is hidden within the following text. Make sure to memorize it. "
-                      f"I will quiz you about the number afterwards.\n{context}\n"
-                      f"What is the special magic number for {query} mentioned in the provided text?")
+            prompt = (
+                f"A special magic number is hidden within the following text. Make sure to memorize it. "
+                f"I will quiz you about the number afterwards.\n{context}\n"
+                f"What is the special magic number for {query} mentioned in the provided text?"
+            )
             prefix = f"The special magic number for {query} mentioned in the provided text is"
         else:
-            prompt = (f"Some special magic numbers are hidden within the following text. Make sure to memorize them. "
-                      f"I will quiz you about the numbers afterwards.\n{context}\n"
-                      f"What are all the special magic numbers for {query} mentioned in the provided text?")
+            prompt = (
+                f"Some special magic numbers are hidden within the following text. Make sure to memorize them. "
+                f"I will quiz you about the numbers afterwards.\n{context}\n"
+                f"What are all the special magic numbers for {query} mentioned in the provided text?"
+            )
             prefix = f"The special magic numbers for {query} mentioned in the provided text are"
         return Draft(prompt, prefix, answers, n)
 
@@ -246,15 +260,19 @@ def variable_tracking(num_hops: int = 4, example_lines: int = 5):
     def text(names: list[str], value: str, depths: list[float], n: int) -> tuple[str, str]:
         chain = [f"VAR {names[0]} = {value}"] + [f"VAR {b} = VAR {a}" for a, b in zip(names, names[1:])]
         context = "\n".join(_insert([NOISE] * n, chain, depths))
-        prompt = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
-                  f"{context}\nQuestion: Find all variables that are assigned the value {value} in the text above.")
-        prefix = (f"Answer: According to the chain(s) of variable assignment in the text above, {len(names)} "
-                  f"variables are assigned the value {value}, they are:")
+        prompt = (
+            "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
+            f"{context}\nQuestion: Find all variables that are assigned the value {value} in the text above."
+        )
+        prefix = (
+            f"Answer: According to the chain(s) of variable assignment in the text above, {len(names)} "
+            f"variables are assigned the value {value}, they are:"
+        )
         return prompt, prefix
 
     def draft(rng: random.Random, n: int, length: int) -> Draft:
         names = _unique(lambda: "".join(rng.choices(string.ascii_uppercase, k=5)), 2 * (num_hops + 1))
-        example, names = names[: num_hops + 1], names[num_hops + 1:]
+        example, names = names[: num_hops + 1], names[num_hops + 1 :]
         example_value, value = _unique(lambda: _number(rng, 5), 2)
         example_depths, depths = (sorted(rng.random() for _ in names) for _ in range(2))
         shown, shown_prefix = text(example, example_value, example_depths, example_lines)
@@ -278,17 +296,27 @@ def common_words(num_common: int = 10):
         vocab = sorted(set(data.words("noun") + data.words("adjective") + data.words("verb")))
         rng.shuffle(vocab)
         example_common, vocab = vocab[:num_common], vocab[num_common:]
-        example_rare, vocab = vocab[: 2 * num_common], vocab[2 * num_common:]
-        common, rare = vocab[:num_common], vocab[num_common: num_common + n]
+        example_rare, vocab = vocab[: 2 * num_common], vocab[2 * num_common :]
+        common, rare = vocab[:num_common], vocab[num_common : num_common + n]
         often, rarely = (6, 1) if length < 4096 else (30, 3)
         question = "Question: What are the 10 most common words in the above list?"
-        intro = ("Below is a numbered list of words. In these words, some appear more often than others. "
-                 "Memorize the ones that appear most often.\n")
-        example = (intro + listing(example_common * 3 + example_rare, rng) + "\n" + question + "\n"
-                   + "Answer: The top 10 words that appear most often in the list are: "
-                   + " ".join(f"{i + 1}. {w}" for i, w in enumerate(example_common)))
+        intro = (
+            "Below is a numbered list of words. In these words, some appear more often than others. "
+            "Memorize the ones that appear most often.\n"
+        )
+        example = (
+            intro
+            + listing(example_common * 3 + example_rare, rng)
+            + "\n"
+            + question
+            + "\n"
+            + "Answer: The top 10 words that appear most often in the list are: "
+            + " ".join(f"{i + 1}. {w}" for i, w in enumerate(example_common))
+        )
         prompt = example + "\n\n" + intro + listing(common * often + rare * rarely, rng) + "\n" + question
-        return Draft(prompt, "Answer: The top 10 words that appear most often in the list are:", tuple(common), len(rare))
+        return Draft(
+            prompt, "Answer: The top 10 words that appear most often in the list are:", tuple(common), len(rare)
+        )
 
     return draft
 
@@ -306,10 +334,12 @@ def frequent_words(alpha: float = 2.0, word_len: int = 6):
         total = sum(weights)
         text = [w for w, p in zip(vocab, weights) for _ in range(int(n * p / total))]
         rng.shuffle(text)
-        prompt = ("Read the following coded text and track the frequency of each coded word. Find the three "
-                  f"most frequently appeared coded words. {' '.join(text)}\nQuestion: Do not provide any "
-                  "explanation. Please ignore the dots '....'. What are the three most frequently appeared "
-                  "words in the above coded text?")
+        prompt = (
+            "Read the following coded text and track the frequency of each coded word. Find the three "
+            f"most frequently appeared coded words. {' '.join(text)}\nQuestion: Do not provide any "
+            "explanation. Please ignore the dots '....'. What are the three most frequently appeared "
+            "words in the above coded text?"
+        )
         prefix = "Answer: According to the coded text above, the three most frequently appeared words are:"
         return Draft(prompt, prefix, tuple(vocab[1:4]), n)
 
@@ -335,8 +365,14 @@ def squad_qa():
             left -= len(sentences)
         docs = _insert(docs, [paragraphs[qa.paragraph]], [depth])
         context = "\n\n".join(f"Document {i + 1}:\n{d}" for i, d in enumerate(docs))
-        instruction = "Answer the question based on the given documents. Only give me the answer and do not output any other words."
-        prompt = f"{instruction}\n\nThe following are given documents.\n\n{context}\n\n{instruction}\n\nQuestion: {qa.question}"
+        instruction = (
+            "Answer the question based on the given documents. "
+            "Only give me the answer and do not output any other words."
+        )
+        prompt = (
+            f"{instruction}\n\nThe following are given documents.\n\n{context}\n\n{instruction}\n\n"
+            f"Question: {qa.question}"
+        )
         return Draft(prompt, "Answer:", qa.answers, n - max(0, left))
 
     return draft
@@ -359,14 +395,19 @@ def _function(rng: random.Random, name: str, result: str) -> str:
         if kind == 0:
             body.append(f"for i in range({a}):\n        {acc} = ({acc} * {b} + i) % {a * b + 1}")
         elif kind == 1:
-            body.append(f"if {acc} > {a}:\n        {acc} -= {b}\n    else:\n        {acc} += {args[1]} if isinstance({args[1]}, int) else {b}")
+            body.append(
+                f"if {acc} > {a}:\n        {acc} -= {b}\n    else:\n"
+                f"        {acc} += {args[1]} if isinstance({args[1]}, int) else {b}"
+            )
         else:
             body.append(f"{acc} = max({acc}, {a}) // {b}")
     lines = "\n    ".join(body)
-    return (f"def {name}({args[0]}, {args[1]}):\n"
-            f'    """{verb.capitalize()} the {noun} and return its reference."""\n'
-            f"    {lines}\n"
-            f"    return {result}\n")
+    return (
+        f"def {name}({args[0]}, {args[1]}):\n"
+        f'    """{verb.capitalize()} the {noun} and return its reference."""\n'
+        f"    {lines}\n"
+        f"    return {result}\n"
+    )
 
 
 def code_return():
@@ -388,9 +429,11 @@ def code_return():
             functions.append(_function(stream, name, result))
         asked = min(n - 1, int(depth * n))
         module = '"""Order processing helpers."""\n\nimport math\n\n\n' + "\n\n".join(functions)
-        prompt = ("Below is a Python module. Read it carefully; I will ask you about one of its functions.\n\n"
-                  f"```python\n{module}```\n\nQuestion: What value does the function `{names[asked]}` return? "
-                  "Answer with the literal value only.")
+        prompt = (
+            "Below is a Python module. Read it carefully; I will ask you about one of its functions.\n\n"
+            f"```python\n{module}```\n\nQuestion: What value does the function `{names[asked]}` return? "
+            "Answer with the literal value only."
+        )
         # The reply starts as the function's last line, so the model answers with a literal, not prose.
         return Draft(prompt, f"The last line of `{names[asked]}` is: return", (results[asked].strip('"'),), n)
 
@@ -432,26 +475,33 @@ def records(layout: str):
             body = "\n".join(json.dumps(r) for r in rows)
             intro = f"Below are {n} records of an order database, one JSON object per line."
         else:
-            body = "\n".join(["| " + " | ".join(RECORD_FIELDS) + " |", "|" + " --- |" * len(RECORD_FIELDS)]
-                             + ["| " + " | ".join(str(r[f]) for f in RECORD_FIELDS) + " |" for r in rows])
+            body = "\n".join(
+                ["| " + " | ".join(RECORD_FIELDS) + " |", "|" + " --- |" * len(RECORD_FIELDS)]
+                + ["| " + " | ".join(str(r[f]) for f in RECORD_FIELDS) + " |" for r in rows]
+            )
             intro = f"Below is a table of {n} records of an order database."
-        prompt = (f"{intro}\n\n{body}\n\nQuestion: What is the {field} of the record with id {asked['id']}? "
-                  "Answer with the value only.")
+        prompt = (
+            f"{intro}\n\n{body}\n\nQuestion: What is the {field} of the record with id {asked['id']}? "
+            "Answer with the value only."
+        )
         return Draft(prompt, f"The {field} of the record with id {asked['id']} is", (str(asked[field]),), n)
 
     return draft
 
 
-TASKS: dict[str, Task] = {t.name: t for t in [
-    Task("niah_single", "niah", "prose", "all", 16, niah(num_keys=1, num_values=1, num_queries=1)),
-    Task("niah_multikey", "niah", "prose", "all", 16, niah(num_keys=4, num_values=1, num_queries=1)),
-    Task("niah_multivalue", "niah", "prose", "all", 48, niah(num_keys=1, num_values=4, num_queries=1)),
-    Task("niah_multiquery", "niah", "prose", "all", 48, niah(num_keys=4, num_values=1, num_queries=4)),
-    Task("variable_tracking", "multi-hop", "synthetic", "all", 32, variable_tracking(num_hops=4)),
-    Task("common_words", "aggregation", "synthetic", "all", 64, common_words(num_common=10)),
-    Task("frequent_words", "aggregation", "synthetic", "all", 24, frequent_words(alpha=2.0)),
-    Task("qa_squad", "qa", "prose", "part", 24, squad_qa()),
-    Task("code_return", "code", "code", "all", 16, code_return()),
-    Task("records_jsonl", "records", "records", "all", 24, records("jsonl")),
-    Task("records_table", "records", "records", "all", 24, records("table")),
-]}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task("niah_single", "niah", "prose", "all", 16, niah(num_keys=1, num_values=1, num_queries=1)),
+        Task("niah_multikey", "niah", "prose", "all", 16, niah(num_keys=4, num_values=1, num_queries=1)),
+        Task("niah_multivalue", "niah", "prose", "all", 48, niah(num_keys=1, num_values=4, num_queries=1)),
+        Task("niah_multiquery", "niah", "prose", "all", 48, niah(num_keys=4, num_values=1, num_queries=4)),
+        Task("variable_tracking", "multi-hop", "synthetic", "all", 32, variable_tracking(num_hops=4)),
+        Task("common_words", "aggregation", "synthetic", "all", 64, common_words(num_common=10)),
+        Task("frequent_words", "aggregation", "synthetic", "all", 24, frequent_words(alpha=2.0)),
+        Task("qa_squad", "qa", "prose", "part", 24, squad_qa()),
+        Task("code_return", "code", "code", "all", 16, code_return()),
+        Task("records_jsonl", "records", "records", "all", 24, records("jsonl")),
+        Task("records_table", "records", "records", "all", 24, records("table")),
+    ]
+}

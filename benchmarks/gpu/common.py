@@ -24,8 +24,9 @@ from dynsplit_sglang.sparse_decode_flashinfer import flashinfer_wrapper
 GiB = 1 << 30
 
 # Llama-3.1-8B (what the issue measures) and a tiny stand-in of the same structure for --smoke.
-LLAMA_8B = dict(num_heads=32, num_kv_heads=8, head_dim=128, hidden=4096, intermediate=14336, layers=32,
-                vocab=128256, params=8.03e9)
+LLAMA_8B = dict(
+    num_heads=32, num_kv_heads=8, head_dim=128, hidden=4096, intermediate=14336, layers=32, vocab=128256, params=8.03e9
+)
 TINY = dict(num_heads=4, num_kv_heads=2, head_dim=16, hidden=64, intermediate=96, layers=2, vocab=97, params=0)
 
 # The synthetic block layout: what the splitter makes with block_size 16, delta 4 (blocks end
@@ -46,9 +47,11 @@ def load_flashinfer():
     try:
         import flashinfer
     except ImportError as e:
-        sys.exit(f"flashinfer is not importable ({type(e).__name__}: {e}).\n"
-                 "Install the carried wheel, e.g. `pip install --no-deps flashinfer_python-0.7.2.post1-py3-none-any.whl`,\n"
-                 "plus what its import and JIT need (apache-tvm-ffi, filelock, ninja; nvcc on PATH), or run with --smoke.")
+        sys.exit(
+            f"flashinfer is not importable ({type(e).__name__}: {e}).\n"
+            "Install the carried wheel, e.g. `pip install --no-deps flashinfer_python-0.7.2.post1-py3-none-any.whl`,\n"
+            "plus what its import and JIT need (apache-tvm-ffi, filelock, ninja; nvcc on PATH), or run with --smoke."
+        )
     return flashinfer
 
 
@@ -74,9 +77,14 @@ class Env:
 
             return FakeDecodeWrapper(use_cuda_graph, indptr, indices, last_page_len, use_tensor_cores=tensor_cores)
         return self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_cuda_graph=use_cuda_graph, use_tensor_cores=tensor_cores,
-            paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices,
-            paged_kv_last_page_len_buffer=last_page_len, backend="fa2",
+            self.workspace,
+            "NHD",
+            use_cuda_graph=use_cuda_graph,
+            use_tensor_cores=tensor_cores,
+            paged_kv_indptr_buffer=indptr,
+            paged_kv_indices_buffer=indices,
+            paged_kv_last_page_len_buffer=last_page_len,
+            backend="fa2",
         )
 
     def sparse_wrapper_factory(self, tensor_cores: bool):
@@ -131,9 +139,13 @@ def start(argv, parse_args, json_name: str):
 def versions(env: Env) -> dict:
     import triton
 
-    out = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-           "flashinfer": getattr(env.flashinfer, "__version__", None) if env.flashinfer else None,
-           "gpu": torch.cuda.get_device_name(0) if env.cuda else None}
+    out = {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "flashinfer": getattr(env.flashinfer, "__version__", None) if env.flashinfer else None,
+        "gpu": torch.cuda.get_device_name(0) if env.cuda else None,
+    }
     return out
 
 
@@ -172,6 +184,7 @@ def write_json(path: str, result: dict) -> None:
 
 def markdown(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """A markdown table: columns are (key, title); floats with 3 significant digits, None as -."""
+
     def fmt(v):
         if v is None:
             return "-"
@@ -189,10 +202,14 @@ def markdown(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 def footer(result: dict) -> list[str]:
     """A report's last lines: the first calls' compile seconds, then device, versions, commit,
     date and the exact command."""
-    compile_s = ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in result["compile_s"].items())
-    return [f"first calls (compile), s: {compile_s}",
-            f"{result['device']}; torch {result['torch']}, triton {result['triton']}, flashinfer "
-            f"{result['flashinfer']}; commit {result['commit']}; {result['date']}; `{result['command']}`"]
+    compile_s = ", ".join(
+        f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in result["compile_s"].items()
+    )
+    return [
+        f"first calls (compile), s: {compile_s}",
+        f"{result['device']}; torch {result['torch']}, triton {result['triton']}, flashinfer "
+        f"{result['flashinfer']}; commit {result['commit']}; {result['date']}; `{result['command']}`",
+    ]
 
 
 def log(msg: str) -> None:
@@ -360,9 +377,16 @@ class Layout:
 
     def select_inputs(self, budget: int) -> dict:
         """The index arguments of select_slots (everything but q, kmin, kmax and the outputs)."""
-        return dict(records=self.records, rec_start=self.rec_start, rec_end=self.rec_end, req_slots=self.req_slots,
-                    seq_lens=self.seq_lens, keep_head=self.keep_head, keep_tail_from=self.keep_tail_from,
-                    budgets=torch.full_like(self.seq_lens, budget))
+        return dict(
+            records=self.records,
+            rec_start=self.rec_start,
+            rec_end=self.rec_end,
+            req_slots=self.req_slots,
+            seq_lens=self.seq_lens,
+            keep_head=self.keep_head,
+            keep_tail_from=self.keep_tail_from,
+            budgets=torch.full_like(self.seq_lens, budget),
+        )
 
 
 def expected_blocks(context: int) -> int:
@@ -394,12 +418,25 @@ def make_layout(batch: int, context: int, device, seed: int = 0) -> Layout:
     seq_lens = torch.full((batch,), context, dtype=torch.int64)
     keep_tail_from = torch.clamp(torch.minimum(open_start, seq_lens - RECENT), min=0)
     req_slots = 1 + torch.arange(batch * context, dtype=torch.int64).view(batch, context)
-    stats = {"num_blocks_max": nb, "num_blocks_mean": float(per_request.float().mean()),
-             "mean_block_tokens": float((rec_end - rec_start + 1).float().mean()) if rec_start.numel() else None,
-             "open_tail_tokens_mean": float((context - open_start).float().mean())}
+    stats = {
+        "num_blocks_max": nb,
+        "num_blocks_mean": float(per_request.float().mean()),
+        "mean_block_tokens": float((rec_end - rec_start + 1).float().mean()) if rec_start.numel() else None,
+        "open_tail_tokens_mean": float((context - open_start).float().mean()),
+    }
     to = lambda t: t.to(device)  # noqa: E731
-    return Layout(batch, context, to(records), to(rec_start), to(rec_end), to(req_slots), to(seq_lens),
-                  to(torch.full((batch,), KEEP_HEAD, dtype=torch.int64)), to(keep_tail_from), stats)
+    return Layout(
+        batch,
+        context,
+        to(records),
+        to(rec_start),
+        to(rec_end),
+        to(req_slots),
+        to(seq_lens),
+        to(torch.full((batch,), KEEP_HEAD, dtype=torch.int64)),
+        to(keep_tail_from),
+        stats,
+    )
 
 
 def random_bounds(capacity: int, num_kv_heads: int, head_dim: int, dtype, device, layers: int | None = None):
@@ -420,8 +457,7 @@ def record_bytes(blocks: int, layers: int, num_kv_heads: int, head_dim: int, dty
     return kv_bytes(blocks, layers, num_kv_heads, head_dim, dtype_bytes)
 
 
-def full_decode_plan(env: Env, layout: Layout, num_heads: int, num_kv_heads: int, head_dim: int,
-                     tensor_cores: bool):
+def full_decode_plan(env: Env, layout: Layout, num_heads: int, num_kv_heads: int, head_dim: int, tensor_cores: bool):
     """A CUDA-graph-mode FlashInfer decode wrapper over every slot of every request (what SGLang
     plans for `--kv full`: page size 1, indptr from the sequence lengths, indices = req_to_token rows),
     planned. returns (wrapper, plan function)."""
@@ -436,15 +472,27 @@ def full_decode_plan(env: Env, layout: Layout, num_heads: int, num_kv_heads: int
     last = torch.ones(batch, dtype=torch.int32)
 
     def plan():
-        wrapper.plan(indptr, indices, last, num_heads, num_kv_heads, head_dim, 1, pos_encoding_mode="NONE",
-                     q_data_type=env.dtype, kv_data_type=env.dtype, sm_scale=head_dim ** -0.5)
+        wrapper.plan(
+            indptr,
+            indices,
+            last,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            1,
+            pos_encoding_mode="NONE",
+            q_data_type=env.dtype,
+            kv_data_type=env.dtype,
+            sm_scale=head_dim**-0.5,
+        )
 
     plan()
     return wrapper, plan
 
 
-def check_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
-                    scale: float) -> dict:
+def check_attention(
+    out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, scale: float
+) -> dict:
     """Compare one request's attention output with fp32 torch.
 
     out, q: [H, D]; k, v: [num_slots, KvH, D]; slots: [KvH, n] the slots each KV head attended.

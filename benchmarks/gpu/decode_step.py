@@ -30,8 +30,25 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.gpu.common import (
-    BreakableGraph, GiB, capture, expected_blocks, footer, full_decode_plan, header, host_ms, kv_bytes, log, make_layout, markdown,
-    median_ms, random_bounds, record_bytes, short_error, start, use_tensor_cores, write_json,
+    BreakableGraph,
+    GiB,
+    capture,
+    expected_blocks,
+    footer,
+    full_decode_plan,
+    header,
+    host_ms,
+    kv_bytes,
+    log,
+    make_layout,
+    markdown,
+    median_ms,
+    random_bounds,
+    record_bytes,
+    short_error,
+    start,
+    use_tensor_cores,
+    write_json,
 )
 from benchmarks.gpu.kernels import warm_up
 from dynsplit_sglang.sparse_decode_flashinfer import FoldedSparseDecode
@@ -46,7 +63,9 @@ RESERVE = 3 * GiB  # kept free beside the KV: activations, graph pools, scratch,
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, torch stand-ins (CI check)")
-    p.add_argument("--out", help="JSON path (default benchmarks/results/gpu_decode_step.json; a temp file with --smoke)")
+    p.add_argument(
+        "--out", help="JSON path (default benchmarks/results/gpu_decode_step.json; a temp file with --smoke)"
+    )
     p.add_argument("--budgets", type=int, nargs="+")
     p.add_argument("--max-batch", type=int, help="cap on the computed largest batch (default 64; 3 with --smoke)")
     p.add_argument("--warmup", type=int, default=2)
@@ -83,12 +102,14 @@ class Model:
     def __init__(self, env, shapes, seed: int = 0):
         torch.manual_seed(seed)
         self.shapes = shapes
-        h, kvh, d, hidden, inter = (shapes[k] for k in ("num_heads", "num_kv_heads", "head_dim", "hidden", "intermediate"))
+        h, kvh, d, hidden, inter = (
+            shapes[k] for k in ("num_heads", "num_kv_heads", "head_dim", "hidden", "intermediate")
+        )
 
         def weight(out_features, in_features):
             # 1/sqrt(fan_in) keeps activations O(1) over 32 residual layers (no inf/nan in bf16).
             w = torch.empty(out_features, in_features, dtype=env.dtype, device=env.device).normal_()
-            return w.mul_(in_features ** -0.5)
+            return w.mul_(in_features**-0.5)
 
         self.qkv = weight((h + 2 * kvh) * d, hidden)
         self.o = weight(hidden, h * d)
@@ -150,8 +171,9 @@ class FullAttention:
     def __init__(self, env, shapes, layout, cache):
         self.cache = cache
         tc = use_tensor_cores(shapes["num_heads"], shapes["num_kv_heads"])
-        self.wrapper, self.plan = full_decode_plan(env, layout, shapes["num_heads"], shapes["num_kv_heads"],
-                                                   shapes["head_dim"], tc)
+        self.wrapper, self.plan = full_decode_plan(
+            env, layout, shapes["num_heads"], shapes["num_kv_heads"], shapes["head_dim"], tc
+        )
 
     def __call__(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         return self.wrapper.run(q, self.cache.pages[layer])
@@ -166,10 +188,17 @@ class DynSplitAttention:
         self.inputs = layout.select_inputs(budget)
         self.slots = torch.zeros(layout.batch, kvh, budget, dtype=torch.int64, device=env.device)
         self.counts = torch.zeros(layout.batch, kvh, dtype=torch.int32, device=env.device)
-        self.sparse = FoldedSparseDecode(env.sparse_wrapper_factory(use_tensor_cores(h, kvh)), kvh, h // kvh, d,
-                                         max_requests=layout.batch, max_out=budget, device=env.device)
+        self.sparse = FoldedSparseDecode(
+            env.sparse_wrapper_factory(use_tensor_cores(h, kvh)),
+            kvh,
+            h // kvh,
+            d,
+            max_requests=layout.batch,
+            max_out=budget,
+            device=env.device,
+        )
         self.expected = min(budget, layout.context)  # the budget is filled exactly
-        self.plan = lambda: self.sparse.plan([self.expected] * layout.batch, budget, env.dtype, env.dtype, d ** -0.5)
+        self.plan = lambda: self.sparse.plan([self.expected] * layout.batch, budget, env.dtype, env.dtype, d**-0.5)
         self.plan()
 
     def counts_ok(self) -> bool:
@@ -177,8 +206,14 @@ class DynSplitAttention:
         return bool((self.counts == self.expected).all())
 
     def __call__(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        self.env.select(q, self.cache.kmin[layer], self.cache.kmax[layer], **self.inputs,
-                        slots_out=self.slots, counts_out=self.counts)
+        self.env.select(
+            q,
+            self.cache.kmin[layer],
+            self.cache.kmax[layer],
+            **self.inputs,
+            slots_out=self.slots,
+            counts_out=self.counts,
+        )
         self.sparse.write_indices(self.slots)
         return self.sparse.run(q, self.cache.k[layer], self.cache.v[layer])[0]
 
@@ -198,8 +233,10 @@ def batch_sizes(env, shapes, model, context: int, max_batch: int) -> dict:
     avail = free - (RESERVE if env.cuda else 0)
     real_extra = int(shapes["params"] * itemsize) - model.weight_bytes
     return {
-        "free_bytes": free, "reserve_bytes": RESERVE if env.cuda else 0,
-        "kv_bytes_per_request": per_kv, "record_bytes_per_request": per_records,
+        "free_bytes": free,
+        "reserve_bytes": RESERVE if env.cuda else 0,
+        "kv_bytes_per_request": per_kv,
+        "record_bytes_per_request": per_records,
         "full_fits": max(avail // per_kv, 0),
         "both_fit": max(avail // (per_kv + per_records), 0),
         "full_fits_with_real_weights": max((avail - real_extra) // per_kv, 0) if shapes["params"] else None,
@@ -209,19 +246,26 @@ def batch_sizes(env, shapes, model, context: int, max_batch: int) -> dict:
 
 def time_policy(env, model, x, cos, sin, cache, policy, args) -> dict:
     """Eager, CUDA-graph and breakable-graph step times (ms, median) with the plan before each step."""
+
     def eager_step():
         policy.plan()
         return model.step(x, cos, sin, cache, policy)
 
     logits = eager_step()
-    result = {"finite_logits": bool(torch.isfinite(logits).all()),
-              "counts_ok": policy.counts_ok() if hasattr(policy, "counts_ok") else None,
-              "eager_ms": median_ms(env, eager_step, args.warmup, args.reps),
-              "plan_ms": host_ms(env, policy.plan, 3), "graph_ms": None, "graph_error": None,
-              "breakable_ms": None, "breakable_error": None}
+    result = {
+        "finite_logits": bool(torch.isfinite(logits).all()),
+        "counts_ok": policy.counts_ok() if hasattr(policy, "counts_ok") else None,
+        "eager_ms": median_ms(env, eager_step, args.warmup, args.reps),
+        "plan_ms": host_ms(env, policy.plan, 3),
+        "graph_ms": None,
+        "graph_error": None,
+        "breakable_ms": None,
+        "breakable_error": None,
+    }
     if not env.cuda:
         result["graph_error"] = result["breakable_error"] = "no CUDA (smoke run)"
         return result
+
     def whole_graph():  # the 32 layers' kernels in one graph
         return capture(lambda: model.step(x, cos, sin, cache, policy)).replay
 
@@ -234,7 +278,7 @@ def time_policy(env, model, x, cos, sin, cache, policy, args) -> dict:
         try:
             replay = captured()
 
-            def step():  # the plan stays outside the graph (host work)
+            def step(replay=replay):  # the plan stays outside the graph (host work)
                 policy.plan()
                 replay()
 
@@ -264,13 +308,20 @@ def run_setting(env, shapes, model, context: int, batch: int, args) -> list[dict
         timing = time_policy(env, model, x, cos, sin, cache, policy, args)
         del policy
         attended = context if budget is None else min(budget, context)
-        rows.append({
-            "context": context, "batch": batch, "policy": name, "budget": budget, **timing,
-            "kv_resident_bytes": kv_resident, "records_resident_bytes": records_resident if budget else 0,
-            "kv_read_bytes": kv_bytes(batch * attended, layers, kvh, d, itemsize),
-            "records_read_bytes": record_bytes(layout.capacity, layers, kvh, d, itemsize) if budget else 0,
-            "num_blocks": layout.num_blocks,
-        })
+        rows.append(
+            {
+                "context": context,
+                "batch": batch,
+                "policy": name,
+                "budget": budget,
+                **timing,
+                "kv_resident_bytes": kv_resident,
+                "records_resident_bytes": records_resident if budget else 0,
+                "kv_read_bytes": kv_bytes(batch * attended, layers, kvh, d, itemsize),
+                "records_read_bytes": record_bytes(layout.capacity, layers, kvh, d, itemsize) if budget else 0,
+                "num_blocks": layout.num_blocks,
+            }
+        )
         log(progress_line(rows[-1], env.cuda))
     full = rows[0]
     for r in rows:
@@ -287,52 +338,87 @@ def run_setting(env, shapes, model, context: int, batch: int, args) -> list[dict
 def progress_line(r: dict, cuda: bool) -> str:
     label = r["policy"] if r["budget"] is None else f"{r['policy']} budget {r['budget']}"
     graph = "-" if r["graph_ms"] is None else f"{r['graph_ms']:.2f} ms"
-    notes = ("" if r["finite_logits"] else ", NON-FINITE logits") + (", WRONG counts" if r["counts_ok"] is False else "")
+    notes = ("" if r["finite_logits"] else ", NON-FINITE logits") + (
+        ", WRONG counts" if r["counts_ok"] is False else ""
+    )
     notes += ", graph failed" if r["graph_error"] and cuda else ""
     notes += ", breakable graph failed" if r["breakable_error"] and cuda else ""
     breakable = "-" if r["breakable_ms"] is None else f"{r['breakable_ms']:.2f} ms"
-    return (f"  {label}: eager {r['eager_ms']:.2f} ms, graph {graph}, breakable {breakable}, "
-            f"plan {r['plan_ms']:.2f} ms{notes}")
+    return (
+        f"  {label}: eager {r['eager_ms']:.2f} ms, graph {graph}, breakable {breakable}, "
+        f"plan {r['plan_ms']:.2f} ms{notes}"
+    )
 
 
 def targets(rows: list[dict], context: int) -> dict:
     at = [r for r in rows if r["context"] == context and r["policy"] == "dynsplit"]
     per_budget = {r["budget"]: r["speedup"] for r in at}
-    return {"decode_step_speedup": {
-        "context": context, "batch": at[0]["batch"] if at else None, "target": f">= {TARGET_SPEEDUP}x",
-        "per_budget": per_budget, "timing": sorted({r["timing"] for r in at}),
-        "holds": bool(per_budget) and all(v >= TARGET_SPEEDUP for v in per_budget.values())}}
+    return {
+        "decode_step_speedup": {
+            "context": context,
+            "batch": at[0]["batch"] if at else None,
+            "target": f">= {TARGET_SPEEDUP}x",
+            "per_budget": per_budget,
+            "timing": sorted({r["timing"] for r in at}),
+            "holds": bool(per_budget) and all(v >= TARGET_SPEEDUP for v in per_budget.values()),
+        }
+    }
 
 
-COLUMNS = [("context", "context"), ("batch", "batch"), ("policy", "policy"), ("budget", "budget"),
-           ("eager_ms", "eager ms"), ("graph_ms", "graph ms"), ("breakable_ms", "breakable graph ms"),
-           ("plan_ms", "plan ms"),
-           ("tokens_per_s", "tokens/s"), ("speedup", "speedup vs full"), ("kv_resident_GiB", "KV resident GiB"),
-           ("records_resident_GiB", "records resident GiB"), ("kv_read_GiB", "KV read / step GiB"),
-           ("records_read_GiB", "records read / step GiB")]
+COLUMNS = [
+    ("context", "context"),
+    ("batch", "batch"),
+    ("policy", "policy"),
+    ("budget", "budget"),
+    ("eager_ms", "eager ms"),
+    ("graph_ms", "graph ms"),
+    ("breakable_ms", "breakable graph ms"),
+    ("plan_ms", "plan ms"),
+    ("tokens_per_s", "tokens/s"),
+    ("speedup", "speedup vs full"),
+    ("kv_resident_GiB", "KV resident GiB"),
+    ("records_resident_GiB", "records resident GiB"),
+    ("kv_read_GiB", "KV read / step GiB"),
+    ("records_read_GiB", "records read / step GiB"),
+]
 
 
 def report(result: dict) -> str:
-    rows = [{**r, **{f"{k}_GiB": r[f"{k}_bytes"] / GiB for k in ("kv_resident", "records_resident", "kv_read",
-                                                               "records_read")}} for r in result["rows"]]
+    rows = [
+        {
+            **r,
+            **{
+                f"{k}_GiB": r[f"{k}_bytes"] / GiB
+                for k in ("kv_resident", "records_resident", "kv_read", "records_read")
+            },
+        }
+        for r in result["rows"]
+    ]
     title = "tiny smoke shapes" if result["smoke"] else "Llama-3.1-8B shapes"
-    lines = [f"## Decode step, {title} ({result['shapes']['layers']} layers; one layer's random weights reused by all)", "",
-             markdown(rows, COLUMNS), ""]
+    lines = [
+        f"## Decode step, {title} ({result['shapes']['layers']} layers; one layer's random weights reused by all)",
+        "",
+        markdown(rows, COLUMNS),
+        "",
+    ]
     for s in result["settings"]:
         lines.append(f"context {s['context']}: batch {s['batch']} ({s['why']})")
     for r in result["rows"]:
         for kind in ("graph", "breakable"):
             if r[f"{kind}_error"] and result["smoke"] is False:
-                lines.append(f"{kind} capture failed for {r['policy']} {r['budget']} at {r['context']}: "
-                             f"{r[f'{kind}_error']}")
+                lines.append(
+                    f"{kind} capture failed for {r['policy']} {r['budget']} at {r['context']}: {r[f'{kind}_error']}"
+                )
     for f in result["failed"]:
         lines.append(f"FAILED: context {f['context']}: {f['error']}")
     t = result.get("targets", {}).get("decode_step_speedup")
     if t:
-        lines.append(f"\ntarget: dynsplit >= {TARGET_SPEEDUP}x full at context {t['context']}, batch {t['batch']}: "
-                     f"{'holds' if t['holds'] else 'MISSED'} ("
-                     + ", ".join(f"budget {b}: x{v:.3g}" for b, v in t["per_budget"].items())
-                     + f"; {'/'.join(t['timing'])} timing)")
+        lines.append(
+            f"\ntarget: dynsplit >= {TARGET_SPEEDUP}x full at context {t['context']}, batch {t['batch']}: "
+            f"{'holds' if t['holds'] else 'MISSED'} ("
+            + ", ".join(f"budget {b}: x{v:.3g}" for b, v in t["per_budget"].items())
+            + f"; {'/'.join(t['timing'])} timing)"
+        )
     lines += ["", result["note"], *footer(result)]
     return "\n".join(lines)
 
@@ -342,13 +428,25 @@ def main(argv=None):
     model = Model(env, shapes)
     result = {
         **header("benchmarks.gpu.decode_step", argv, env),
-        "shapes": {k: v for k, v in shapes.items() if k != "params"}, "dtype": str(env.dtype),
-        "note": ("Model-shaped, not a served model: one layer's random weights are reused by all "
-                 f"{shapes['layers']} layers (same GEMM shapes and bytes per layer), plus the LM head; "
-                 f"weights resident {model.weight_bytes / GiB:.2f} GiB. Step time includes the per-step plan."),
-        "timing": {"warmup": args.warmup, "reps": args.reps, "statistic": "median",
-                   "clock": "CUDA events" if env.cuda else "perf_counter"},
-        "budgets": args.budgets, "compile_s": {}, "settings": [], "rows": [], "failed": [], "targets": {},
+        "shapes": {k: v for k, v in shapes.items() if k != "params"},
+        "dtype": str(env.dtype),
+        "note": (
+            "Model-shaped, not a served model: one layer's random weights are reused by all "
+            f"{shapes['layers']} layers (same GEMM shapes and bytes per layer), plus the LM head; "
+            f"weights resident {model.weight_bytes / GiB:.2f} GiB. Step time includes the per-step plan."
+        ),
+        "timing": {
+            "warmup": args.warmup,
+            "reps": args.reps,
+            "statistic": "median",
+            "clock": "CUDA events" if env.cuda else "perf_counter",
+        },
+        "budgets": args.budgets,
+        "compile_s": {},
+        "settings": [],
+        "rows": [],
+        "failed": [],
+        "targets": {},
         "partial": True,
     }
     log(f"gpu decode step benchmark -> {path}\nwarm-up (first calls compile; cached after benchmarks.gpu.kernels):")
@@ -359,10 +457,17 @@ def main(argv=None):
         sizes = batch_sizes(env, shapes, model, context, args.max_batch)
         if batch is None:
             batch = min(sizes["both_fit"], args.max_batch)
-            why = (f"the largest that fits: full's KV fits {sizes['full_fits']}, with dynsplit's records "
-                   f"{sizes['both_fit']}" + (f", capped at --max-batch {args.max_batch}" if batch == args.max_batch else "")
-                   + (f"; with all of the real model's weights resident full would fit "
-                      f"{sizes['full_fits_with_real_weights']}" if sizes["full_fits_with_real_weights"] is not None else ""))
+            why = (
+                f"the largest that fits: full's KV fits {sizes['full_fits']}, with dynsplit's records "
+                f"{sizes['both_fit']}"
+                + (f", capped at --max-batch {args.max_batch}" if batch == args.max_batch else "")
+                + (
+                    f"; with all of the real model's weights resident full would fit "
+                    f"{sizes['full_fits_with_real_weights']}"
+                    if sizes["full_fits_with_real_weights"] is not None
+                    else ""
+                )
+            )
         else:
             why = "fixed"
         result["settings"].append({"context": context, "batch": batch, "why": why, **sizes})

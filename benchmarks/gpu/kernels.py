@@ -27,9 +27,29 @@ import time
 import torch
 
 from benchmarks.gpu.common import (
-    BLOCK_MAX, BLOCK_MIN, KEEP_HEAD, RECENT, GiB, capture, check_attention, expected_blocks, footer, full_decode_plan,
-    header, host_ms, kv_bytes, log, make_layout, markdown, median_ms, random_bounds, record_bytes, short_error, start,
-    use_tensor_cores, write_json,
+    BLOCK_MAX,
+    BLOCK_MIN,
+    KEEP_HEAD,
+    RECENT,
+    GiB,
+    capture,
+    check_attention,
+    expected_blocks,
+    footer,
+    full_decode_plan,
+    header,
+    host_ms,
+    kv_bytes,
+    log,
+    make_layout,
+    markdown,
+    median_ms,
+    random_bounds,
+    record_bytes,
+    short_error,
+    start,
+    use_tensor_cores,
+    write_json,
 )
 from dynsplit_sglang.sparse_decode_flashinfer import FoldedSparseDecode
 
@@ -90,7 +110,7 @@ class Problem:
     def __init__(self, env, shapes, batch: int, context: int, seed: int = 0):
         self.env, self.shapes = env, shapes
         self.heads, self.kv_heads, self.dim = shapes["num_heads"], shapes["num_kv_heads"], shapes["head_dim"]
-        self.scale = self.dim ** -0.5
+        self.scale = self.dim**-0.5
         self.layout = make_layout(batch, context, env.device, seed)
         torch.manual_seed(seed)
         shape = (self.layout.num_slots, self.kv_heads, self.dim)
@@ -106,9 +126,15 @@ class Problem:
 
     def sparse(self, budget: int, tensor_cores: bool) -> tuple[FoldedSparseDecode, object]:
         """(planned FoldedSparseDecode for this batch at `budget`, its plan function)."""
-        sparse = FoldedSparseDecode(self.env.sparse_wrapper_factory(tensor_cores), self.kv_heads,
-                                    self.heads // self.kv_heads, self.dim, max_requests=self.layout.batch,
-                                    max_out=budget, device=self.env.device)
+        sparse = FoldedSparseDecode(
+            self.env.sparse_wrapper_factory(tensor_cores),
+            self.kv_heads,
+            self.heads // self.kv_heads,
+            self.dim,
+            max_requests=self.layout.batch,
+            max_out=budget,
+            device=self.env.device,
+        )
         counts = [min(budget, self.layout.context)] * self.layout.batch  # the budget is filled exactly
 
         def plan():
@@ -161,21 +187,33 @@ def run_budget(problem: Problem, budget: int, tensor_cores: bool, args) -> dict:
         sparse.write_indices(slots)
         return sparse.run(problem.q, problem.k, problem.v)
 
-    timings = {"select": time_op(env, select, args.warmup, args.reps),
-               "sparse": time_op(env, attend, args.warmup, args.reps)}
+    timings = {
+        "select": time_op(env, select, args.warmup, args.reps),
+        "sparse": time_op(env, attend, args.warmup, args.reps),
+    }
     select()
     out, _ = attend()
     check = check_attention(out[0], problem.q[0], problem.k, problem.v, slots[0, :, :expected], problem.scale)
     kvh, d, itemsize = problem.kv_heads, problem.dim, problem.k.element_size()
     nb = layout.num_blocks
     return {
-        "context": layout.context, "batch": layout.batch, "budget": budget, "tensor_cores": tensor_cores,
-        "num_blocks": nb, "nb_p2": max(16, 1 << max(nb - 1, 0).bit_length()), "layout_stats": layout.stats,
-        "timings": timings, "plan_ms": {"sparse": plan_ms}, "select_first_call_s": first_call_s,
-        "counts_ok": counts_ok, "check_sparse": check,
-        "bytes_read": {"selection_records": record_bytes(layout.capacity, 1, kvh, d, itemsize),
-                       "sparse_kv": kv_bytes(layout.batch * expected, 1, kvh, d, itemsize),
-                       "full_kv": kv_bytes(layout.batch * layout.context, 1, kvh, d, itemsize)},
+        "context": layout.context,
+        "batch": layout.batch,
+        "budget": budget,
+        "tensor_cores": tensor_cores,
+        "num_blocks": nb,
+        "nb_p2": max(16, 1 << max(nb - 1, 0).bit_length()),
+        "layout_stats": layout.stats,
+        "timings": timings,
+        "plan_ms": {"sparse": plan_ms},
+        "select_first_call_s": first_call_s,
+        "counts_ok": counts_ok,
+        "check_sparse": check,
+        "bytes_read": {
+            "selection_records": record_bytes(layout.capacity, 1, kvh, d, itemsize),
+            "sparse_kv": kv_bytes(layout.batch * expected, 1, kvh, d, itemsize),
+            "full_kv": kv_bytes(layout.batch * layout.context, 1, kvh, d, itemsize),
+        },
     }
 
 
@@ -184,14 +222,23 @@ def finish_row(row: dict) -> dict:
     t = row["timings"]
     graph = all(t[op]["graph_ms"] is not None for op in ("select", "sparse", "full"))
     ms = {op: t[op]["graph_ms" if graph else "eager_ms"] for op in ("select", "sparse", "full")}
-    row.update(timing="graph" if graph else "eager", select_ms=ms["select"], sparse_ms=ms["sparse"],
-               full_ms=ms["full"], select_share=ms["select"] / (ms["select"] + ms["sparse"]),
-               attn_speedup=ms["full"] / ms["sparse"], step_speedup=ms["full"] / (ms["select"] + ms["sparse"]))
+    row.update(
+        timing="graph" if graph else "eager",
+        select_ms=ms["select"],
+        sparse_ms=ms["sparse"],
+        full_ms=ms["full"],
+        select_share=ms["select"] / (ms["select"] + ms["sparse"]),
+        attn_speedup=ms["full"] / ms["sparse"],
+        step_speedup=ms["full"] / (ms["select"] + ms["sparse"]),
+    )
     row["eager"] = {f"{op}_ms": t[op]["eager_ms"] for op in ("select", "sparse", "full")}
     row["graph_errors"] = {op: t[op]["graph_error"] for op in t if t[op]["graph_error"]}
     b = row["bytes_read"]
-    row["GBps"] = {"select": b["selection_records"] / ms["select"] / 1e6, "sparse": b["sparse_kv"] / ms["sparse"] / 1e6,
-                   "full": b["full_kv"] / ms["full"] / 1e6}
+    row["GBps"] = {
+        "select": b["selection_records"] / ms["select"] / 1e6,
+        "sparse": b["sparse_kv"] / ms["sparse"] / 1e6,
+        "full": b["full_kv"] / ms["full"] / 1e6,
+    }
     return row
 
 
@@ -199,19 +246,25 @@ def tensor_core_check(problem: Problem, budget: int, args) -> dict:
     """The folded (group 4) and the full call with FlashInfer's use_tensor_cores off and on."""
     select, slots, _ = problem.selection(budget)
     select()
-    out = {"context": problem.layout.context, "batch": problem.layout.batch, "budget": budget,
-           "sglang_rule": use_tensor_cores(problem.heads, problem.kv_heads)}
+    out = {
+        "context": problem.layout.context,
+        "batch": problem.layout.batch,
+        "budget": budget,
+        "sglang_rule": use_tensor_cores(problem.heads, problem.kv_heads),
+    }
     for tc in (False, True):
         sparse, _ = problem.sparse(budget, tc)
 
-        def attend():
+        def attend(sparse=sparse):
             sparse.write_indices(slots)
             return sparse.run(problem.q, problem.k, problem.v)
 
         full, _ = problem.full(tc)
         key = "on" if tc else "off"
         out[f"sparse_{key}"] = time_op(problem.env, attend, args.warmup, args.reps)
-        out[f"full_{key}"] = time_op(problem.env, lambda: full.run(problem.q, problem.pages), args.warmup, args.reps)
+        out[f"full_{key}"] = time_op(
+            problem.env, lambda full=full: full.run(problem.q, problem.pages), args.warmup, args.reps
+        )
         del sparse, full
     return out
 
@@ -221,7 +274,7 @@ def run_config(env, shapes, batch: int, context: int, args, tc_budget: int | Non
     problem = Problem(env, shapes, batch, context)
     tc = use_tensor_cores(problem.heads, problem.kv_heads)
     full, plan = problem.full(tc)
-    full_timing = time_op(env, lambda: full.run(problem.q, problem.pages), args.warmup, args.reps)
+    full_timing = time_op(env, lambda full=full: full.run(problem.q, problem.pages), args.warmup, args.reps)
     full_plan_ms = host_ms(env, plan, 3)
     out = full.run(problem.q, problem.pages)
     every = problem.layout.req_slots[0, :context][None].expand(problem.kv_heads, -1)
@@ -235,9 +288,12 @@ def run_config(env, shapes, batch: int, context: int, args, tc_budget: int | Non
         row["check_full"] = full_check
         finish_row(row)
         rows.append(row)
-        log(f"  budget {budget} ({row['num_blocks']} blocks, sorted as {row['nb_p2']}): select {row['select_ms']:.3f} ms, sparse {row['sparse_ms']:.3f} ms, "
+        log(
+            f"  budget {budget} ({row['num_blocks']} blocks, sorted as {row['nb_p2']}): "
+            f"select {row['select_ms']:.3f} ms, sparse {row['sparse_ms']:.3f} ms, "
             f"full {row['full_ms']:.3f} ms ({row['timing']}), share {row['select_share']:.2f}, "
-            f"attention x{row['attn_speedup']:.1f}, checks {'ok' if check_ok(row) else 'FAILED'}")
+            f"attention x{row['attn_speedup']:.1f}, checks {'ok' if check_ok(row) else 'FAILED'}"
+        )
     tc_result = None
     if tc_budget:
         try:
@@ -281,9 +337,9 @@ def warm_up(env, shapes) -> dict:
     first("triton_select_slots", select)
     for tc in (False, True):
         key = "tensor_cores" if tc else "cuda_cores"
-        first(f"flashinfer_full_{key}", lambda: problem.full(tc)[0].run(problem.q, problem.pages))
+        first(f"flashinfer_full_{key}", lambda tc=tc: problem.full(tc)[0].run(problem.q, problem.pages))
 
-        def folded():
+        def folded(tc=tc):
             sparse, _ = problem.sparse(budget, tc)
             sparse.write_indices(slots)
             sparse.run(problem.q, problem.k, problem.v)
@@ -301,20 +357,38 @@ def targets(rows: list[dict], context: int, budget: int) -> dict:
     speedup = min((r["attn_speedup"] for r in at_budget), default=None)
     with_selection = min((r["step_speedup"] for r in at_budget), default=None)
     return {
-        "selection_share": {"context": context, "target": f"<= {TARGET_SHARE}", "max": share,
-                            "holds": share is not None and share <= TARGET_SHARE,
-                            "per_config": {f"b{r['batch']}/budget{r['budget']}": r["select_share"] for r in at}},
-        "attention_speedup": {"context": context, "budget": budget, "target": f">= {TARGET_SPEEDUP}x",
-                              "min": speedup, "holds": speedup is not None and speedup >= TARGET_SPEEDUP,
-                              "min_including_selection": with_selection,
-                              "per_batch": {r["batch"]: r["attn_speedup"] for r in at_budget}},
+        "selection_share": {
+            "context": context,
+            "target": f"<= {TARGET_SHARE}",
+            "max": share,
+            "holds": share is not None and share <= TARGET_SHARE,
+            "per_config": {f"b{r['batch']}/budget{r['budget']}": r["select_share"] for r in at},
+        },
+        "attention_speedup": {
+            "context": context,
+            "budget": budget,
+            "target": f">= {TARGET_SPEEDUP}x",
+            "min": speedup,
+            "holds": speedup is not None and speedup >= TARGET_SPEEDUP,
+            "min_including_selection": with_selection,
+            "per_batch": {r["batch"]: r["attn_speedup"] for r in at_budget},
+        },
     }
 
 
-COLUMNS = [("context", "context"), ("batch", "batch"), ("budget", "budget"), ("num_blocks", "blocks"),
-           ("select_ms", "selection ms"), ("sparse_ms", "sparse attn ms"), ("full_ms", "full decode ms"),
-           ("select_share", "selection share"), ("attn_speedup", "full / sparse"),
-           ("step_speedup", "full / (sel + sparse)"), ("timing", "timing")]
+COLUMNS = [
+    ("context", "context"),
+    ("batch", "batch"),
+    ("budget", "budget"),
+    ("num_blocks", "blocks"),
+    ("select_ms", "selection ms"),
+    ("sparse_ms", "sparse attn ms"),
+    ("full_ms", "full decode ms"),
+    ("select_share", "selection share"),
+    ("attn_speedup", "full / sparse"),
+    ("step_speedup", "full / (sel + sparse)"),
+    ("timing", "timing"),
+]
 
 
 def g3(v) -> str:
@@ -324,9 +398,13 @@ def g3(v) -> str:
 def report(result: dict) -> str:
     shapes = result["shapes"]
     title = "tiny smoke shapes" if result["smoke"] else "Llama-3.1-8B shapes"
-    lines = [f"## One attention layer, {title} ({shapes['num_heads']} q heads, {shapes['num_kv_heads']} KV heads, "
-             f"d {shapes['head_dim']}, {result['dtype'].removeprefix('torch.')})", "",
-             markdown(result["rows"], COLUMNS), ""]
+    lines = [
+        f"## One attention layer, {title} ({shapes['num_heads']} q heads, {shapes['num_kv_heads']} KV heads, "
+        f"d {shapes['head_dim']}, {result['dtype'].removeprefix('torch.')})",
+        "",
+        markdown(result["rows"], COLUMNS),
+        "",
+    ]
     eager = [{**r, **{k: r["eager"][k] for k in ("select_ms", "sparse_ms", "full_ms")}} for r in result["rows"]]
     lines += ["Eager (Python launch overhead included):", "", markdown(eager, COLUMNS[:7]), ""]
     for s in result["skipped"]:
@@ -337,20 +415,27 @@ def report(result: dict) -> str:
     if tc and "error" in tc:
         lines += ["", f"use_tensor_cores comparison failed: {tc['error']}"]
     elif tc:
+
         def ms(t):
             return f"{t['graph_ms'] if t['graph_ms'] is not None else t['eager_ms']:.3f}"
 
-        lines += ["", f"use_tensor_cores at context {tc['context']}, batch {tc['batch']}, budget {tc['budget']} "
-                  f"(SGLang's rule picks {'on' if tc['sglang_rule'] else 'off'}): folded sparse off {ms(tc['sparse_off'])} "
-                  f"/ on {ms(tc['sparse_on'])} ms; full off {ms(tc['full_off'])} / on {ms(tc['full_on'])} ms"]
+        lines += [
+            "",
+            f"use_tensor_cores at context {tc['context']}, batch {tc['batch']}, budget {tc['budget']} "
+            f"(SGLang's rule picks {'on' if tc['sglang_rule'] else 'off'}): folded sparse off {ms(tc['sparse_off'])} "
+            f"/ on {ms(tc['sparse_on'])} ms; full off {ms(tc['full_off'])} / on {ms(tc['full_on'])} ms",
+        ]
     t = result.get("targets")
     if t:
         s, a = t["selection_share"], t["attention_speedup"]
-        lines += ["", f"target: selection <= {TARGET_SHARE:.0%} of the sparse step at context {s['context']}: "
-                  f"{'holds' if s['holds'] else 'MISSED'} (max share {g3(s['max'])})",
-                  f"target: attention >= {TARGET_SPEEDUP}x faster than full at context {a['context']}, budget "
-                  f"{a['budget']}: {'holds' if a['holds'] else 'MISSED'} (min x{g3(a['min'])}; with selection "
-                  f"x{g3(a['min_including_selection'])})"]
+        lines += [
+            "",
+            f"target: selection <= {TARGET_SHARE:.0%} of the sparse step at context {s['context']}: "
+            f"{'holds' if s['holds'] else 'MISSED'} (max share {g3(s['max'])})",
+            f"target: attention >= {TARGET_SPEEDUP}x faster than full at context {a['context']}, budget "
+            f"{a['budget']}: {'holds' if a['holds'] else 'MISSED'} (min x{g3(a['min'])}; with selection "
+            f"x{g3(a['min_including_selection'])})",
+        ]
     lines += ["", *footer(result)]
     return "\n".join(lines)
 
@@ -359,12 +444,27 @@ def main(argv=None):
     argv, args, env, shapes, path = start(argv, parse_args, "gpu_kernels.json")
     result = {
         **header("benchmarks.gpu.kernels", argv, env),
-        "shapes": {k: shapes[k] for k in ("num_heads", "num_kv_heads", "head_dim")}, "dtype": str(env.dtype),
-        "layout": {"block_tokens": [BLOCK_MIN, BLOCK_MAX], "keep_head": KEEP_HEAD, "recent": RECENT,
-                   "slots": "contiguous per request", "kv": "one layer, random normal"},
-        "timing": {"warmup": args.warmup, "reps": args.reps, "statistic": "median",
-                   "clock": "CUDA events" if env.cuda else "perf_counter"},
-        "compile_s": {}, "rows": [], "skipped": [], "failed": [], "tensor_cores": None, "targets": None,
+        "shapes": {k: shapes[k] for k in ("num_heads", "num_kv_heads", "head_dim")},
+        "dtype": str(env.dtype),
+        "layout": {
+            "block_tokens": [BLOCK_MIN, BLOCK_MAX],
+            "keep_head": KEEP_HEAD,
+            "recent": RECENT,
+            "slots": "contiguous per request",
+            "kv": "one layer, random normal",
+        },
+        "timing": {
+            "warmup": args.warmup,
+            "reps": args.reps,
+            "statistic": "median",
+            "clock": "CUDA events" if env.cuda else "perf_counter",
+        },
+        "compile_s": {},
+        "rows": [],
+        "skipped": [],
+        "failed": [],
+        "tensor_cores": None,
+        "targets": None,
         "partial": True,
     }
     log(f"gpu kernels benchmark -> {path}\nwarm-up (first calls compile):")

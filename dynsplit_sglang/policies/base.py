@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, replace
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 
@@ -38,12 +38,12 @@ class PolicyNeeds:
 
     score_layers: frozenset[int] = frozenset()
     band_width: int = 0
-    score_heads: Optional[tuple[int, ...]] = None
+    score_heads: tuple[int, ...] | None = None
     query_layers: frozenset[int] = frozenset()
     query_window: int = 0
 
     @staticmethod
-    def union(needs: "list[PolicyNeeds]") -> "PolicyNeeds":
+    def union(needs: list[PolicyNeeds]) -> PolicyNeeds:
         """What several policies need together: every layer any wants, the widest band and window;
         the score heads they share, or all heads when the scoring ones disagree (each then takes
         its own)."""
@@ -80,11 +80,11 @@ class RequestView:
     row_slots: torch.Tensor
     new_start: int
     token_ids: torch.Tensor
-    rid: Optional[str] = None
+    rid: str | None = None
     row: int = -1
     budget: int = 0
     policy: str = ""
-    prompt_len: Optional[int] = None
+    prompt_len: int | None = None
 
     @property
     def seq_len(self) -> int:
@@ -106,14 +106,19 @@ class RequestView:
         start = max(self.new_start, end - window)
         return slice(start - self.new_start, max(start, end) - self.new_start)
 
-    def prompt(self) -> "RequestView":
+    def prompt(self) -> RequestView:
         """This view cut at the prompt's end, for ranking the prompt (called when ends_prompt())."""
         end = self.prompt_end
         if end >= self.seq_len:
             return self
         new_start = min(self.new_start, end)
-        return replace(self, row_slots=self.row_slots[:end], new_start=new_start,
-                       token_ids=self.token_ids[: end - new_start], prompt_len=end)
+        return replace(
+            self,
+            row_slots=self.row_slots[:end],
+            new_start=new_start,
+            token_ids=self.token_ids[: end - new_start],
+            prompt_len=end,
+        )
 
 
 class KVPolicy(abc.ABC):

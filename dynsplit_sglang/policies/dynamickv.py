@@ -23,8 +23,9 @@ class DynamicKVOptions(SnapKVOptions):
     kernel_size: int = option(7, "1-D pooling kernel over positions, odd (DynamicKV: 7)")
     r_max: float = option(10.0, "a layer's temporary maximum budget is r_max times the mean (DynamicKV: 10)")
     update_interval: int = option(
-        4, "m, layers between re-allocations in the authors' progressive schedule (kept for reference: with the "
-        "KV resident only the final allocation matters)"
+        4,
+        "m, layers between re-allocations in the authors' progressive schedule (kept for reference: with the "
+        "KV resident only the final allocation matters)",
     )
 
     def validate(self) -> None:
@@ -36,10 +37,12 @@ class DynamicKVOptions(SnapKVOptions):
 def dynamickv_scores(r, window, key_buffers, obs: int, kernel: int, pooling: str) -> torch.Tensor:
     """[L, KvH, N - obs] pooled window scores of the prompt tokens before the window, every layer."""
     n = r.seq_len
-    return torch.stack([
-        pool_scores(prompt_scores(r, layer, window, key_buffers, obs)[:, : n - obs], kernel, pooling)
-        for layer in range(len(key_buffers))
-    ])
+    return torch.stack(
+        [
+            pool_scores(prompt_scores(r, layer, window, key_buffers, obs)[:, : n - obs], kernel, pooling)
+            for layer in range(len(key_buffers))
+        ]
+    )
 
 
 class DynamicKVPolicy(PrefillSelectionPolicy):
@@ -70,5 +73,7 @@ class DynamicKVPolicy(PrefillSelectionPolicy):
             budgets = [r.budget] * num_layers
         else:
             budgets = [obs + b for b in dynamickv(scores, r.budget - obs, o.r_max, n - obs)]
-        orders = [shared_order(recent, scores[l], min(budgets[l], n), self.shape.num_kv_heads) for l in range(num_layers)]
+        orders = [
+            shared_order(recent, scores[l], min(budgets[l], n), self.shape.num_kv_heads) for l in range(num_layers)
+        ]
         return orders, budgets

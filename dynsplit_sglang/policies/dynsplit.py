@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 
@@ -36,32 +36,45 @@ class DynSplitOptions(PolicyOptions):
     policy: ClassVar[str] = "dynsplit"
     block_size: int = option(16, "C, target block length in tokens")
     delta: int = option(4, "Δ: blocks end anywhere in C±Δ (must be < C)")
-    lookahead: int = option(8, "following queries that score a candidate boundary; a boundary is decided once they exist")
+    lookahead: int = option(
+        8, "following queries that score a candidate boundary; a boundary is decided once they exist"
+    )
     alpha: float = option(1.0, "weight of the penalty on attention to the distant past in the DD-Select score")
     local_window: int = option(16, "keys just before a candidate that count as neither retained nor distant")
     sink_tokens: int = option(4, "first tokens every step attends to")
     recent_tokens: int = option(32, "last tokens every step attends to")
-    score_layers: Optional[tuple[int, ...]] = option(
-        None, "layers feeding the DD-Select score; `null` = 4 layers spread over the middle half of the model")
-    score_heads: Optional[tuple[int, ...]] = option(None, "query heads feeding the score; `null` = all")
+    score_layers: tuple[int, ...] | None = option(
+        None, "layers feeding the DD-Select score; `null` = 4 layers spread over the middle half of the model"
+    )
+    score_heads: tuple[int, ...] | None = option(None, "query heads feeding the score; `null` = all")
     candidates: str = option(
-        "delimiters", "which tokens may end a block: `\"delimiters\"` (punctuation, brackets, quotes, line breaks) "
-        "or `\"all\"`")
-    delimiter_chars: Optional[str] = option(
-        None, "with `\"delimiters\"`: the characters that make a token a candidate (its text contains one); "
-        "`null`: punctuation, brackets, quotes, tab and line break; e.g. `\".!?\\n\"` for sentence ends only")
+        "delimiters",
+        'which tokens may end a block: `"delimiters"` (punctuation, brackets, quotes, line breaks) or `"all"`',
+    )
+    delimiter_chars: str | None = option(
+        None,
+        'with `"delimiters"`: the characters that make a token a candidate (its text contains one); '
+        '`null`: punctuation, brackets, quotes, tab and line break; e.g. `".!?\\n"` for sentence ends only',
+    )
     split: str = option(
-        "dd_select", "how a block end is chosen in C±Δ: the best DD-Select score; `\"punctuation\"` (the delimiter "
-        "closest to C, no scores) or `\"fixed_interval\"` (always C) are the ablations")
+        "dd_select",
+        'how a block end is chosen in C±Δ: the best DD-Select score; `"punctuation"` (the delimiter '
+        'closest to C, no scores) or `"fixed_interval"` (always C) are the ablations',
+    )
     weighting: str = option(
-        "position", "DD-Select weight of a candidate: its own score, or `\"delimiter_type\"`: the mean score of "
-        "every candidate so far with the same token")
+        "position",
+        'DD-Select weight of a candidate: its own score, or `"delimiter_type"`: the mean score of '
+        "every candidate so far with the same token",
+    )
     layer_budgets: str = option(
-        "uniform", "`\"dynamickv\"`: DynamicKV's per-layer shares of layers x budget (each at least what a "
-        "step always keeps)")
-    trace_path: Optional[str] = option(
-        None, "debugging: append each request's block boundaries and the pool counters at cache flushes "
-        "to this file as JSON lines")
+        "uniform",
+        '`"dynamickv"`: DynamicKV\'s per-layer shares of layers x budget (each at least what a step always keeps)',
+    )
+    trace_path: str | None = option(
+        None,
+        "debugging: append each request's block boundaries and the pool counters at cache flushes "
+        "to this file as JSON lines",
+    )
 
     @property
     def uses_scores(self) -> bool:
@@ -220,7 +233,7 @@ class DynSplitPolicy(KVPolicy):
         self.by_type = blocks.uses_scores and blocks.weighting == "delimiter_type"
         self.token_ids = torch.zeros(num_slots, dtype=torch.int64, device=device) if self.by_type else None
         self.queries = PromptQueries(dynamickv_window) if dynamickv_window else None
-        self._layer_budgets: dict[int, tuple[Optional[str], list[int]]] = {}  # row -> (rid, budgets)
+        self._layer_budgets: dict[int, tuple[str | None, list[int]]] = {}  # row -> (rid, budgets)
         self._trace = open(blocks.trace_path, "a", buffering=1) if blocks.trace_path else None
         self._reqs: list[RequestView] = []
         self._is_decode = False
@@ -256,11 +269,17 @@ class DynSplitPolicy(KVPolicy):
             records[k, : recs.numel()] = recs
         seq_lens = [b[4] for b in self._decode_blocks]
         tail_from = [max(0, min(b[3], b[4] - self.blocks.recent_tokens)) for b in self._decode_blocks]
-        return {"records": records, "seq_lens": torch.tensor(seq_lens, device=device),
-                "keep_tail_from": torch.tensor(tail_from, device=device), "max_len": max(seq_lens, default=0)}
+        return {
+            "records": records,
+            "seq_lens": torch.tensor(seq_lens, device=device),
+            "keep_tail_from": torch.tensor(tail_from, device=device),
+            "max_len": max(seq_lens, default=0),
+        }
 
     def observe(self, layer_id, req_index, band_logits, lse) -> None:
-        rows = band_rows_from_logits(band_logits, lse, self.blocks.lookahead, self.blocks.local_window, self.blocks.alpha)
+        rows = band_rows_from_logits(
+            band_logits, lse, self.blocks.lookahead, self.blocks.local_window, self.blocks.alpha
+        )
         self._rows[req_index] += rows.mean(dim=0)
 
     def observe_queries(self, layer_id, req_index, q, scale) -> None:
@@ -286,7 +305,11 @@ class DynSplitPolicy(KVPolicy):
             if decision_position(start, cfg) <= r.seq_len - 1:
                 tail = r.row_slots[start:]
                 blocks = split(
-                    start, r.seq_len, t.band[tail], t.is_candidate[tail], cfg,
+                    start,
+                    r.seq_len,
+                    t.band[tail],
+                    t.is_candidate[tail],
+                    cfg,
                     self.token_ids[tail] if self.by_type else None,
                     self._type_prior(r.row_slots, start) if self.by_type else None,
                 )
@@ -297,8 +320,9 @@ class DynSplitPolicy(KVPolicy):
                     self._layer_budgets[r.row] = (r.rid, self._dynamickv_budgets(r.prompt(), window, key_buffers))
             # A line per request at least once its prompt is in (even all from the radix cache),
             # then whenever it closes blocks.
-            if self._trace is not None and (blocks or (not self._is_decode and r.ends_prompt())
-                                          or r.seq_len - r.new_start > 1):
+            if self._trace is not None and (
+                blocks or (not self._is_decode and r.ends_prompt()) or r.seq_len - r.new_start > 1
+            ):
                 self._write_trace(r)
 
     def _type_prior(self, row_slots: torch.Tensor, start: int) -> dict:
@@ -358,8 +382,15 @@ class DynSplitPolicy(KVPolicy):
         budgets = torch.tensor([self.layer_budget(self._reqs[i], layer_id) for i in req_indices], device=rows.device)
         seq_lens = step["seq_lens"].index_select(0, rows)
         positions, counts = select_positions_batched(
-            scores, records, t.rec_start, t.rec_end, seq_lens, torch.full_like(seq_lens, self.blocks.sink_tokens),
-            step["keep_tail_from"].index_select(0, rows), budgets, step["max_len"],
+            scores,
+            records,
+            t.rec_start,
+            t.rec_end,
+            seq_lens,
+            torch.full_like(seq_lens, self.blocks.sink_tokens),
+            step["keep_tail_from"].index_select(0, rows),
+            budgets,
+            step["max_len"],
         )
         valid = torch.arange(positions.shape[2], device=positions.device) < counts[:, :, None]
         return positions, valid
@@ -388,9 +419,19 @@ class DynSplitPolicy(KVPolicy):
         slots = torch.empty(len(req_indices), self.shape.num_kv_heads, width, dtype=torch.int64, device=q.device)
         counts = torch.empty(len(req_indices), self.shape.num_kv_heads, dtype=torch.int64, device=q.device)
         select_slots(
-            q, t.kmin[layer_id], t.kmax[layer_id], step["records"].index_select(0, rows), t.rec_start, t.rec_end,
-            req_slots.to(torch.int64), seq_lens, torch.full_like(seq_lens, self.blocks.sink_tokens),
-            step["keep_tail_from"].index_select(0, rows), torch.tensor(budgets, device=seq_lens.device), slots, counts,
+            q,
+            t.kmin[layer_id],
+            t.kmax[layer_id],
+            step["records"].index_select(0, rows),
+            t.rec_start,
+            t.rec_end,
+            req_slots.to(torch.int64),
+            seq_lens,
+            torch.full_like(seq_lens, self.blocks.sink_tokens),
+            step["keep_tail_from"].index_select(0, rows),
+            torch.tensor(budgets, device=seq_lens.device),
+            slots,
+            counts,
         )
         valid = torch.arange(width, device=q.device) < counts[:, :, None]
         return slots, valid
@@ -412,8 +453,17 @@ class DynSplitPolicy(KVPolicy):
 
     def stats(self) -> dict:
         t = self.table
-        carried = {} if self.queries is None else {"carried_queries": len(self.queries), "layer_budgets": len(self._layer_budgets)}
-        return {"records_in_use": t.records_in_use, "records_owned": t.records_owned(), "records_capacity": t.capacity, **carried}
+        carried = (
+            {}
+            if self.queries is None
+            else {"carried_queries": len(self.queries), "layer_budgets": len(self._layer_budgets)}
+        )
+        return {
+            "records_in_use": t.records_in_use,
+            "records_owned": t.records_owned(),
+            "records_capacity": t.capacity,
+            **carried,
+        }
 
     def trace(self, event: dict) -> None:
         if self._trace is not None:

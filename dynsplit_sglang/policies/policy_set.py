@@ -15,7 +15,6 @@ request's own policy attended, for every member alike.
 
 from __future__ import annotations
 
-
 import torch
 
 from dynsplit_sglang.block_table import ModelShape
@@ -93,12 +92,17 @@ class PolicySet(KVPolicy):
 
     def select_batch(self, layer_id: int, req_indices: list[int], q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each member selects for its own requests in one call; rows in the order asked."""
-        return self._by_member(req_indices, lambda member, ks, at: member.select_batch(
-            layer_id, [req_indices[k] for k in ks], q[at]))
+        return self._by_member(
+            req_indices, lambda member, ks, at: member.select_batch(layer_id, [req_indices[k] for k in ks], q[at])
+        )
 
     def select_slots_batch(self, layer_id, req_indices, q, req_slots):
-        return self._by_member(req_indices, lambda member, ks, at: member.select_slots_batch(
-            layer_id, [req_indices[k] for k in ks], q[at], req_slots[at]))
+        return self._by_member(
+            req_indices,
+            lambda member, ks, at: member.select_slots_batch(
+                layer_id, [req_indices[k] for k in ks], q[at], req_slots[at]
+            ),
+        )
 
     def _rows_by_member(self, req_indices: list[int]) -> dict[str, list[int]]:
         """label -> the rows k (positions in req_indices) of the requests that member answers."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 import abc
 import logging
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -42,7 +41,7 @@ class PromptQueries:
         self.window = window
         self._forward: list[dict[int, tuple[torch.Tensor, float]]] = []
         # row -> (rid, position after the carried queries, {layer: ([m, H, D] queries, scale)})
-        self._carry: dict[int, tuple[Optional[str], int, dict]] = {}
+        self._carry: dict[int, tuple[str | None, int, dict]] = {}
 
     def begin(self, num_reqs: int) -> None:
         self._forward = [{} for _ in range(num_reqs)]
@@ -93,14 +92,14 @@ class Ranking:
     budgets: [L] tokens each layer attends to per decode step (window and generated included).
     """
 
-    rid: Optional[str]
+    rid: str | None
     prompt_len: int
     order: torch.Tensor
     ranked: list[int]
     budgets: list[int]
 
 
-def shared_order(first: torch.Tensor, scores: Optional[torch.Tensor], k: int, num_kv_heads: int) -> torch.Tensor:
+def shared_order(first: torch.Tensor, scores: torch.Tensor | None, k: int, num_kv_heads: int) -> torch.Tensor:
     """Positions `first` (kept by every head, in order) then each head's top scores, k in all.
 
     first:  [f] int64 positions; scores: [KvH, P] over positions 0 .. P-1 (None: no more).
@@ -170,13 +169,17 @@ class PrefillSelectionPolicy(KVPolicy):
                 continue  # an earlier chunk: the one that computes the prompt's last token ranks
             prompt = r.prompt()
             orders, budgets = self.rank(prompt, window, key_buffers)
-            self._rankings[r.row] = Ranking(r.rid, prompt.seq_len, stack_orders(orders), [o.shape[1] for o in orders], budgets)
+            self._rankings[r.row] = Ranking(
+                r.rid, prompt.seq_len, stack_orders(orders), [o.shape[1] for o in orders], budgets
+            )
 
     def record_tokens(self, reqs: list[RequestView]) -> None:
         """Hook for policies that classify tokens (per KV slot, so radix hits see them)."""
 
     @abc.abstractmethod
-    def rank(self, r: RequestView, window: dict, key_buffers: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    def rank(
+        self, r: RequestView, window: dict, key_buffers: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[int]]:
         """Rank the prompt positions 0 .. r.seq_len-1 of one request.
 
         window:  {layer: (queries [m, H, D] of the last m prompt positions, scale)} for query_layers.
@@ -238,10 +241,14 @@ class PrefillSelectionPolicy(KVPolicy):
         if rk is not None and rk.rid == r.rid:
             return rk
         if not self._warned:
-            logger.warning("%s: no prompt ranking for request %s; attending to its recent tokens", self.kv.policy, r.rid)
+            logger.warning(
+                "%s: no prompt ranking for request %s; attending to its recent tokens", self.kv.policy, r.rid
+            )
             self._warned = True
         L, kvh = self.shape.num_layers, self.shape.num_kv_heads
-        return Ranking(r.rid, 0, torch.zeros(L, kvh, 0, dtype=torch.int32, device=r.row_slots.device), [0] * L, [r.budget] * L)
+        return Ranking(
+            r.rid, 0, torch.zeros(L, kvh, 0, dtype=torch.int32, device=r.row_slots.device), [0] * L, [r.budget] * L
+        )
 
     # --- lifetime -----------------------------------------------------------------------------
     def release_rows(self, free_rows: set[int]) -> None:
@@ -267,7 +274,7 @@ class SlotFlags:
     a radix-cache hit finds the flags of its cached prefix. token_mask: [vocab] bool or None
     (no tokenizer: every flag is False)."""
 
-    def __init__(self, num_slots: int, token_mask: Optional[torch.Tensor], device):
+    def __init__(self, num_slots: int, token_mask: torch.Tensor | None, device):
         self.mask = None if token_mask is None else token_mask.to(device)
         self.flags = torch.zeros(num_slots, dtype=torch.bool, device=device)
 

@@ -40,9 +40,7 @@ class QuestOptions(PolicyOptions):
 class QuestPolicy(DynSplitPolicy):
     Options = QuestOptions
     name = Options.policy
-    summary = (
-        "Quest: the best fixed pages by the min/max upper bound, re-selected every step, plus the unfinished page"
-    )
+    summary = "Quest: the best fixed pages by the min/max upper bound, re-selected every step, plus the unfinished page"
 
     def __init__(self, kv, shape, num_slots, dtype, device, tokens=None):
         super().__init__(kv, shape, num_slots, dtype, device, tokens)
@@ -51,6 +49,10 @@ class QuestPolicy(DynSplitPolicy):
     def block_rules(self) -> DynSplitOptions:
         """Pages: blocks of exactly `page_size` tokens, nothing kept beyond the unfinished page."""
         return DynSplitOptions(
-            block_size=self.options.page_size, delta=0, split="fixed_interval", candidates="all",
-            sink_tokens=0, recent_tokens=0,
+            block_size=self.options.page_size,
+            delta=0,
+            split="fixed_interval",
+            candidates="all",
+            sink_tokens=0,
+            recent_tokens=0,
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 
@@ -38,7 +38,7 @@ class SepLLMOptions(PolicyOptions):
 
     policy: ClassVar[str] = "sepllm"
     initial_tokens: int = option(4, "a, the first tokens always kept (SepLLM: 4)")
-    recent_tokens: Optional[int] = option(None, "w, the recent window; `null` = half the budget (SepCache: 256 of 512)")
+    recent_tokens: int | None = option(None, "w, the recent window; `null` = half the budget (SepCache: 256 of 512)")
 
     def validate(self) -> None:
         check_int("initial_tokens", self.initial_tokens, 0)
@@ -104,9 +104,11 @@ class SepLLMPolicy(PrefillSelectionPolicy):
         recent_from = max(first, n - self.options.recent(r.budget))
         middle = torch.arange(first, recent_from, device=device)
         seps = middle[self.separators.of(r.row_slots[first:recent_from])].flip(0)  # newest first
-        order = torch.cat([
-            torch.arange(first, device=device),
-            torch.arange(n - 1, recent_from - 1, -1, device=device),
-            seps,
-        ])[: r.budget]
+        order = torch.cat(
+            [
+                torch.arange(first, device=device),
+                torch.arange(n - 1, recent_from - 1, -1, device=device),
+                seps,
+            ]
+        )[: r.budget]
         return _same_for_all(order, self.shape.num_layers, self.shape.num_kv_heads), [r.budget] * self.shape.num_layers

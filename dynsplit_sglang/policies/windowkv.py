@@ -126,7 +126,10 @@ class WindowKVPolicy(PrefillSelectionPolicy):
                 lengths = (p - starts).clamp_max(o.review_window)
                 best = torch.argsort(scores, descending=True, stable=True)
                 chosen = best[torch.cumsum(lengths[best], 0) <= review[first]]
-                kept = torch.cat([torch.arange(int(starts[w]), int(starts[w] + lengths[w]), device=device) for w in chosen.tolist()] or [kept])
+                kept = torch.cat(
+                    [torch.arange(int(starts[w]), int(starts[w] + lengths[w]), device=device) for w in chosen.tolist()]
+                    or [kept]
+                )
             order = torch.cat([suffix, kept])[None, :].expand(self.shape.num_kv_heads, -1)
             orders += [order] * min(o.shared_layers, num_layers - first)
         return orders, budgets
