@@ -15,8 +15,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# A terminated test run unwinds like Ctrl-C, so fixtures stop the servers and engines they started.
-signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+# A terminated test run stops as Ctrl-C stops it (KeyboardInterrupt: not one failed test, the end of
+# the run), so fixtures stop the servers and engines they started. (tests/engine_utils.py keeps
+# SGLang's engines from taking SIGTERM over.)
+signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
@@ -101,3 +103,25 @@ def smollm2():
     from dynsplit_sglang.default_model import smollm2_path
 
     return str(smollm2_path())
+
+
+def pytest_unconfigure(config):
+    """Detach the logging handlers that hold pytest's capture streams, which close after this.
+
+    SGLang's engines configure logging in the test process with `logging.basicConfig(force=True)`,
+    which binds the root logger's handler to the sys.stderr of that moment: pytest's capture. Code
+    that runs after pytest, at interpreter exit, logs through it into a closed file: SGLang's
+    at-exit `Engine.shutdown` of every engine made outside tests/engine_utils.py (the accuracy
+    benchmark's, which shut down already and log `kill_process_tree called`), each printing a
+    "--- Logging error --- ValueError: I/O operation on closed file" block after the summary.
+    The engines themselves are shut down by the code that started them; what is left is where
+    their late log lines go. Without the handler a warning or error still reaches stderr (logging's
+    last resort); the INFO lines are dropped.
+    """
+    import logging
+
+    real = {sys.__stdout__, sys.__stderr__}
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.StreamHandler) and handler.stream not in real:
+            root.removeHandler(handler)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import contextlib
 import json
 import signal
@@ -29,35 +31,57 @@ CPU_ENGINE = dict(
 
 @contextlib.contextmanager
 def engine(model_path, **kwargs):
-    """An in-process engine for one test; it and every subprocess it started are gone after. A
-    failing subprocess fails the test (SubprocessFailed), not the run (subprocess_failures.py)."""
+    """An in-process engine for one test; it and every subprocess it started are gone after, and
+    so are its asyncio tasks, sockets and at-exit shutdown. A failing subprocess fails the test
+    (SubprocessFailed), not the run (subprocess_failures.py). SIGTERM stays the test run's."""
     import sglang as sgl
 
     args = {**CPU_ENGINE, "custom_sigquit_handler": failures.raise_on_sigquit, **kwargs}
     if args.get("kv") in (None, "full"):
         args.setdefault("attention_backend", "torch_native")
-    previous = signal.getsignal(signal.SIGQUIT)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGQUIT, signal.SIGTERM)}
     before = failures.child_pids()
     try:
         eng = sgl.Engine(model_path=model_path, **args)
     except BaseException as error:
         failures.kill_new_children(before)
         failures.close_sockets(failures.frame_locals(error))
-        signal.signal(signal.SIGQUIT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         raise
     failures.stop_loop_on_sigquit(eng)
+    _keep_sigterm(eng, previous[signal.SIGTERM])
+    tasks_before = asyncio.all_tasks(eng.loop)
     try:
         yield eng
     except BaseException as error:
         eng.shutdown()
-        failures.release(eng.tokenizer_manager)
         if failures.failed(eng):
             raise failures.SubprocessFailed(failures.MESSAGE) from error
         raise
     else:
         eng.shutdown()
     finally:
-        signal.signal(signal.SIGQUIT, previous)
+        # Shut down here, so not again at exit: SGLang registers every engine's shutdown with
+        # atexit, which would then log into pytest's closed capture stream and keep the engine alive.
+        atexit.unregister(eng.shutdown)
+        failures.release(eng.tokenizer_manager, asyncio.all_tasks(eng.loop) - tasks_before)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _keep_sigterm(eng, handler) -> None:
+    """SGLang's TokenizerManager takes SIGTERM for its event loop at the first request (a graceful
+    drain), and the loop hears it only while it runs: a terminated test run would go on. Start
+    that loop's tasks now (from inside the loop, as a request would) and give SIGTERM back to the
+    run's handler (tests/conftest.py)."""
+
+    async def start_loop():
+        eng.tokenizer_manager.auto_create_handle_loop()
+
+    eng.loop.run_until_complete(start_loop())
+    eng.loop.remove_signal_handler(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def generate(eng, prompts, max_new_tokens=12):

@@ -68,10 +68,11 @@ def kill_new_children(before: set[int]) -> None:
             p.kill()
 
 
-def release(tokenizer_manager) -> None:
-    """Cancel a dead engine's asyncio tasks and close its zmq sockets."""
+def release(tokenizer_manager, more_tasks=()) -> None:
+    """Cancel a dead engine's asyncio tasks (and `more_tasks`, e.g. a request a stopped event loop
+    left pending) and close its zmq sockets."""
     loop = getattr(tokenizer_manager, "event_loop", None)
-    tasks = [t for t in getattr(tokenizer_manager, "asyncio_tasks", ()) if not t.done()]
+    tasks = {t for t in (*getattr(tokenizer_manager, "asyncio_tasks", ()), *more_tasks) if not t.done()}
     for t in tasks:
         t.cancel()
     if loop is not None and tasks and not loop.is_running():
