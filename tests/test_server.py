@@ -11,8 +11,6 @@ from transformers import AutoTokenizer
 from dynsplit_sglang.passkey import is_correct, make_sample
 from dynsplit_sglang.testing.server import launch_server
 
-pytestmark = pytest.mark.server
-
 PROMPT_TOKENS = 2048
 
 
@@ -34,6 +32,7 @@ def server(smollm2, samples, tmp_path_factory):
         yield url, budget
 
 
+@pytest.mark.server
 def test_long_passkey_prompt_through_openai_chat_api(server, samples):
     from openai import OpenAI
 
@@ -47,12 +46,14 @@ def test_long_passkey_prompt_through_openai_chat_api(server, samples):
         assert reply.usage.prompt_tokens == sample.num_tokens
 
 
+@pytest.mark.server
 def test_server_reports_the_dynsplit_backend(server):
     url, _ = server
     info = requests.get(url + "/server_info", timeout=30).json()
     assert info["attention_backend"] == "dynsplit"
 
 
+@pytest.mark.server
 def test_frontend_language_fork_shares_the_prefix(server):
     import sglang as sgl
 
@@ -104,6 +105,7 @@ def test_bad_flags_stop_startup_with_one_clear_line(smollm2, flags, message, cap
     assert last.startswith("sglang serve: error: ") and message in last
 
 
+@pytest.mark.server
 def test_bad_flag_through_the_real_command(smollm2):
     proc = subprocess.run(
         [sys.executable, "-m", "sglang.launch_server", "--model-path", smollm2, "--device", "cpu", "--kv", "dynsplit", "--kv-budget", "-3"],
