@@ -19,7 +19,7 @@ between the captured segments, so the policy's selection and bookkeeping keep th
 data-dependent shapes and host reads. Before each replay `init_forward_metadata_out_graph`
 (PolicyHost) gives the policy the batch's real requests. Without that flag, CUDA graphs are off.
 On a CPU the same code runs on torch stand-ins for FlashInfer's wrappers
-(benchmarks/gpu/fake_flashinfer.py), which is how the tests run it.
+(dynsplit_sglang/testing/fake_flashinfer.py), which is how the tests run it.
 """
 
 from __future__ import annotations
