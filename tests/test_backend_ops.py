@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
-from dynsplit_sglang.kernels.dense_attention import extend_attention
 from dynsplit_sglang.kernels.dd_select import row_lse
+from dynsplit_sglang.kernels.dense_attention import extend_attention
 
 
 @pytest.mark.parametrize("lens", [[(0, 300)], [(2016, 32), (0, 77), (389, 5)], [(512, 512), (100, 1)], [(4064, 33)]])
@@ -25,7 +24,13 @@ def test_extend_attention_matches_sglangs_padded_extend(lens):
     ours = torch.empty_like(query)
     lses = extend_attention(query, ours, *args, 0.125)
     theirs = TorchNativeAttnBackend._run_sdpa_forward_extend(
-        None, query, torch.empty_like(query), *args, scaling=0.125, enable_gqa=True, causal=True,
+        None,
+        query,
+        torch.empty_like(query),
+        *args,
+        scaling=0.125,
+        enable_gqa=True,
+        causal=True,
     )
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     if all(p == 0 for p, _ in lens):

@@ -36,8 +36,19 @@ class Req:
     recent: int = 4
 
 
-def make_batch(reqs, *, kv_heads=2, group=2, dim=16, capacity=None, max_len_extra=3, integer=False, seed=0,
-               device="cpu", dtype=torch.float32):
+def make_batch(
+    reqs,
+    *,
+    kv_heads=2,
+    group=2,
+    dim=16,
+    capacity=None,
+    max_len_extra=3,
+    integer=False,
+    seed=0,
+    device="cpu",
+    dtype=torch.float32,
+):
     """Records, slots and keys for a batch the way the policy would hand them to `select_slots`."""
     g = torch.Generator().manual_seed(seed)
     batch = len(reqs)
@@ -84,8 +95,16 @@ def make_batch(reqs, *, kv_heads=2, group=2, dim=16, capacity=None, max_len_extr
     t = lambda x: x.to(device)  # noqa: E731
     f = lambda x: x.to(device=device, dtype=dtype)  # noqa: E731
     return dict(
-        q=f(q), kmin=f(kmin), kmax=f(kmax), records=t(records), rec_start=t(rec_start), rec_end=t(rec_end),
-        req_slots=t(req_slots), seq_lens=t(seq_lens), keep_head=t(keep_head), keep_tail_from=t(keep_tail_from),
+        q=f(q),
+        kmin=f(kmin),
+        kmax=f(kmax),
+        records=t(records),
+        rec_start=t(rec_start),
+        rec_end=t(rec_end),
+        req_slots=t(req_slots),
+        seq_lens=t(seq_lens),
+        keep_head=t(keep_head),
+        keep_tail_from=t(keep_tail_from),
         budgets=t(budgets),
     )
 
@@ -109,8 +128,13 @@ def per_request(inputs, max_out):
         recs = recs[recs >= 0]
         scores = score_blocks(inputs["q"][b], inputs["kmin"][recs], inputs["kmax"][recs])
         positions, valid = select_positions(
-            scores, inputs["rec_start"][recs], inputs["rec_end"][recs], int(inputs["seq_lens"][b]),
-            int(inputs["keep_head"][b]), int(inputs["keep_tail_from"][b]), int(inputs["budgets"][b]),
+            scores,
+            inputs["rec_start"][recs],
+            inputs["rec_end"][recs],
+            int(inputs["seq_lens"][b]),
+            int(inputs["keep_head"][b]),
+            int(inputs["keep_tail_from"][b]),
+            int(inputs["budgets"][b]),
         )
         counts = valid.sum(1)
         slots = torch.zeros(positions.shape[0], max_out, dtype=torch.int64)
@@ -236,14 +260,15 @@ def test_head_and_tail_over_max_out_and_no_blocks_in_batch():
 def serving_batch(seed, integer=False, dtype=torch.bfloat16, batch=12):
     g = torch.Generator().manual_seed(seed)
     reqs = []
-    for b in range(batch):
+    for _b in range(batch):
         nb = int(torch.randint(0, 700, (1,), generator=g))
         blocks = torch.randint(32, 97, (nb,), generator=g).tolist()
         budget = int(torch.randint(256, 4097, (1,), generator=g))
         open_len = int(torch.randint(1, 100, (1,), generator=g))
         reqs.append(Req(blocks, open_len=open_len, budget=budget, sink=4, recent=64))
-    return make_batch(reqs, kv_heads=8, group=4, dim=128, capacity=20_000, integer=integer, seed=seed,
-                      device="cuda", dtype=dtype)
+    return make_batch(
+        reqs, kv_heads=8, group=4, dim=128, capacity=20_000, integer=integer, seed=seed, device="cuda", dtype=dtype
+    )
 
 
 @pytest.mark.gpu
@@ -335,12 +360,14 @@ def test_policy_gpu_selection_is_its_torch_selection(name, device):
     runs the cuda case)."""
     from dynsplit_sglang.block_table import ModelShape
     from dynsplit_sglang.config import KVConfig
-    from dynsplit_sglang.policies import DynSplitOptions, QuestOptions
-    from dynsplit_sglang.policies import POLICY_CLASSES, RequestView
+    from dynsplit_sglang.policies import POLICY_CLASSES, DynSplitOptions, QuestOptions, RequestView
 
     shape = ModelShape(num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8)
-    options = {"dynsplit": DynSplitOptions(candidates="all"), "fixed": DynSplitOptions(split="fixed_interval", candidates="all"),
-               "quest": QuestOptions()}[name]
+    options = {
+        "dynsplit": DynSplitOptions(candidates="all"),
+        "fixed": DynSplitOptions(split="fixed_interval", candidates="all"),
+        "quest": QuestOptions(),
+    }[name]
     kv = KVConfig(policy=options.policy, budget=64, options=options)
     kv.validate()
     policy = POLICY_CLASSES[options.policy](kv, shape, 256, torch.float32, device)

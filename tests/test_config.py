@@ -1,8 +1,8 @@
 import pytest
 
 from dynsplit_sglang.config import KVConfig, KVConfigError
-from dynsplit_sglang.policies import DynSplitOptions
 from dynsplit_sglang.patches.kv_cli import kv_config_from
+from dynsplit_sglang.policies import DynSplitOptions
 
 
 def test_defaults_are_valid_and_documented_bounds():
@@ -63,6 +63,8 @@ def test_attention_backend_choice_for_a_compressing_policy():
     kv = kv_config_from("dynsplit", None, None)
     assert _pick_backend(kv, None) == "dynsplit"  # the torch path by default
     assert _pick_backend(kv, "dynsplit_flashinfer") == "dynsplit_flashinfer"
-    with pytest.raises(KVConfigError, match=r"drop --attention-backend triton \(or pick one of dynsplit, dynsplit_flashinfer\)"):
+    with pytest.raises(
+        KVConfigError, match=r"drop --attention-backend triton \(or pick one of dynsplit, dynsplit_flashinfer\)"
+    ):
         _pick_backend(kv, "triton")
     assert _pick_backend(kv_config_from("full", None, None), "triton") == "triton"  # full leaves it alone

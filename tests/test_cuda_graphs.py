@@ -26,7 +26,15 @@ def resolved_graphs(model, *flags):
     [
         (["--cuda-graph-backend-decode", "breakable"], "breakable"),
         (["--attention-backend", "dynsplit_flashinfer", "--cuda-graph-backend-decode", "breakable"], "breakable"),
-        (["--attention-backend", "dynsplit_flashinfer", "--cuda-graph-config", '{"decode": {"backend": "breakable"}}'], "breakable"),
+        (
+            [
+                "--attention-backend",
+                "dynsplit_flashinfer",
+                "--cuda-graph-config",
+                '{"decode": {"backend": "breakable"}}',
+            ],
+            "breakable",
+        ),
         (["--attention-backend", "dynsplit_flashinfer"], "disabled"),  # SGLang's default (full) cannot work
         ([], "disabled"),
     ],
@@ -36,14 +44,23 @@ def test_graph_modes_a_compressing_policy_gets(tiny_model, flags, decode):
 
 
 def answers(eng, prompts, budgets):
-    params = [{"temperature": 0, "max_new_tokens": 8, "ignore_eos": True,
-               **({"custom_params": {"kv_budget": b}} if b else {})} for b in budgets]
+    params = [
+        {
+            "temperature": 0,
+            "max_new_tokens": 8,
+            "ignore_eos": True,
+            **({"custom_params": {"kv_budget": b}} if b else {}),
+        }
+        for b in budgets
+    ]
     out = eng.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
     return [(o["output_ids"], [lp for lp, *_ in o["meta_info"]["output_token_logprobs"]]) for o in out]
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("kv,backend", [("dynsplit", "dynsplit"), ("dynsplit", "dynsplit_flashinfer"), ("snapkv", "dynsplit")])
+@pytest.mark.parametrize(
+    "kv,backend", [("dynsplit", "dynsplit"), ("dynsplit", "dynsplit_flashinfer"), ("snapkv", "dynsplit")]
+)
 def test_breakable_graph_replay_gives_the_eager_tokens(tiny_model, monkeypatch, tmp_path, kv, backend):
     """Every decode step as a breakable-graph replay gives it (padded batch, no request ids,
     a capture's dummy batch first) against the eager torch backend: the same tokens, and logprobs
@@ -57,8 +74,10 @@ def test_breakable_graph_replay_gives_the_eager_tokens(tiny_model, monkeypatch, 
     log = tmp_path / "replay.log"
     monkeypatch.setenv("GRAPH_REPLAY_LOG", str(log))
     monkeypatch.setenv("SGLANG_FLASHINFER_WORKSPACE_SIZE", str(8 << 20))
-    with in_sglang_processes("tests.graph_replay:install"), engine(
-            tiny_model, kv=kv, kv_budget=128, attention_backend=backend) as eng:
+    with (
+        in_sglang_processes("tests.graph_replay:install"),
+        engine(tiny_model, kv=kv, kv_budget=128, attention_backend=backend) as eng,
+    ):
         got = answers(eng, prompts, budgets)
     events = log.read_text().splitlines()
     assert events[0] == "capture ok" and set(events[1:]) == {"replay"}, events[:5]

@@ -1,8 +1,13 @@
+import pytest
 import torch
 
-import pytest
-
-from dynsplit_sglang.kernels.dd_select import SCORE_QUANTUM, band_logits, band_rows_from_logits, candidate_scores, dd_band_rows
+from dynsplit_sglang.kernels.dd_select import (
+    SCORE_QUANTUM,
+    band_logits,
+    band_rows_from_logits,
+    candidate_scores,
+    dd_band_rows,
+)
 
 
 def brute_force_rows(q, k, scale, L, R, alpha):
@@ -58,8 +63,13 @@ def test_candidate_scores_average_the_diagonal_and_are_quantized():
     L = 3
     rows = torch.arange(5 * L, dtype=torch.float32).view(5, L) / 100  # rows of positions i0+1 .. i0+5
     scores = candidate_scores(rows, L)  # m = 5 - 3 + 1 = 3 candidates
-    expect = torch.tensor([(rows[0, 0] + rows[1, 1] + rows[2, 2]) / 3, (rows[1, 0] + rows[2, 1] + rows[3, 2]) / 3,
-                           (rows[2, 0] + rows[3, 1] + rows[4, 2]) / 3])
+    expect = torch.tensor(
+        [
+            (rows[0, 0] + rows[1, 1] + rows[2, 2]) / 3,
+            (rows[1, 0] + rows[2, 1] + rows[3, 2]) / 3,
+            (rows[2, 0] + rows[3, 1] + rows[4, 2]) / 3,
+        ]
+    )
     torch.testing.assert_close(scores, torch.round(expect / SCORE_QUANTUM) * SCORE_QUANTUM)
 
 

@@ -44,7 +44,9 @@ def test_lse_with_any_strides_and_empty_query_set():
     # FlashInfer returns lse as [n, H]; its transpose must work without a copy.
     q, k, lse = make_inputs(9, 3, 4, 2, 8)
     got = dd_band_rows_from_lse(q, k, 3, 8**-0.5, 4, 4, 1.0, lse.t().contiguous().t())
-    torch.testing.assert_close(got, dd_band_rows_from_lse_reference(q, k, 3, 8**-0.5, 4, 4, 1.0, lse), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        got, dd_band_rows_from_lse_reference(q, k, 3, 8**-0.5, 4, 4, 1.0, lse), atol=1e-5, rtol=0
+    )
     q, k, lse = torch.randn(0, 4, 8), torch.randn(4, 2, 8), torch.empty(4, 0)
     for fn in (dd_band_rows_from_lse, dd_band_rows_from_lse_reference):
         assert fn(q, k, 4, 8**-0.5, 4, 4, 1.0, lse).shape == (0, 4)
@@ -73,7 +75,9 @@ def test_kernel_matches_reference_gpu(dtype, q_start):
     q, k, lse = make_inputs(n, q_start, heads, kv_heads, dim, dtype, "cuda")
     for subset in (None, torch.tensor([0, 5, 17, 31], device="cuda")):
         args = (q, k, q_start, dim**-0.5, 8, 16, 1.0, lse, subset)
-        torch.testing.assert_close(dd_band_rows_from_lse(*args), dd_band_rows_from_lse_reference(*args), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            dd_band_rows_from_lse(*args), dd_band_rows_from_lse_reference(*args), atol=1e-4, rtol=0
+        )
 
 
 # --- compile check without a GPU ------------------------------------------------------------------

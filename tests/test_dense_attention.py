@@ -13,7 +13,11 @@ def test_cpu_kernel_matches_the_formula(causal):
     2100 queries cross the formula's 1024-query chunks."""
     torch.manual_seed(1)
     n = 2100
-    q, k, v = torch.randn(1, 9, n, 64), torch.randn(1, 3, n if causal else 700, 64), torch.randn(1, 3, n if causal else 700, 64)
+    q, k, v = (
+        torch.randn(1, 9, n, 64),
+        torch.randn(1, 3, n if causal else 700, 64),
+        torch.randn(1, 3, n if causal else 700, 64),
+    )
     out, lse = attention_with_lse(q, k, v, 0.125, causal)
     want_out, want_lse = attention_with_lse_formula(q, k, v, 0.125, causal)
     torch.testing.assert_close(out, want_out, rtol=1e-5, atol=2e-6)

@@ -39,8 +39,9 @@ def test_budget_covering_the_sequence_is_identical_to_full(tiny_model, prompts):
 def uncached(tiny_model, prompts, tmp_path_factory):
     """Reference: each prompt prefilled at once, no radix cache, sparse decode (budget 128)."""
     trace = tmp_path_factory.mktemp("uncached") / "trace.jsonl"
-    with engine(tiny_model, kv="dynsplit", kv_budget=BUDGET, disable_radix_cache=True,
-                kv_config={"trace_path": str(trace)}) as eng:
+    with engine(
+        tiny_model, kv="dynsplit", kv_budget=BUDGET, disable_radix_cache=True, kv_config={"trace_path": str(trace)}
+    ) as eng:
         outputs, metas = generate(eng, prompts)
         flush(eng)
     blocks, flushes = read_trace(trace)
@@ -51,7 +52,7 @@ def test_blocks_have_bounded_lengths(uncached, prompts):
     _, blocks, _ = uncached
     for prompt, bl in zip(prompts, blocks):
         assert bl[0][0] == 0
-        for (s0, e0), (s1, e1) in zip(bl, bl[1:]):
+        for (_s0, e0), (s1, _e1) in zip(bl, bl[1:]):
             assert s1 == e0 + 1
         assert all(12 <= e - s + 1 <= 20 for s, e in bl)
         assert len(prompt) + 12 - (bl[-1][1] + 1) <= 28  # the open tail is at most C+Δ+lookahead
@@ -62,8 +63,8 @@ def test_blocks_end_at_the_tokenizers_delimiters(tiny_model, prompts, uncached):
     delimiter token whenever its end window holds one. (SGLang 0.5.23 leaves
     ServerArgs.tokenizer_path None when the tokenizer is the model's; reading that field once made
     every token a candidate, and the punctuation rule the same as fixed intervals.)"""
-    from dynsplit_sglang.policies import DynSplitOptions
     from dynsplit_sglang.delimiters import TokenTexts, candidate_token_mask
+    from dynsplit_sglang.policies import DynSplitOptions
 
     cfg = DynSplitOptions()
     vocab = AutoConfig.from_pretrained(tiny_model).vocab_size
@@ -92,8 +93,9 @@ def test_no_leak_without_radix_cache(uncached):
 def test_chunked_prefill_and_radix_hits_match_one_uncached_run(tiny_model, prompts, uncached, tmp_path):
     ref_out, ref_blocks, _ = uncached
     trace = tmp_path / "trace.jsonl"
-    with engine(tiny_model, kv="dynsplit", kv_budget=BUDGET, chunked_prefill_size=64,
-                kv_config={"trace_path": str(trace)}) as eng:
+    with engine(
+        tiny_model, kv="dynsplit", kv_budget=BUDGET, chunked_prefill_size=64, kv_config={"trace_path": str(trace)}
+    ) as eng:
         # 1) chunked prefill, all prompts in one batch of mixed lengths
         out, metas = generate(eng, prompts)
         assert out == ref_out

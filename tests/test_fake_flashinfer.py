@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from dynsplit_sglang.testing.fake_flashinfer import (
-    FakeDecodeWrapper, FakePagedPrefillWrapper, FakeRaggedPrefillWrapper, fake_merge_state,
+    FakeDecodeWrapper,
+    FakePagedPrefillWrapper,
+    FakeRaggedPrefillWrapper,
+    fake_merge_state,
 )
 
 HQ, HKV, D = 6, 2, 16
@@ -57,11 +60,31 @@ def test_paged_prefill_attends_to_the_cached_prefix_bottom_right():
     q = torch.randn(sum(qo), HQ, D)
     w = FakePagedPrefillWrapper(torch.empty(8), "NHD", backend="fa2")
     indices = torch.cat(slots + [torch.zeros(256, dtype=torch.int64)]).to(torch.int32)  # padded, as SGLang does
-    w.begin_forward(indptr(qo), indptr(kv), indices, torch.ones(2, dtype=torch.int32), HQ, HKV, D, 1,
-                    q_data_type=torch.float32, kv_data_type=torch.float32, custom_mask=None, non_blocking=True)
+    w.begin_forward(
+        indptr(qo),
+        indptr(kv),
+        indices,
+        torch.ones(2, dtype=torch.int32),
+        HQ,
+        HKV,
+        D,
+        1,
+        q_data_type=torch.float32,
+        kv_data_type=torch.float32,
+        custom_mask=None,
+        non_blocking=True,
+    )
     # plan has no causal argument here: the legacy forward sets it (FlashInfer does the same)
-    out, lse = w.forward_return_lse(q, (pool_k, pool_v), causal=True, sm_scale=SCALE, window_left=-1,
-                                    logits_soft_cap=None, k_scale=None, v_scale=None)
+    out, lse = w.forward_return_lse(
+        q,
+        (pool_k, pool_v),
+        causal=True,
+        sm_scale=SCALE,
+        window_left=-1,
+        logits_soft_cap=None,
+        k_scale=None,
+        v_scale=None,
+    )
     start = 0
     for n, m, s in zip(qo, kv, slots):
         rows = slice(start, start + n)
@@ -88,9 +111,20 @@ def test_decode_the_way_sglang_plans_and_runs_it():
     slots = [torch.randperm(40)[:n] for n in lens]
     q = torch.randn(3, HQ, D)
     w = FakeDecodeWrapper()
-    w.begin_forward(indptr(lens), torch.cat(slots).to(torch.int32), torch.ones(3, dtype=torch.int32), HQ, HKV, D, 1,
-                    data_type=torch.float32, q_data_type=torch.float32, non_blocking=True, fixed_split_size=None,
-                    disable_split_kv=False)
+    w.begin_forward(
+        indptr(lens),
+        torch.cat(slots).to(torch.int32),
+        torch.ones(3, dtype=torch.int32),
+        HQ,
+        HKV,
+        D,
+        1,
+        data_type=torch.float32,
+        q_data_type=torch.float32,
+        non_blocking=True,
+        fixed_split_size=None,
+        disable_split_kv=False,
+    )
     out = w.forward(q, (pool_k, pool_v), sm_scale=SCALE, logits_soft_cap=None, k_scale=None, v_scale=None)
     for r, s in enumerate(slots):
         want, _ = sdpa(q[r : r + 1], pool_k[s], pool_v[s], torch.ones(1, len(s), dtype=torch.bool))

@@ -17,10 +17,15 @@ STANDINS = "dynsplit_sglang.testing.fake_flashinfer:install_in_sglang"
 
 
 def answers(eng, prompts):
-    out = eng.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": 8, "ignore_eos": True},
-                       return_logprob=True)
-    return [(o["output_ids"], [lp for lp, *_ in o["meta_info"]["output_token_logprobs"]],
-             o["meta_info"]["cached_tokens"]) for o in out]
+    out = eng.generate(
+        input_ids=prompts,
+        sampling_params={"temperature": 0, "max_new_tokens": 8, "ignore_eos": True},
+        return_logprob=True,
+    )
+    return [
+        (o["output_ids"], [lp for lp, *_ in o["meta_info"]["output_token_logprobs"]], o["meta_info"]["cached_tokens"])
+        for o in out
+    ]
 
 
 def test_sglangs_flashinfer_backend_on_the_standins_matches_torch_native(tiny_model, monkeypatch):
@@ -49,8 +54,10 @@ def test_dynsplit_on_the_flashinfer_backend_matches_the_torch_backend(tiny_model
     hit = [ids[:300] + ids[430:470]]
     with engine(tiny_model, kv="dynsplit", kv_budget=128) as eng:
         want = answers(eng, first) + answers(eng, hit)
-    with in_sglang_processes(STANDINS), engine(
-            tiny_model, kv="dynsplit", kv_budget=128, attention_backend="dynsplit_flashinfer") as eng:
+    with (
+        in_sglang_processes(STANDINS),
+        engine(tiny_model, kv="dynsplit", kv_budget=128, attention_backend="dynsplit_flashinfer") as eng,
+    ):
         got = answers(eng, first) + answers(eng, hit)
     assert got[3][2] >= 256
     for (g_ids, g_lp, _), (w_ids, w_lp, _) in zip(got, want):

@@ -23,8 +23,14 @@ HEADER = ("commit", "device", "date", "command", "torch", "triton", "flashinfer"
 def run_smoke(module, out, *extra):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", module, "--smoke", "--out", str(out), *extra], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--smoke", "--out", str(out), *extra],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out) as f:
         return json.load(f), proc.stdout
@@ -46,7 +52,8 @@ def test_kernels_smoke(tmp_path):
     assert [(s["context"], s["batch"]) for s in result["skipped"]] == [(96, 1000000), (160, 1000000)]
     rows = result["rows"]
     assert [(r["context"], r["batch"], r["budget"]) for r in rows] == [
-        (c, b, k) for c in (96, 160) for b in (1, 2) for k in (56, 64)]
+        (c, b, k) for c in (96, 160) for b in (1, 2) for k in (56, 64)
+    ]
     for r in rows:
         for key in ("select_ms", "sparse_ms", "full_ms", "select_share", "attn_speedup", "step_speedup"):
             assert r[key] > 0, (key, r)
@@ -57,7 +64,8 @@ def test_kernels_smoke(tmp_path):
     assert (tc["context"], tc["batch"], tc["budget"]) == (160, 1, 64)
     assert all(tc[f"{op}_{mode}"]["eager_ms"] > 0 for op in ("sparse", "full") for mode in ("on", "off"))
     assert set(result["compile_s"]) == {"triton_select_slots"} | {
-        f"flashinfer_{op}_{mode}" for op in ("full", "folded") for mode in ("cuda_cores", "tensor_cores")}
+        f"flashinfer_{op}_{mode}" for op in ("full", "folded") for mode in ("cuda_cores", "tensor_cores")
+    }
     share, speed = result["targets"]["selection_share"], result["targets"]["attention_speedup"]
     assert share["context"] == 160 and len(share["per_config"]) == 4 and isinstance(share["holds"], bool)
     assert speed["budget"] == 64 and set(speed["per_batch"]) == {"1", "2"}
@@ -76,7 +84,8 @@ def test_decode_step_smoke(tmp_path):
     assert result["settings"][1]["full_fits"] >= result["settings"][1]["both_fit"] >= 3
     rows = result["rows"]
     assert [(r["context"], r["policy"], r["budget"]) for r in rows] == [
-        (c, p, b) for c in (96, 160) for p, b in (("full", None), ("dynsplit", 56), ("dynsplit", 64))]
+        (c, p, b) for c in (96, 160) for p, b in (("full", None), ("dynsplit", 56), ("dynsplit", 64))
+    ]
     for r in rows:
         assert r["finite_logits"] and r["eager_ms"] > 0 and r["tokens_per_s"] > 0 and r["speedup"] > 0
         assert r["graph_ms"] is None and r["graph_error"]  # no CUDA graphs on the CPU
@@ -113,13 +122,32 @@ def test_gpu_test_files_collect_without_sglang(tmp_path):
         "sys.meta_path.insert(0, _NoSGLang())\n"
     )
     files = sorted(
-        os.path.join("tests", n) for n in os.listdir(os.path.join(REPO, "tests"))
-        if n.startswith("test_") and n.endswith(".py") and "pytest.mark.gpu" in open(os.path.join(REPO, "tests", n)).read()
+        os.path.join("tests", n)
+        for n in os.listdir(os.path.join(REPO, "tests"))
+        if n.startswith("test_")
+        and n.endswith(".py")
+        and "pytest.mark.gpu" in open(os.path.join(REPO, "tests", n)).read()
     )
     env = dict(os.environ, PYTHONPATH=str(tmp_path) + os.pathsep + REPO)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "benchmarks.gpu.source_tree", "-m", "gpu",
-                           "--collect-only", "-q", *files], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "benchmarks.gpu.source_tree",
+            "-m",
+            "gpu",
+            "--collect-only",
+            "-q",
+            *files,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "error" not in proc.stdout.lower()
 

@@ -12,10 +12,20 @@ import torch
 from dynsplit_sglang import request_options
 from dynsplit_sglang.block_table import ModelShape
 from dynsplit_sglang.config import KVConfig
-from dynsplit_sglang.policies import DynamicKVOptions, DynSplitOptions, PyramidKVOptions, QuestOptions, SepLLMOptions, SnapKVOptions, StreamingLLMOptions, WindowKVOptions
 from dynsplit_sglang.layer_budgets import dynamickv, group_pyramid, proportional, pyramid
 from dynsplit_sglang.patches import prefix_reserve
-from dynsplit_sglang.policies import POLICY_CLASSES, RequestView
+from dynsplit_sglang.policies import (
+    POLICY_CLASSES,
+    DynamicKVOptions,
+    DynSplitOptions,
+    PyramidKVOptions,
+    QuestOptions,
+    RequestView,
+    SepLLMOptions,
+    SnapKVOptions,
+    StreamingLLMOptions,
+    WindowKVOptions,
+)
 from dynsplit_sglang.policies.windowkv import window_scores_by_rule
 from dynsplit_sglang.splitter import split
 
@@ -227,7 +237,9 @@ def test_group_pyramid_and_proportional_allocations():
     assert proportional([0, 0], 5, cap=100) == [3, 2]
 
 
-@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "dynamickv", "windowkv", "streamingllm", "sepllm", "quest", "dynsplit"])
+@pytest.mark.parametrize(
+    "name", ["snapkv", "pyramidkv", "dynamickv", "windowkv", "streamingllm", "sepllm", "quest", "dynsplit"]
+)
 def test_budget_covering_the_sequence_keeps_everything(name):
     options = KVConfig(policy=name).options
     if name == "dynsplit":
@@ -276,16 +288,19 @@ def test_a_prompt_is_ranked_once_by_its_last_chunk_and_alone_after_a_retraction(
         return policy, policy._rankings[0]
 
     whole, want = ranked((0, p))
-    for forwards in ([(0, 60), (60, p - 3), (p - 3, p)],  # a chunk boundary inside the window
-                     [(0, p + g)],                        # retracted: prompt and generated at once
-                     [(0, p - 2), (p - 2, p + g)]):       # ... in two chunks
+    for forwards in (
+        [(0, 60), (60, p - 3), (p - 3, p)],  # a chunk boundary inside the window
+        [(0, p + g)],  # retracted: prompt and generated at once
+        [(0, p - 2), (p - 2, p + g)],
+    ):  # ... in two chunks
         policy, got = ranked(*forwards)
         assert (got.prompt_len, got.ranked, got.budgets) == (want.prompt_len, want.ranked, want.budgets), forwards
         assert torch.equal(got.order, want.order), forwards
         for layer in range(SHAPE.num_layers):
             q = torch.randn(4, 8)
-            assert decode_select(policy, keys, p + g + 1, budget, q, layer) == \
-                decode_select(whole, keys, p + g + 1, budget, q, layer)
+            assert decode_select(policy, keys, p + g + 1, budget, q, layer) == decode_select(
+                whole, keys, p + g + 1, budget, q, layer
+            )
 
 
 @pytest.mark.parametrize("name", PREFILL_TIME + ["dynsplit"])
@@ -317,8 +332,8 @@ def test_dynsplit_layer_budgets_come_from_the_prompt_alone():
     for forwards in ([(0, 160)], [(0, 100), (100, 190)]):  # fresh; retracted after 30 tokens
         policy = make_policy(options, budget=48)
         scored = policy._dynamickv_budgets
-        policy._dynamickv_budgets = lambda r, window, k, scored=scored: given.append((r.seq_len, window)) or scored(
-            r, window, k
+        policy._dynamickv_budgets = lambda r, window, k, scored=scored: (
+            given.append((r.seq_len, window)) or scored(r, window, k)
         )
         for start, end in forwards:
             prefill(policy, keys, end, 48, queries, start=start, prompt_len=160)
@@ -376,8 +391,12 @@ def test_request_budget_is_checked_against_the_policy():
     request_options.configure(KVConfig(policy="snapkv", budget=512), 8192)
     request_options.check({"kv_budget": 256})
     request_options.check({"other": 1})
-    for bad, message in [(0, "must be a positive number"), ("64", "must be a positive number"),
-                         (9000, "larger than the model's context length"), (16, "too small for snapkv")]:
+    for bad, message in [
+        (0, "must be a positive number"),
+        ("64", "must be a positive number"),
+        (9000, "larger than the model's context length"),
+        (16, "too small for snapkv"),
+    ]:
         with pytest.raises(ValueError, match=message):
             request_options.check({"kv_budget": bad})
     request_options.configure(None, None)
@@ -390,8 +409,9 @@ def test_prefix_reserve_leaves_the_window_of_the_requests_policy_to_recompute():
 
     def req(custom_params=None, prompt=None):
         """A fresh request of `input_len` prompt tokens, or one retracted after its `prompt`."""
-        return SimpleNamespace(sampling_params=SimpleNamespace(custom_params=custom_params),
-                               origin_input_ids=[0] * (prompt or 100))
+        return SimpleNamespace(
+            sampling_params=SimpleNamespace(custom_params=custom_params), origin_input_ids=[0] * (prompt or 100)
+        )
 
     original = lambda req, input_len: input_len - 1  # noqa: E731  SGLang's own limit
     prefix_reserve.set_reserve({"snapkv": 32, "dynsplit": 0, "wide": 64}, "snapkv")

@@ -29,7 +29,13 @@ COMMON = ("--chunked-prefill-size", "128")
 ALONE = ("dynsplit", "snapkv")
 VARIANTS = {
     "dynsplit+dynamickv": {"policy": "dynsplit", "layer_budgets": "dynamickv"},
-    "quest": {}, "snapkv": {}, "pyramidkv": {}, "dynamickv": {}, "windowkv": {}, "streamingllm": {}, "sepllm": {},
+    "quest": {},
+    "snapkv": {},
+    "pyramidkv": {},
+    "dynamickv": {},
+    "windowkv": {},
+    "streamingllm": {},
+    "sepllm": {},
     "quest-dense": {"policy": "quest", "dense_layers": 30},  # SmolLM2's 30 layers: dense everywhere
 }
 _alone_outputs: dict[str, list] = {}
@@ -52,9 +58,14 @@ def generate(url, prompts, **custom):
 
 
 def refused(url, prompt, custom):
-    reply = requests.post(url + "/generate", timeout=60, json={
-        "input_ids": prompt, "sampling_params": {"max_new_tokens": 4, "custom_params": custom},
-    })
+    reply = requests.post(
+        url + "/generate",
+        timeout=60,
+        json={
+            "input_ids": prompt,
+            "sampling_params": {"max_new_tokens": 4, "custom_params": custom},
+        },
+    )
     assert reply.status_code == 400, reply.text
     return reply.text
 
@@ -72,7 +83,9 @@ def check_policy(url, prompts, full_outputs, **policy) -> list:
     hit = generate(url, prompts, **policy)
     assert hit == miss, f"a radix-cache hit changed the output of {policy or 'the --kv policy'}"
     assert all(len(o) == 12 for o in miss)
-    assert generate(url, prompts, kv_budget=2048, **policy) == full_outputs, "a budget covering the sequence must be dense"
+    assert generate(url, prompts, kv_budget=2048, **policy) == full_outputs, (
+        "a budget covering the sequence must be dense"
+    )
     assert "custom_params.kv_budget must be a positive number" in refused(url, prompts[0], {"kv_budget": 0, **policy})
     return miss
 

@@ -10,9 +10,15 @@ import torch
 
 from dynsplit_sglang import request_options
 from dynsplit_sglang.config import KVConfig, KVConfigError, parse_variants
-from dynsplit_sglang.policies import DynSplitOptions, SnapKVOptions, StreamingLLMOptions
 from dynsplit_sglang.patches.kv_cli import kv_config_from
-from dynsplit_sglang.policies import KVPolicy, PolicyNeeds, RequestView
+from dynsplit_sglang.policies import (
+    DynSplitOptions,
+    KVPolicy,
+    PolicyNeeds,
+    RequestView,
+    SnapKVOptions,
+    StreamingLLMOptions,
+)
 from dynsplit_sglang.policies.policy_set import PolicySet, build_policy
 from tests.test_policies import SHAPE, FakeTokens, window_pattern
 
@@ -26,20 +32,31 @@ def run(policy, keys, queries, labels, steps=3, counted=None):
     selection counts of each step to `counted`, where the policy gives them)."""
     counted = [] if counted is None else counted
     rows = [torch.arange(i * N, (i + 1) * N) for i in range(len(labels))]
-    reqs = [RequestView(r, 0, torch.zeros(N, dtype=torch.int64), f"r{i}", i, BUDGET, label)
-            for i, (r, label) in enumerate(zip(rows, labels))]
+    reqs = [
+        RequestView(r, 0, torch.zeros(N, dtype=torch.int64), f"r{i}", i, BUDGET, label)
+        for i, (r, label) in enumerate(zip(rows, labels))
+    ]
     policy.begin_forward(reqs, False)
     for layer in sorted(policy.needs.query_layers):
         for i in range(len(reqs)):
-            policy.observe_queries(layer, i, queries[N - min(policy.needs.query_window, N):], 1.0)
+            policy.observe_queries(layer, i, queries[N - min(policy.needs.query_window, N) :], 1.0)
     policy.end_forward(reqs, [keys] * SHAPE.num_layers)
     kept = [[] for _ in labels]
     top = max(3, len(labels)) * N  # decode slots, past every prompt's range
     for step in range(steps):
         n = N + 1 + step
-        reqs = [RequestView(torch.cat([r, torch.arange(top + 8 * i, top + 8 * i + step + 1)]), n - 1,
-                            torch.zeros(1, dtype=torch.int64), f"r{i}", i, BUDGET, label)
-                for i, (r, label) in enumerate(zip(rows, labels))]
+        reqs = [
+            RequestView(
+                torch.cat([r, torch.arange(top + 8 * i, top + 8 * i + step + 1)]),
+                n - 1,
+                torch.zeros(1, dtype=torch.int64),
+                f"r{i}",
+                i,
+                BUDGET,
+                label,
+            )
+            for i, (r, label) in enumerate(zip(rows, labels))
+        ]
         policy.begin_forward(reqs, True)
         q = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
         picks = [policy.select(1, i, q) for i in range(len(reqs))]
@@ -72,8 +89,14 @@ def test_each_request_gets_its_own_policys_selection():
     labels = ["snap", "streamingllm", "fixed"]
     mixed = run(together, keys, queries, labels)
     for i, label in enumerate(labels):
-        alone = build_policy(KVConfig(kv.policies[label].policy, BUDGET, kv.policies[label]), SHAPE, slots,
-                             torch.float32, "cpu", FakeTokens())
+        alone = build_policy(
+            KVConfig(kv.policies[label].policy, BUDGET, kv.policies[label]),
+            SHAPE,
+            slots,
+            torch.float32,
+            "cpu",
+            FakeTokens(),
+        )
         assert not isinstance(alone, PolicySet)
         # alone, the request sits in the same slot range and row as in the mixed batch
         solo = run(alone, keys, queries, [""] * len(labels))[i]
@@ -105,17 +128,21 @@ def test_prompt_queries_are_kept_by_the_answering_member_until_decode():
     kv = KVConfig("streamingllm", BUDGET, StreamingLLMOptions(), variants=dict(VARIANTS))
     kv.validate()
     policy = build_policy(kv, SHAPE, keys.shape[0], torch.float32, "cpu", FakeTokens())
-    reqs = [RequestView(torch.arange(N), 0, torch.zeros(N, dtype=torch.int64), "r0", 0, BUDGET, "snap"),
-            RequestView(torch.arange(N), 0, torch.zeros(N, dtype=torch.int64), "r1", 1, BUDGET, "streamingllm")]
+    reqs = [
+        RequestView(torch.arange(N), 0, torch.zeros(N, dtype=torch.int64), "r0", 0, BUDGET, "snap"),
+        RequestView(torch.arange(N), 0, torch.zeros(N, dtype=torch.int64), "r1", 1, BUDGET, "streamingllm"),
+    ]
     policy.begin_forward(reqs, False)
     for layer in sorted(policy.needs.query_layers):
         for i in range(len(reqs)):
-            policy.observe_queries(layer, i, queries[N - policy.needs.query_window:], 1.0)
+            policy.observe_queries(layer, i, queries[N - policy.needs.query_window :], 1.0)
     policy.end_forward(reqs, [keys] * SHAPE.num_layers)
     # StreamingLLM ranks without queries: it carries none
     assert policy.stats()["snap.carried_queries"] == 1 and policy.stats()["streamingllm.carried_queries"] == 0
-    decoding = [RequestView(torch.arange(N + 1), N, torch.zeros(1, dtype=torch.int64), r.rid, r.row, BUDGET, r.policy)
-                for r in reqs]
+    decoding = [
+        RequestView(torch.arange(N + 1), N, torch.zeros(1, dtype=torch.int64), r.rid, r.row, BUDGET, r.policy)
+        for r in reqs
+    ]
     policy.begin_forward(decoding, True)
     assert policy.stats()["snap.carried_queries"] == 0 and policy.stats()["streamingllm.carried_queries"] == 0
 
@@ -129,14 +156,24 @@ def test_decode_time_members_give_their_counts_on_the_host():
     kv = KVConfig("dynsplit", BUDGET, DynSplitOptions(), variants={"fixed": DynSplitOptions(split="fixed_interval")})
     kv.validate()
     counted = []
-    run(build_policy(kv, SHAPE, keys.shape[0], torch.float32, "cpu", FakeTokens()), keys, queries, ["", "fixed"],
-        counted=counted)
+    run(
+        build_policy(kv, SHAPE, keys.shape[0], torch.float32, "cpu", FakeTokens()),
+        keys,
+        queries,
+        ["", "fixed"],
+        counted=counted,
+    )
     assert counted == [[BUDGET, BUDGET]] * 3
     mixed = KVConfig("streamingllm", BUDGET, StreamingLLMOptions(), variants=dict(VARIANTS))
     mixed.validate()
     counted = []
-    run(build_policy(mixed, SHAPE, keys.shape[0], torch.float32, "cpu", FakeTokens()), keys, queries,
-        ["snap", "streamingllm", "fixed"], counted=counted)
+    run(
+        build_policy(mixed, SHAPE, keys.shape[0], torch.float32, "cpu", FakeTokens()),
+        keys,
+        queries,
+        ["snap", "streamingllm", "fixed"],
+        counted=counted,
+    )
     assert len(counted) == 3 and all(c <= BUDGET for step in counted for c in step)
 
 
@@ -148,8 +185,11 @@ class Recorder(KVPolicy):
     def __init__(self, layers, width, heads, window):
         self.device, self.seen = "cpu", []
         self.needs = PolicyNeeds(
-            score_layers=frozenset(layers), band_width=width, score_heads=None if heads is None else tuple(heads),
-            query_layers=frozenset(layers), query_window=window,
+            score_layers=frozenset(layers),
+            band_width=width,
+            score_heads=None if heads is None else tuple(heads),
+            query_layers=frozenset(layers),
+            query_window=window,
         )
 
     def observe(self, layer_id, req_index, band_logits, lse):
@@ -183,7 +223,9 @@ def test_members_get_their_own_heads_width_and_window():
 
 
 def test_variants_flag_and_request_choice_are_checked():
-    kv = kv_config_from("dynsplit", 256, None, '{"snapkv": {"window": 16}, "fixed": {"policy": "dynsplit", "split": "fixed_interval"}}')
+    kv = kv_config_from(
+        "dynsplit", 256, None, '{"snapkv": {"window": 16}, "fixed": {"policy": "dynsplit", "split": "fixed_interval"}}'
+    )
     assert list(kv.policies) == ["dynsplit", "snapkv", "fixed"] and kv.variants["snapkv"].window == 16
     assert KVConfig.from_dict(kv.to_dict()) == kv
     for text, message in [
@@ -205,7 +247,11 @@ def test_variants_flag_and_request_choice_are_checked():
     try:
         request_options.check({"kv_policy": "fixed", "kv_budget": 100})
         request_options.check({"kv_policy": "dynsplit"})
-        with pytest.raises(ValueError, match="custom_params.kv_policy 'quest' is not a policy of this server; it runs 'dynsplit', 'snapkv', 'fixed'"):
+        with pytest.raises(
+            ValueError,
+            match="custom_params.kv_policy 'quest' is not a policy of this server; "
+            "it runs 'dynsplit', 'snapkv', 'fixed'",
+        ):
             request_options.check({"kv_policy": "quest"})
         with pytest.raises(ValueError, match="custom_params.kv_budget 10 is too small for snapkv"):
             request_options.check({"kv_policy": "snapkv", "kv_budget": 10})

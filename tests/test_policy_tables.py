@@ -41,8 +41,8 @@ def test_the_table_defaults_are_the_dataclass_defaults():
         for f in dataclasses.fields(cls.Options):
             assert f"`{f.name}`" in block
         if name == "snapkv":
-            assert "`window` 32, `kernel_size` 5, `pooling` \"avg\"" in block
-    assert '| `block_size` | `16` |' in block and '| `score_layers` | `null` |' in block
+            assert '`window` 32, `kernel_size` 5, `pooling` "avg"' in block
+    assert "| `block_size` | `16` |" in block and "| `score_layers` | `null` |" in block
 
 
 def test_the_cli_choices_and_config_validation_read_the_registry():

@@ -6,8 +6,8 @@ import torch
 
 from dynsplit_sglang.block_table import ModelShape
 from dynsplit_sglang.config import KVConfig
-from dynsplit_sglang.policies import DynSplitOptions, QuestOptions, SnapKVOptions
 from dynsplit_sglang.patches import pool_memory
+from dynsplit_sglang.policies import DynSplitOptions, QuestOptions, SnapKVOptions
 from dynsplit_sglang.policies.policy_set import build_policy
 from dynsplit_sglang.policy_memory import bytes_per_slot, tensor_bytes
 
@@ -43,8 +43,13 @@ def test_the_hook_adds_the_tables_to_the_kv_cell(monkeypatch):
 
     def kvc(kv):
         args = types.SimpleNamespace(_kv_config=None if kv is None else kv.to_dict())
-        return types.SimpleNamespace(server_args=args, is_draft_worker=False, use_mla_backend=False,
-                                     model_config=model, kv_cache_dtype=torch.float32)
+        return types.SimpleNamespace(
+            server_args=args,
+            is_draft_worker=False,
+            use_mla_backend=False,
+            model_config=model,
+            kv_cache_dtype=torch.float32,
+        )
 
     kv_cell = 2 * 4 * 2 * 8 * 4
     dynsplit = KVConfig("dynsplit", 64, DynSplitOptions())

@@ -75,10 +75,18 @@ def test_a_retracted_request_keeps_its_budget_policy_and_prompt(tiny_model, monk
     log = tmp_path / "forwards.jsonl"
     monkeypatch.setenv("FORWARD_LOG", str(log))
     monkeypatch.setenv("SGLANG_TEST_RETRACT", "1")
-    with in_sglang_processes("tests.forward_log:install"), engine(
-            tiny_model, kv="dynsplit", kv_budget=128, kv_variants={"snap": {"policy": "snapkv", "window": 8}}) as eng:
-        outs = eng.generate(input_ids=prompts, sampling_params=[
-            {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True, "custom_params": c} for c in asked])
+    with (
+        in_sglang_processes("tests.forward_log:install"),
+        engine(
+            tiny_model, kv="dynsplit", kv_budget=128, kv_variants={"snap": {"policy": "snapkv", "window": 8}}
+        ) as eng,
+    ):
+        outs = eng.generate(
+            input_ids=prompts,
+            sampling_params=[
+                {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True, "custom_params": c} for c in asked
+            ],
+        )
         # the next prefill finds the finished request's ranking dropped (its row is free)
         last = eng.generate(input_ids=ids[:40], sampling_params={"temperature": 0, "max_new_tokens": 2})
     rids = [o["meta_info"]["id"] for o in outs]

@@ -70,7 +70,9 @@ def test_selection_cuts_the_first_block_that_does_not_fit():
 
 
 def test_selection_with_no_closed_block():
-    pos, valid = select_positions(torch.zeros(2, 0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 50, 4, 10, 64)
+    pos, valid = select_positions(
+        torch.zeros(2, 0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 50, 4, 10, 64
+    )
     assert pos[0][valid[0]].tolist() == list(range(4)) + list(range(10, 50))
 
 
@@ -94,8 +96,9 @@ def test_batched_selection_is_the_per_request_selection():
         tails.append(max(0, min(int(ends[-1]) + 1 if ends.numel() else 0, seq_len - 8)))
         budgets.append(budget)
     t = torch.tensor
-    positions, counts = select_positions_batched(scores, records, rec_start, rec_end, t(seq_lens), t([4] * 5),
-                                                 t(tails), t(budgets), max(seq_lens))
+    positions, counts = select_positions_batched(
+        scores, records, rec_start, rec_end, t(seq_lens), t([4] * 5), t(tails), t(budgets), max(seq_lens)
+    )
     for b, (starts, ends, seq_len, budget, _) in enumerate(reqs):
         want, valid = select_positions(scores[b, :, : starts.numel()], starts, ends, seq_len, 4, tails[b], budget)
         assert counts[b].tolist() == valid.sum(1).tolist() == [min(budget, seq_len)] * 2

@@ -63,7 +63,7 @@ def test_frontend_language_fork_shares_the_prefix(server):
     def two_answers(s, context):
         s += sgl.user(context + "\nName one colour mentioned above.")
         forks = s.fork(2)
-        for i, f in enumerate(forks):
+        for _i, f in enumerate(forks):
             f += sgl.assistant(sgl.gen("answer", max_tokens=8, temperature=0))
         s["answers"] = [f["answer"] for f in forks]
 
@@ -77,19 +77,45 @@ def test_frontend_language_fork_shares_the_prefix(server):
     "flags, message",
     [
         (["--kv", "foo"], "argument --kv: invalid choice: 'foo' (choose from 'full', 'dynsplit', 'quest'"),
-        (["--kv", "snapkv", "--kv-config", '{"block_size": 8}'], "unknown key(s) block_size for --kv snapkv; valid keys: window"),
+        (
+            ["--kv", "snapkv", "--kv-config", '{"block_size": 8}'],
+            "unknown key(s) block_size for --kv snapkv; valid keys: window",
+        ),
         (["--kv", "windowkv", "--kv-budget", "20"], "--kv-budget 20 is too small for windowkv"),
         (["--kv", "dynsplit", "--kv-budget", "0"], "argument --kv-budget: must be a positive number of tokens, got 0"),
-        (["--kv", "dynsplit", "--kv-budget", "9000"], "--kv-budget 9000 is larger than the model's context length (8192)"),
-        (["--kv", "dynsplit", "--kv-config", '{"block_size": 4, "delta": 4}'], "'block_size' (C=4) must be larger than 'delta'"),
+        (
+            ["--kv", "dynsplit", "--kv-budget", "9000"],
+            "--kv-budget 9000 is larger than the model's context length (8192)",
+        ),
+        (
+            ["--kv", "dynsplit", "--kv-config", '{"block_size": 4, "delta": 4}'],
+            "'block_size' (C=4) must be larger than 'delta'",
+        ),
         (["--kv", "dynsplit", "--kv-config", "{oops"], "argument --kv-config: is not valid JSON"),
-        (["--kv", "dynsplit", "--speculative-algorithm", "EAGLE"], "--kv dynsplit does not support speculative decoding"),
+        (
+            ["--kv", "dynsplit", "--speculative-algorithm", "EAGLE"],
+            "--kv dynsplit does not support speculative decoding",
+        ),
         (["--kv", "dynsplit", "--attention-backend", "triton"], "--kv dynsplit chooses the attention backend itself"),
-        (["--kv", "dynsplit", "--cuda-graph-backend-decode", "full"],
-         "--kv dynsplit cannot capture decode as one full CUDA graph"),
-        (["--kv", "quest", "--attention-backend", "dynsplit_flashinfer", "--cuda-graph-config", '{"decode": {"backend": "full"}}'],
-         "--kv quest cannot capture decode as one full CUDA graph"),
-        (["--kv", "dynsplit", "--kv-config", '{"score_layers": [3, 30]}'], "'score_layers' [3, 30] out of range; the model has 30"),
+        (
+            ["--kv", "dynsplit", "--cuda-graph-backend-decode", "full"],
+            "--kv dynsplit cannot capture decode as one full CUDA graph",
+        ),
+        (
+            [
+                "--kv",
+                "quest",
+                "--attention-backend",
+                "dynsplit_flashinfer",
+                "--cuda-graph-config",
+                '{"decode": {"backend": "full"}}',
+            ],
+            "--kv quest cannot capture decode as one full CUDA graph",
+        ),
+        (
+            ["--kv", "dynsplit", "--kv-config", '{"score_layers": [3, 30]}'],
+            "'score_layers' [3, 30] out of range; the model has 30",
+        ),
     ],
 )
 def test_bad_flags_stop_startup_with_one_clear_line(smollm2, flags, message, capsys):
@@ -108,8 +134,25 @@ def test_bad_flags_stop_startup_with_one_clear_line(smollm2, flags, message, cap
 @pytest.mark.server
 def test_bad_flag_through_the_real_command(smollm2):
     proc = subprocess.run(
-        [sys.executable, "-m", "sglang.launch_server", "--model-path", smollm2, "--device", "cpu", "--kv", "dynsplit", "--kv-budget", "-3"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            smollm2,
+            "--device",
+            "cpu",
+            "--kv",
+            "dynsplit",
+            "--kv-budget",
+            "-3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "sglang serve: error: argument --kv-budget: must be a positive number of tokens, got -3"
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == "sglang serve: error: argument --kv-budget: must be a positive number of tokens, got -3"
+    )

@@ -45,7 +45,14 @@ def test_decode_mask_budget():
 
 
 def test_suite_answers_reads_partial_and_final(tmp_path):
-    rec = {"policy": "snapkv", "task": "niah_single", "length": 2048, "seed": 3, "budget_setting": 0.25, "output": " 12."}
+    rec = {
+        "policy": "snapkv",
+        "task": "niah_single",
+        "length": 2048,
+        "seed": 3,
+        "budget_setting": 0.25,
+        "output": " 12.",
+    }
     other = dict(rec, policy="quest", output=" 13.")
     partial = tmp_path / "accuracy.partial.jsonl"
     partial.write_text(json.dumps(rec) + "\n" + json.dumps(other) + "\n" + '{"policy": "snap')  # a cut-off last line
@@ -66,14 +73,19 @@ def reference(tiny_model):
 
 def test_mask_plumbing_on_the_tiny_model(reference):
     tokenizer, model, holder = reference
-    ids = tokenizer("one two three four five six seven eight nine ten eleven twelve " * 4,
-                    add_special_tokens=False, return_tensors="pt").input_ids
+    ids = tokenizer(
+        "one two three four five six seven eight nine ten eleven twelve " * 4,
+        add_special_tokens=False,
+        return_tensors="pt",
+    ).input_ids
     n = ids.shape[1]
     full = ref.generate(tokenizer, model, holder, ids, 12, None)
     # a selection that keeps every prompt position through the decode mask: the same tokens
     everything = ref.Selection(budget=4, prompt_len=n, forced=list(range(n)))
     assert ref.generate(tokenizer, model, holder, ids, 12, everything) == full
-    assert ref.generate(tokenizer, model, holder, ids, 12, ref.Selection(budget=4, prompt_len=n, dense_layers=99)) == full
+    assert (
+        ref.generate(tokenizer, model, holder, ids, 12, ref.Selection(budget=4, prompt_len=n, dense_layers=99)) == full
+    )
     # a real selection ranked every layer and masks decode steps: the logits of the first step differ
     sel = ref.Selection(budget=6, prompt_len=n)
     holder[0] = sel
@@ -94,17 +106,36 @@ def test_mask_plumbing_on_the_tiny_model(reference):
 
 
 def test_cli_rejects_bad_input(capsys):
-    for argv, message in ((["--samples", "0"], "--samples 0"), (["--budget", "0"], "--budget 0.0"),
-                          (["--keep-answer", "-1"], "--keep-answer -1")):
+    for argv, message in (
+        (["--samples", "0"], "--samples 0"),
+        (["--budget", "0"], "--budget 0.0"),
+        (["--keep-answer", "-1"], "--keep-answer -1"),
+    ):
         with pytest.raises(SystemExit):
             ref.parse_args(argv)
         assert message in capsys.readouterr().err
 
 
 def test_cli_on_the_tiny_model(tiny_model, tmp_path, capsys):
-    rows = ref.main(["--model", tiny_model, "--task", "niah_single", "--length", "512", "--budget", "0.25",
-                     "--keep-answer", "4", "--results", str(tmp_path / "none.json")])
+    rows = ref.main(
+        [
+            "--model",
+            tiny_model,
+            "--task",
+            "niah_single",
+            "--length",
+            "512",
+            "--budget",
+            "0.25",
+            "--keep-answer",
+            "4",
+            "--results",
+            str(tmp_path / "none.json"),
+        ]
+    )
     assert len(rows) == 1 and rows[0]["suite"] is None and rows[0]["reference_score"] in (0.0, 1.0)
     assert "| 0 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="not less than"):
-        ref.main(["--model", tiny_model, "--length", "512", "--budget", "4096", "--results", str(tmp_path / "none.json")])
+        ref.main(
+            ["--model", tiny_model, "--length", "512", "--budget", "4096", "--results", str(tmp_path / "none.json")]
+        )

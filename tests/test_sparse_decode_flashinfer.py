@@ -12,9 +12,9 @@ bf16, against the same torch path.
 import pytest
 import torch
 
+from dynsplit_sglang.gpu_path import selection_kernel, sparse_attention_op
 from dynsplit_sglang.kernels.block_select_triton import select_slots_reference
 from dynsplit_sglang.kernels.sparse_attention import sparse_decode_attention, sparse_decode_attention_batched
-from dynsplit_sglang.gpu_path import selection_kernel, sparse_attention_op
 from dynsplit_sglang.sparse_decode_flashinfer import FlashInferSparseAttention, FoldedSparseDecode, flashinfer_wrapper
 from dynsplit_sglang.testing.fake_flashinfer import FakeDecodeWrapper
 
@@ -63,11 +63,12 @@ def test_one_plan_serves_every_layer_with_in_place_index_writes(use_cuda_graph):
     kv_heads, group, dim, num_slots, scale = 3, 2, 16, 400, 0.25
     counts, width = [37, 5, 64, 1], 64
     batch = len(counts)
-    sparse = FoldedSparseDecode(fake(use_cuda_graph), kv_heads, group, dim, max_requests=batch, max_out=width,
-                                device="cpu")
+    sparse = FoldedSparseDecode(
+        fake(use_cuda_graph), kv_heads, group, dim, max_requests=batch, max_out=width, device="cpu"
+    )
     sparse.plan(counts, width, torch.float32, torch.float32, scale)
     assert sparse.wrapper.num_kv_heads == 1  # one KV head per folded row
-    for layer in range(3):  # every layer its own KV, queries and selection, one plan
+    for _layer in range(3):  # every layer its own KV, queries and selection, one plan
         keys, values = torch.randn(2, num_slots, kv_heads, dim, generator=g)
         q = torch.randn(batch, kv_heads * group, dim, generator=g)
         slots = random_selection(batch, kv_heads, width, counts, num_slots, g)
@@ -105,9 +106,21 @@ def test_selection_kernel_output_feeds_the_index_list():
     width = 32
     slots = torch.empty(2, kv_heads, width, dtype=torch.int64)
     got_counts = torch.empty(2, kv_heads, dtype=torch.int64)
-    select_slots_reference(q, kmin.view(capacity, kv_heads, dim), kmax.view(capacity, kv_heads, dim), records,
-                           rec_start, rec_end, req_slots, seq_lens, keep_head, keep_tail_from, budgets, slots,
-                           got_counts)
+    select_slots_reference(
+        q,
+        kmin.view(capacity, kv_heads, dim),
+        kmax.view(capacity, kv_heads, dim),
+        records,
+        rec_start,
+        rec_end,
+        req_slots,
+        seq_lens,
+        keep_head,
+        keep_tail_from,
+        budgets,
+        slots,
+        got_counts,
+    )
     counts = torch.minimum(budgets, seq_lens).tolist()
     assert got_counts.tolist() == [[c] * kv_heads for c in counts]  # the budget is filled exactly
     sparse = FoldedSparseDecode(fake(False), kv_heads, group, dim, max_requests=2, max_out=width, device="cpu")
@@ -182,7 +195,9 @@ def test_server_op_choice_and_its_errors():
     name, op = sparse_attention_op("cpu", 2, 2, 8, env={})
     assert name == "torch" and op is sparse_decode_attention_batched
     assert sparse_attention_op("cpu", 2, 2, 8, env={"DYNSPLIT_SPARSE_ATTENTION": " Torch "})[0] == "torch"
-    with pytest.raises(ValueError, match=r"\$DYNSPLIT_SPARSE_ATTENTION='cuda': valid values are 'torch' and 'flashinfer'"):
+    with pytest.raises(
+        ValueError, match=r"\$DYNSPLIT_SPARSE_ATTENTION='cuda': valid values are 'torch' and 'flashinfer'"
+    ):
         sparse_attention_op("cpu", 2, 2, 8, env={"DYNSPLIT_SPARSE_ATTENTION": "cuda"})
     with pytest.raises(ValueError, match="flashinfer needs a CUDA device; this server runs on cpu"):
         sparse_attention_op("cpu", 2, 2, 8, env={"DYNSPLIT_SPARSE_ATTENTION": "flashinfer"})
@@ -210,16 +225,26 @@ def gpu_case(seed, batch=8, kv_heads=8, group=4, dim=128, num_slots=40_000, dtyp
 def test_flashinfer_sparse_decode_matches_the_torch_path():
     counts, width, keys, values, q, slots = gpu_case(0)
     workspace = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
-    sparse = FoldedSparseDecode(flashinfer_wrapper(workspace, use_cuda_graph=False), 8, 4, 128,
-                                max_requests=len(counts), max_out=width, device="cuda")
-    sparse.plan(counts, width, q.dtype, keys.dtype, 128 ** -0.5)
+    sparse = FoldedSparseDecode(
+        flashinfer_wrapper(workspace, use_cuda_graph=False),
+        8,
+        4,
+        128,
+        max_requests=len(counts),
+        max_out=width,
+        device="cuda",
+    )
+    sparse.plan(counts, width, q.dtype, keys.dtype, 128**-0.5)
     for layer in range(2):  # the second layer rewrites the indices in place under the same plan
         if layer:
-            slots = random_selection(len(counts), 8, width, counts, keys.shape[0], torch.Generator().manual_seed(9)).cuda()
+            slots = random_selection(
+                len(counts), 8, width, counts, keys.shape[0], torch.Generator().manual_seed(9)
+            ).cuda()
         sparse.write_indices(slots)
         out, lse = sparse.run(q, keys, values)
-        want_out, want_lse = reference(q.float().cpu(), keys.float().cpu(), values.float().cpu(), slots.cpu(), counts,
-                                       128 ** -0.5)
+        want_out, want_lse = reference(
+            q.float().cpu(), keys.float().cpu(), values.float().cpu(), slots.cpu(), counts, 128**-0.5
+        )
         torch.testing.assert_close(out.float().cpu(), want_out, rtol=2e-2, atol=2e-2)  # bf16 P.V
         torch.testing.assert_close(lse.cpu(), want_lse, rtol=1e-3, atol=1e-2)
 
@@ -229,9 +254,10 @@ def test_flashinfer_sparse_decode_cuda_graph_replay():
     counts, width, keys, values, q, slots = gpu_case(1)
     batch = len(counts)
     workspace = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
-    sparse = FoldedSparseDecode(flashinfer_wrapper(workspace, use_cuda_graph=True), 8, 4, 128,
-                                max_requests=batch, max_out=width, device="cuda")
-    sparse.plan(counts, width, q.dtype, keys.dtype, 128 ** -0.5)
+    sparse = FoldedSparseDecode(
+        flashinfer_wrapper(workspace, use_cuda_graph=True), 8, 4, 128, max_requests=batch, max_out=width, device="cuda"
+    )
+    sparse.plan(counts, width, q.dtype, keys.dtype, 128**-0.5)
     static_slots = slots.clone()
     sparse.write_indices(static_slots)
     sparse.run(q, keys, values)  # warm up (JIT) outside the capture
@@ -243,7 +269,7 @@ def test_flashinfer_sparse_decode_cuda_graph_replay():
         out, lse = sparse.run(q, keys, values)
     torch.cuda.current_stream().wait_stream(stream)
     g = torch.Generator().manual_seed(5)
-    for step in range(2):  # new selection and queries written in place, then replayed
+    for _step in range(2):  # new selection and queries written in place, then replayed
         static_slots.copy_(random_selection(batch, 8, width, counts, keys.shape[0], g))
         q.copy_(torch.randn(q.shape, generator=g).to(q))
         graph.replay()
@@ -261,12 +287,12 @@ def test_server_op_on_flashinfer_matches_the_torch_op():
     g = torch.Generator().manual_seed(4)
     keys, values = torch.randn(2, 40_000, 8, 128, generator=g).to("cuda", torch.bfloat16)
     for counts in ([4096, 4096, 1000, 77], [4096, 4096, 1001, 78]):  # two steps, two layers each
-        for layer in range(2):
+        for _layer in range(2):
             q = torch.randn(len(counts), 32, 128, generator=g).to("cuda", torch.bfloat16)
             slots, valid = selection_with_valid(counts, 8, 4096, keys.shape[0], g)
             slots, valid = slots.cuda(), valid.cuda()
-            out, lse = op(q, keys, values, slots, valid, 128 ** -0.5)
-            want_out, want_lse = sparse_decode_attention_batched(q, keys, values, slots, valid, 128 ** -0.5)
+            out, lse = op(q, keys, values, slots, valid, 128**-0.5)
+            want_out, want_lse = sparse_decode_attention_batched(q, keys, values, slots, valid, 128**-0.5)
             torch.testing.assert_close(out.float(), want_out.float(), rtol=2e-2, atol=2e-2)
             torch.testing.assert_close(lse, want_lse, rtol=1e-3, atol=1e-2)
     assert op.plans == 2

@@ -18,7 +18,6 @@ import math
 
 import torch
 
-
 LOG2E = 1.0 / math.log(2.0)
 
 
@@ -65,8 +64,7 @@ class _Legacy:
         self._set(causal, window_left, logits_soft_cap, sm_scale)
         return self.run(*inputs)
 
-    def forward_return_lse(self, *inputs, causal=None, window_left=-1, logits_soft_cap=None, sm_scale=None,
-                           **unused):
+    def forward_return_lse(self, *inputs, causal=None, window_left=-1, logits_soft_cap=None, sm_scale=None, **unused):
         self._set(causal, window_left, logits_soft_cap, sm_scale)
         return self.run(*inputs, return_lse=True)
 
@@ -78,7 +76,7 @@ class _Legacy:
             self.scale = sm_scale
 
     def _scale(self, head_dim):
-        return self.scale if self.scale is not None else head_dim ** -0.5
+        return self.scale if self.scale is not None else head_dim**-0.5
 
     def _attend_requests(self, q, kv_of):
         """Prefill: request r's queries q[qo_indptr[r]:qo_indptr[r+1]] attend to kv_of(kv_indptr[r],
@@ -90,25 +88,48 @@ class _Legacy:
             if qo[r + 1] > qo[r]:
                 rows = slice(qo[r], qo[r + 1])
                 k, v = kv_of(kv[r], kv[r + 1])
-                out[rows], lse[rows] = attend(q[rows], k, v, self.causal, self._scale(q.shape[-1]), self.window_left,
-                                              self.logits_soft_cap)
+                out[rows], lse[rows] = attend(
+                    q[rows], k, v, self.causal, self._scale(q.shape[-1]), self.window_left, self.logits_soft_cap
+                )
         return out, lse
 
 
 class FakeDecodeWrapper(_Legacy):
     """Torch stand-in for flashinfer.BatchDecodeWithPagedKVCacheWrapper (NHD, fa2 semantics, page size 1)."""
 
-    def __init__(self, use_cuda_graph=False, indptr_buffer=None, indices_buffer=None, last_page_len_buffer=None,
-                 use_tensor_cores=False):
+    def __init__(
+        self,
+        use_cuda_graph=False,
+        indptr_buffer=None,
+        indices_buffer=None,
+        last_page_len_buffer=None,
+        use_tensor_cores=False,
+    ):
         # FlashInfer exposes the mode as `is_cuda_graph_enabled` (FoldedSparseDecode reads it).
         self.use_cuda_graph = self.is_cuda_graph_enabled = use_cuda_graph
         self.use_tensor_cores = use_tensor_cores
         self.indptr, self.indices, self.last_page_len = indptr_buffer, indices_buffer, last_page_len_buffer
         self.plans = 0
 
-    def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, *,
-             pos_encoding_mode="NONE", q_data_type=None, kv_data_type=None, data_type=None, sm_scale=None,
-             window_left=-1, logits_soft_cap=None, **unused):
+    def plan(
+        self,
+        indptr,
+        indices,
+        last_page_len,
+        num_qo_heads,
+        num_kv_heads,
+        head_dim,
+        page_size,
+        *,
+        pos_encoding_mode="NONE",
+        q_data_type=None,
+        kv_data_type=None,
+        data_type=None,
+        sm_scale=None,
+        window_left=-1,
+        logits_soft_cap=None,
+        **unused,
+    ):
         """indptr [rows + 1], indices [>= indptr[-1]], last_page_len [rows], all int32 (FlashInfer's signature)."""
         assert indptr.dtype == indices.dtype == last_page_len.dtype == torch.int32
         assert pos_encoding_mode == "NONE" and page_size == 1 and num_qo_heads % num_kv_heads == 0
@@ -140,8 +161,15 @@ class FakeDecodeWrapper(_Legacy):
         lse = torch.empty(rows, self.num_qo_heads, dtype=torch.float32, device=q.device)
         for r in range(rows):
             pages = self.indices[int(self.indptr[r]) : int(self.indptr[r + 1])].long()
-            out[r : r + 1], lse[r : r + 1] = attend(q[r : r + 1], k_pages[pages], v_pages[pages], False,
-                                                    self._scale(q.shape[-1]), self.window_left, self.logits_soft_cap)
+            out[r : r + 1], lse[r : r + 1] = attend(
+                q[r : r + 1],
+                k_pages[pages],
+                v_pages[pages],
+                False,
+                self._scale(q.shape[-1]),
+                self.window_left,
+                self.logits_soft_cap,
+            )
         return (out, lse) if return_lse else out
 
 
@@ -152,8 +180,22 @@ class FakeRaggedPrefillWrapper(_Legacy):
     def __init__(self, *unused_args, **unused_kwargs):
         self.plans = 0
 
-    def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo=None, *,
-             custom_mask=None, causal=False, sm_scale=None, window_left=-1, logits_soft_cap=None, **unused):
+    def plan(
+        self,
+        qo_indptr,
+        kv_indptr,
+        num_qo_heads,
+        num_kv_heads,
+        head_dim_qk,
+        head_dim_vo=None,
+        *,
+        custom_mask=None,
+        causal=False,
+        sm_scale=None,
+        window_left=-1,
+        logits_soft_cap=None,
+        **unused,
+    ):
         assert custom_mask is None, "custom masks are not modelled"
         self.qo_indptr, self.kv_indptr = qo_indptr, kv_indptr  # references, as FlashInfer keeps them
         self.num_qo_heads, self.num_kv_heads = num_qo_heads, num_kv_heads
@@ -174,9 +216,25 @@ class FakePagedPrefillWrapper(_Legacy):
     def __init__(self, *unused_args, **unused_kwargs):
         self.plans = 0
 
-    def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads,
-             num_kv_heads, head_dim_qk, page_size, head_dim_vo=None, *, custom_mask=None, causal=False,
-             sm_scale=None, window_left=-1, logits_soft_cap=None, **unused):
+    def plan(
+        self,
+        qo_indptr,
+        paged_kv_indptr,
+        paged_kv_indices,
+        paged_kv_last_page_len,
+        num_qo_heads,
+        num_kv_heads,
+        head_dim_qk,
+        page_size,
+        head_dim_vo=None,
+        *,
+        custom_mask=None,
+        causal=False,
+        sm_scale=None,
+        window_left=-1,
+        logits_soft_cap=None,
+        **unused,
+    ):
         assert custom_mask is None, "custom masks are not modelled"
         assert page_size == 1, "page size 1 only"
         self.qo_indptr, self.kv_indptr, self.indices = qo_indptr, paged_kv_indptr, paged_kv_indices
@@ -221,11 +279,25 @@ class FakeSGLangDecodeWrapper(FakeDecodeWrapper):
     it a buffer on the model's device. Built with an explicit `use_cuda_graph` it is
     FakeDecodeWrapper in that mode."""
 
-    def __init__(self, float_workspace_buffer=None, kv_layout="NHD", use_cuda_graph=None, use_tensor_cores=False,
-                 paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None, paged_kv_last_page_len_buffer=None,
-                 backend="auto", **unused):
-        super().__init__(bool(use_cuda_graph), paged_kv_indptr_buffer, paged_kv_indices_buffer,
-                         paged_kv_last_page_len_buffer, use_tensor_cores)
+    def __init__(
+        self,
+        float_workspace_buffer=None,
+        kv_layout="NHD",
+        use_cuda_graph=None,
+        use_tensor_cores=False,
+        paged_kv_indptr_buffer=None,
+        paged_kv_indices_buffer=None,
+        paged_kv_last_page_len_buffer=None,
+        backend="auto",
+        **unused,
+    ):
+        super().__init__(
+            bool(use_cuda_graph),
+            paged_kv_indptr_buffer,
+            paged_kv_indices_buffer,
+            paged_kv_last_page_len_buffer,
+            use_tensor_cores,
+        )
         if use_cuda_graph is None:
             self.is_cuda_graph_enabled = True
             self._paged_kv_indices_buf = None

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from typing import Sequence
+from collections.abc import Sequence
 
 # The CPU recipe: fp32 (bf16 matmuls are slow on CPUs without AMX) and a small KV pool.
 CPU_ARGS = ("--device", "cpu", "--dtype", "float32", "--max-total-tokens", "20000")
@@ -46,19 +46,33 @@ def launch_server(model_path: str, *args: str, **kwargs):
 
 @contextlib.contextmanager
 def start_server(
-    model_path: str, *args: str, device_args: Sequence[str] = CPU_ARGS, timeout: float = 300,
+    model_path: str,
+    *args: str,
+    device_args: Sequence[str] = CPU_ARGS,
+    timeout: float = 300,
     log_path: str | None = None,
 ):
     """Start a server with the given extra flags (on the CPU unless device_args says otherwise);
     yields (base URL, the launcher's Popen, which leads the server's process group); stops it after."""
     port = free_port()
     cmd = [
-        sys.executable, "-m", "sglang.launch_server", "--model-path", model_path,
-        "--host", "127.0.0.1", "--port", str(port), *device_args, "--skip-server-warmup", *args,
+        sys.executable,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        model_path,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *device_args,
+        "--skip-server-warmup",
+        *args,
     ]
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout
