@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from dynsplit_sglang.testing import process_setup
+
 # Without a GPU, Triton kernels run in the interpreter (fp32, small shapes); it must be set
 # before a kernel module is imported. With one, they compile for it.
 if not torch.cuda.is_available():
@@ -19,6 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # the run), so fixtures stop the servers and engines they started. (tests/engine_utils.py keeps
 # SGLang's engines from taking SIGTERM over.)
 signal.signal(signal.SIGTERM, signal.default_int_handler)
+# And when the run is killed outright (SIGKILL: no cleanup runs), what it started goes with it:
+# every Python process started from here on, and every one those start, dies with its parent from
+# its first line (SGLang's scheduler and detokenizer arm that only after seconds of imports).
+os.environ["PYTHONPATH"] = process_setup.pythonpath_with(process_setup.die_with_parent_folder())
 
 
 @pytest.fixture(autouse=True)

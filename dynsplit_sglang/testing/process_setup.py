@@ -26,24 +26,29 @@ add up).
 The test's own process is left alone: an in-process `sgl.Engine` runs the setups only in the
 processes it starts. A setup that must not act in a server's launcher (also a MainProcess) checks
 `multiprocessing.current_process().name`. The folders live until this process exits.
+
+`die_with_parent_folder()` is the same trick for one more thing: its sitecustomize arms
+PR_SET_PDEATHSIG (SIGKILL when the parent dies, Linux) first thing in every Python process
+started with it on PYTHONPATH, and exits at once if the parent is already gone. SGLang's scheduler
+and detokenizer arm it themselves only after their imports, seconds after they start, so a test
+run killed with SIGKILL in that window left them running for good (a server's too, though its
+launcher dies with pytest). tests/conftest.py puts this folder on PYTHONPATH for the whole run.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import importlib.machinery
 import importlib.util
 import os
 import pkgutil
 import shutil
-import sys
 import tempfile
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds dynsplit_sglang/
-_folders: dict[tuple[str, ...], str] = {}
+_folders: dict[object, str] = {}
 
-_SITECUSTOMIZE = """\
+_SETUPS = """\
 # Written by dynsplit_sglang.testing.process_setup for a test's SGLang processes (see there).
 import sys
 
@@ -53,8 +58,50 @@ except ImportError:  # a source tree that is neither installed nor on PYTHONPATH
     sys.path.append({root!r})
     from dynsplit_sglang.testing.process_setup import set_up_this_process
 
-set_up_this_process(__file__, {setups!r})
+set_up_this_process({setups!r})
 """
+
+_DIE_WITH_PARENT = """\
+# Written by dynsplit_sglang.testing.process_setup (see there): this process dies with its parent.
+import ctypes
+import os
+import signal
+
+try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):  # not Linux
+    pass
+else:
+    if os.getppid() == 1:  # the parent died before that: nobody would end this process
+        os._exit(1)
+"""
+
+# Every generated sitecustomize ends with this: it runs the one it hides (the first after its
+# folder on sys.path), e.g. Debian's, or the next of ours.
+_CHAIN = """
+import importlib.machinery as _machinery
+import importlib.util as _util
+import os as _os
+import sys as _sys
+
+_here = _os.path.realpath(_os.path.dirname(__file__))
+_entries = [_os.path.realpath(p or _os.curdir) for p in _sys.path]
+_later = _sys.path[_entries.index(_here) + 1 :] if _here in _entries else []
+_spec = _machinery.PathFinder.find_spec("sitecustomize", _later)
+if _spec is not None and _spec.loader is not None:
+    _spec.loader.exec_module(_util.module_from_spec(_spec))
+"""
+
+
+def _folder(key, text: str) -> str:
+    """A folder holding a sitecustomize.py with `text` (made once per key, removed at exit)."""
+    if key not in _folders:
+        folder = tempfile.mkdtemp(prefix="dynsplit-site-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
+            f.write(text + _CHAIN)
+        _folders[key] = folder
+    return _folders[key]
 
 
 def _check(setup: str) -> None:
@@ -67,20 +114,24 @@ def sitecustomize_folder(*setups: str) -> str:
     """The folder whose sitecustomize.py runs these setups (made once per set, removed at exit)."""
     for setup in setups:
         _check(setup)
-    if setups not in _folders:
-        folder = tempfile.mkdtemp(prefix="dynsplit-setup-")
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
-            f.write(_SITECUSTOMIZE.format(root=_ROOT, setups=setups))
-        _folders[setups] = folder
-    return _folders[setups]
+    return _folder(setups, _SETUPS.format(root=_ROOT, setups=setups))
+
+
+def die_with_parent_folder() -> str:
+    """The folder whose sitecustomize.py makes a process die with its parent (see above)."""
+    return _folder("die with parent", _DIE_WITH_PARENT)
+
+
+def pythonpath_with(folder: str, env: dict[str, str] | None = None) -> str:
+    """`env`'s (default os.environ's) PYTHONPATH with `folder` first."""
+    path = (os.environ if env is None else env).get("PYTHONPATH")
+    return folder + (os.pathsep + path if path else "")
 
 
 def environment(*setups: str, env: dict[str, str] | None = None) -> dict[str, str]:
     """A copy of `env` (default os.environ) under which SGLang processes run these setups."""
     env = dict(os.environ if env is None else env)
-    path = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = sitecustomize_folder(*setups) + (os.pathsep + path if path else "")
+    env["PYTHONPATH"] = pythonpath_with(sitecustomize_folder(*setups), env)
     return env
 
 
@@ -98,9 +149,8 @@ def in_sglang_processes(*setups: str):
             os.environ["PYTHONPATH"] = before
 
 
-def set_up_this_process(sitecustomize_path: str, setups: tuple[str, ...]) -> None:
-    """Called by the generated sitecustomize at interpreter start: wrap the plugin's `register`,
-    then run the sitecustomize this one shadows."""
+def set_up_this_process(setups: tuple[str, ...]) -> None:
+    """Called by the generated sitecustomize at interpreter start: wrap the plugin's `register`."""
     from dynsplit_sglang import plugin
 
     register = plugin.register
@@ -111,14 +161,3 @@ def set_up_this_process(sitecustomize_path: str, setups: tuple[str, ...]) -> Non
             pkgutil.resolve_name(setup)()
 
     plugin.register = register_then_set_up
-    _run_shadowed_sitecustomize(os.path.dirname(os.path.abspath(sitecustomize_path)))
-
-
-def _run_shadowed_sitecustomize(folder: str) -> None:
-    """Run the `sitecustomize` that the one in `folder` hides: the first on sys.path after it."""
-    entries = [os.path.abspath(p or os.curdir) for p in sys.path]
-    later = sys.path[entries.index(folder) + 1 :] if folder in entries else sys.path
-    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", later)
-    if spec is not None and spec.loader is not None:
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
