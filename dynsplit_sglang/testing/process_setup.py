@@ -86,7 +86,7 @@ import sys as _sys
 
 _here = _os.path.realpath(_os.path.dirname(__file__))
 _entries = [_os.path.realpath(p or _os.curdir) for p in _sys.path]
-_later = _sys.path[_entries.index(_here) + 1 :] if _here in _entries else []
+_later = _sys.path[len(_entries) - _entries[::-1].index(_here) :] if _here in _entries else []
 _spec = _machinery.PathFinder.find_spec("sitecustomize", _later)
 if _spec is not None and _spec.loader is not None:
     _spec.loader.exec_module(_util.module_from_spec(_spec))
@@ -123,9 +123,9 @@ def die_with_parent_folder() -> str:
 
 
 def pythonpath_with(folder: str, env: dict[str, str] | None = None) -> str:
-    """`env`'s (default os.environ's) PYTHONPATH with `folder` first."""
+    """`env`'s (default os.environ's) PYTHONPATH with `folder` first (and only there)."""
     path = (os.environ if env is None else env).get("PYTHONPATH")
-    return folder + (os.pathsep + path if path else "")
+    return os.pathsep.join([folder, *(p for p in path.split(os.pathsep) if p != folder)] if path else [folder])
 
 
 def environment(*setups: str, env: dict[str, str] | None = None) -> dict[str, str]:

@@ -13,13 +13,15 @@ import time
 import urllib.request
 from collections.abc import Sequence
 
+from dynsplit_sglang.testing import process_setup
+
 # The CPU recipe: fp32 (bf16 matmuls are slow on CPUs without AMX) and a small KV pool.
 CPU_ARGS = ("--device", "cpu", "--dtype", "float32", "--max-total-tokens", "20000")
 
 
 def _die_with_parent() -> None:
     """In the child before exec: SIGKILL it when the process that started it dies (Linux), so a
-    killed pytest leaves no server behind (SGLang's own subprocesses follow their parent)."""
+    killed pytest leaves no server behind (and the server's processes follow theirs)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
@@ -70,8 +72,11 @@ def start_server(
         *args,
     ]
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
+    # The launcher dies with this process, and every process of the server with its parent, from
+    # its first line (SGLang's own subprocesses arm that only after their imports).
+    env = dict(os.environ, PYTHONPATH=process_setup.pythonpath_with(process_setup.die_with_parent_folder()))
     proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent
+        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent, env=env
     )
     url = f"http://127.0.0.1:{port}"
     try:
