@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 
 import torch
 from sglang.srt.arg_groups.overrides import resolved_view
 from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool
 
-from dynsplit_sglang import request_options
+from dynsplit_sglang import eviction, request_options
 from dynsplit_sglang.block_table import ModelShape
 from dynsplit_sglang.config import KVConfig
 from dynsplit_sglang.delimiters import TokenTexts
@@ -29,6 +30,25 @@ from dynsplit_sglang.policies.base import forget_rows
 from dynsplit_sglang.policies.policy_set import build_policy
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RowRequest:
+    """The request in a req_to_token row, read when it got the row (request_options).
+
+    generation:    SGLang's allocation count of the row then (a new count: a new request, or the
+                   same one retracted and prefilled again).
+    evict:         eviction is on for it (eviction.py).
+    eviction:      where its private prompt is compacted to; None: nothing to compact.
+    """
+
+    rid: str | None
+    budget: int
+    policy: str
+    prompt_len: int | None
+    generation: int
+    evict: bool
+    eviction: eviction.Eviction | None
 
 
 class PolicyHost:
@@ -71,14 +91,21 @@ class PolicyHost:
         members = getattr(self.policy, "members", {kv.policy: self.policy})
         prefix_reserve.set_reserve({label: p.needs.query_window for label, p in members.items()}, kv.policy)
         request_options.enable(kv)
-        # req_to_token row -> (rid, budget, policy, prompt length, the row's allocation count when read)
-        self._row_request: dict[int, tuple] = {}
+        self._allocator = model_runner.token_to_kv_pool_allocator
+        self._plan = eviction.EvictionPlan(
+            {label: p.resident_bound for label, p in members.items()},
+            {label: getattr(o, "evict", False) for label, o in kv.policies.items()},
+            kv.policy,
+            kv.budget,
+            getattr(self._allocator, "page_size", 1),
+        )
+        eviction.install(self._plan)
+        self._row_request: dict[int, RowRequest] = {}
         self._lock = threading.Lock()
         self._reqs: list[RequestView] = []
         self._last_lse: dict[int, torch.Tensor] = {}  # request index -> [H] lse of its sparse step
         self._graph_capture = False  # a decode CUDA-graph capture (or its warmup) is running
         self._slot_rows = None
-        self._allocator = model_runner.token_to_kv_pool_allocator
         self._kv_available_at_start = self._allocator.available_size()
         self._hook_allocator(self._allocator)
         self.policy.trace({"event": "init", "kv_available": self._kv_available_at_start, **self.policy.stats()})
@@ -104,17 +131,18 @@ class PolicyHost:
             return free(free_index)
 
         def clear_and_reset():
-            before = self.policy.stats()
+            before = {**self.policy.stats(), **self._plan.stats()}
             result = clear()
             with self._lock:
                 self.policy.reset()
+                self._plan.reset()
             self.policy.trace(
                 {
                     "event": "flush",
                     "kv_available": allocator.available_size(),
                     "kv_available_at_start": self._kv_available_at_start,
                     "before": before,
-                    "after": self.policy.stats(),
+                    "after": {**self.policy.stats(), **self._plan.stats()},
                 }
             )
             return result
@@ -153,7 +181,7 @@ class PolicyHost:
         for row, n, s, rid, generation in zip(rows, seq_lens, starts, rids, generations):
             new = n - s
             # a replay's batch has no rids: the row's own (policies key per-request state by it)
-            (rid, budget, policy, prompt_len), changed = self._request_in(row, rid, generation)
+            known, changed = self._request_in(row, rid, generation, None if is_decode else s)
             if changed:
                 renewed.add(row)
             reqs.append(
@@ -161,11 +189,12 @@ class PolicyHost:
                     req_to_token[row, :n].to(torch.int64),
                     s,
                     ids[offset : offset + new],
-                    rid,
+                    known.rid,
                     row,
-                    budget,
-                    policy,
-                    prompt_len,
+                    known.budget,
+                    known.policy,
+                    known.prompt_len,
+                    known.evict,
                 )
             )
             offset += new
@@ -182,29 +211,36 @@ class PolicyHost:
         outgrows what the rows' live requests may hold."""
         free = set(getattr(self.req_to_token_pool, "free_slots", ()))
         self.policy.release_rows(free | renewed)
+        self._plan.forget(free)
         forget_rows(self._row_request, free)
 
-    def _request_in(self, row: int, rid, generation: int) -> tuple[tuple, bool]:
-        """((rid, budget, policy label, prompt length or None), whether the row's request is new
-        to the host) of the request in this row: its custom_params.kv_budget and kv_policy, else
-        the server's --kv-budget and --kv policy. They are read when a request gets the row
-        (SGLang's allocation count of the row changes); a retracted request that comes back, in
-        this row or another, reads them again. Without a rid (a CUDA-graph
-        replay), the row's request is the one its prefill registered: prefill always runs eager
-        and names its requests, and a row changes hands only through a prefill."""
+    def _request_in(self, row: int, rid, generation: int, prefix: int | None) -> tuple[RowRequest, bool]:
+        """(the request in this row, whether it is new to the host): its custom_params.kv_budget,
+        kv_policy and kv_evict, else the server's --kv-budget, --kv policy and its `evict`. They
+        are read when a request gets the row (SGLang's allocation count of the row changes); a
+        retracted request that comes back, in this row or another, reads them again. Without a
+        rid (a CUDA-graph replay), the row's request is the one its prefill registered: prefill always runs eager
+        and names its requests, and a row changes hands only through a prefill. prefix: the
+        tokens SGLang found in the radix cache, at a prefill (None at decode): a request met
+        first decides here whether and where it evicts."""
         known = self._row_request.get(row)
-        changed = known is None or known[4] != generation or (rid is not None and known[0] != rid)
+        changed = known is None or known.generation != generation or (rid is not None and known.rid != rid)
         if changed:
             asked = request_options.options(rid)
-            known = (
+            req = request_options.request(rid)
+            evict, start = (False, None) if req is None or prefix is None else self._plan.of_request(req, prefix)
+            self._plan.forget({row})  # the row's previous request
+            known = RowRequest(
                 rid,
                 self.kv.budget if asked.budget is None else asked.budget,
                 asked.policy or self.kv.policy,
                 request_options.prompt_len(rid),
                 generation,
+                evict,
+                None if start is None else self._plan.begin(row, generation, rid, prefix, start),
             )
             self._row_request[row] = known
-        return known[:4], changed
+        return known, changed
 
     def _check_layer(self, layer) -> None:
         if layer.is_cross_attention or layer.qk_head_dim != layer.v_head_dim:
@@ -220,6 +256,27 @@ class PolicyHost:
             key_buffers = [self.token_to_kv_pool.get_key_buffer(i) for i in range(self.shape.num_layers)]
             with self._lock:
                 self.policy.end_forward(self._reqs, key_buffers)
+                self._compact()
+
+    def _compact(self) -> None:
+        """Eviction (eviction.py): each request whose prompt this forward ranked moves the kept
+        tokens of its private prompt to [start, prompt_end) of its row, and its policy reads them
+        there. Every layer has run its attention: nothing of this forward reads the prompt again."""
+        pool = self.token_to_kv_pool
+        for i, r in enumerate(self._reqs):
+            ev = self._row_request[r.row].eviction
+            if ev is None or not r.ends_prompt():
+                continue
+            kept = self.policy.kept_positions(i, r)
+            moved = eviction.compacted_positions(kept, ev.prefix, ev.start, r.prompt_end)
+            if moved is None:  # cannot happen: a policy keeps at most its resident_bound
+                logger.error("dynsplit-sglang: request %s keeps more than its compacted slots hold", r.rid)
+                continue
+            for layer in range(self.shape.num_layers):
+                buffers = (pool.get_key_buffer(layer), pool.get_value_buffer(layer))
+                eviction.move_kv(buffers, r.row_slots, kept[layer], moved[layer])
+            self.policy.compacted(i, r, moved)
+            ev.compacted = True
 
     def _save_kv(self, layer, forward_batch, k, v, save_kv_cache: bool) -> None:
         """Write this forward's keys and values into the pool (a plain pool: no sliding-window part)."""

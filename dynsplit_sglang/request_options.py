@@ -3,6 +3,8 @@
 kv_budget: the request's own budget, instead of the server's --kv-budget.
 kv_policy: which of the server's policies answers it: the --kv policy's name (the default) or a
            label of --kv-variants.
+kv_evict:  true/false: free the prompt KV its policy will not read again (dynsplit_sglang/eviction.py),
+           instead of the policy's `evict` option; only for policies that evict (prefill-time ones).
 
 One server can then answer at several budgets and with several policies, and requests that share
 a prompt share its prefill through the radix cache (the accuracy benchmark sweeps budgets and
@@ -27,6 +29,8 @@ from dynsplit_sglang.config import KVConfig, KVConfigError, check_budget_value
 
 BUDGET_KEY = "kv_budget"
 POLICY_KEY = "kv_policy"
+EVICT_KEY = "kv_evict"
+KEYS = (BUDGET_KEY, POLICY_KEY, EVICT_KEY)
 
 _lock = threading.Lock()
 _server: KVConfig | None = None  # the server's --kv choice, in the process that checks requests
@@ -42,6 +46,7 @@ class RequestOptions:
 
     budget: int | None = None
     policy: str | None = None
+    evict: bool | None = None
 
 
 def configure(kv: KVConfig | None, context_length: int | None) -> None:
@@ -52,9 +57,9 @@ def configure(kv: KVConfig | None, context_length: int | None) -> None:
 
 def check(custom_params) -> None:
     """Raise ValueError naming the problem if custom_params.kv_budget or kv_policy is not usable."""
-    if not isinstance(custom_params, dict) or not ({BUDGET_KEY, POLICY_KEY} & custom_params.keys()):
+    if not isinstance(custom_params, dict) or not (set(KEYS) & custom_params.keys()):
         return
-    given = [f"custom_params.{k}" for k in (BUDGET_KEY, POLICY_KEY) if k in custom_params]
+    given = [f"custom_params.{k}" for k in KEYS if k in custom_params]
     if _server is None or _server.policy == "full":
         raise ValueError(f"{given[0]} applies to a compressing policy; this server runs --kv full")
     label = custom_params.get(POLICY_KEY, _server.policy)
@@ -64,6 +69,14 @@ def check(custom_params) -> None:
             f"custom_params.{POLICY_KEY} {label!r} is not a policy of this server; it runs "
             f"{', '.join(repr(p) for p in policies)} (add more with --kv-variants)"
         )
+    if EVICT_KEY in custom_params:
+        evict = custom_params[EVICT_KEY]
+        if not isinstance(evict, bool):
+            raise ValueError(f"custom_params.{EVICT_KEY} must be true or false, got {evict!r}")
+        if evict and not hasattr(policies[label], "evict"):
+            raise ValueError(
+                f"custom_params.{EVICT_KEY}: policy {label!r} does not evict KV (only the prefill-time policies do)"
+            )
     if BUDGET_KEY not in custom_params:
         return
     budget = custom_params[BUDGET_KEY]
@@ -88,14 +101,17 @@ def record(req) -> None:
     later request with the same id replaces it)."""
     if not _enabled:
         return
-    rid, custom_params = req.rid, getattr(req.sampling_params, "custom_params", None)
-    params = custom_params if isinstance(custom_params, dict) else {}
-    budget, policy = params.get(BUDGET_KEY), params.get(POLICY_KEY)
+    rid = req.rid
     with _lock:
-        _recorded[rid] = (
-            weakref.ref(req, lambda ref, rid=rid: _forget(rid, ref)),
-            RequestOptions(None if budget is None else int(budget), policy),
-        )
+        _recorded[rid] = (weakref.ref(req, lambda ref, rid=rid: _forget(rid, ref)), asked(req))
+
+
+def asked(req) -> RequestOptions:
+    """What an SGLang request's custom_params ask for (checked when the request came in)."""
+    custom_params = getattr(req.sampling_params, "custom_params", None)
+    params = custom_params if isinstance(custom_params, dict) else {}
+    budget, evict = params.get(BUDGET_KEY), params.get(EVICT_KEY)
+    return RequestOptions(None if budget is None else int(budget), params.get(POLICY_KEY), evict)
 
 
 def options(rid) -> RequestOptions:
@@ -103,6 +119,13 @@ def options(rid) -> RequestOptions:
     with _lock:
         entry = _recorded.get(rid)
     return entry[1] if entry else RequestOptions()
+
+
+def request(rid):
+    """The live SGLang request with this id (its `Req`), or None."""
+    with _lock:
+        entry = _recorded.get(rid)
+    return entry[0]() if entry else None
 
 
 def prompt_len(rid) -> int | None:

@@ -12,6 +12,9 @@ Hooks, by module: target (kind): why.
   `sgl.Engine(kv=..., kv_budget=..., kv_config=..., kv_variants=...)`.
 - prefix_reserve: Req._compute_max_prefix_len (around): a radix hit recomputes the last prompt
   tokens a prefill-time policy ranks with.
+- evict_kv: UnifiedRadixCache.checkpoint (around): no insert past an evicting request's compacted
+  prompt; once compacted, its private prompt before that goes to the tree (or is freed) and its
+  lock shrinks back to its own radix hit.
 - request_budget: SamplingParams.verify (after): check custom_params.kv_budget and kv_policy like
   the other sampling parameters.
 - request_budget: Req.__init__ (after): record custom_params.kv_budget and kv_policy for the
@@ -29,9 +32,19 @@ from __future__ import annotations
 
 import pkgutil
 
-from dynsplit_sglang.patches import cpu_rotary_import, cuda_graph, kv_cli, pool_memory, prefix_reserve, request_budget
+from dynsplit_sglang.patches import (
+    cpu_rotary_import,
+    cuda_graph,
+    evict_kv,
+    kv_cli,
+    pool_memory,
+    prefix_reserve,
+    request_budget,
+)
 
-HOOKS = kv_cli.HOOKS + cuda_graph.HOOKS + pool_memory.HOOKS + prefix_reserve.HOOKS + request_budget.HOOKS
+HOOKS = (
+    kv_cli.HOOKS + cuda_graph.HOOKS + pool_memory.HOOKS + prefix_reserve.HOOKS + evict_kv.HOOKS + request_budget.HOOKS
+)
 ATTRIBUTES = ["sglang.srt.entrypoints.engine.Engine.server_args_class"]
 
 

@@ -144,6 +144,23 @@ def check_server_args(server_args, kv: KVConfig) -> None:
     for field, what in unsupported.items():
         if getattr(server_args, field, None):
             raise KVConfigError(f"--kv {kv.policy} does not support {what} yet; drop that option or use --kv full")
+    if any(getattr(options, "evict", False) for options in kv.policies.values()):
+        # eviction changes what a request's row holds: only SGLang's own radix cache knows the rules
+        evicting = {
+            "enable_lmcache": "LMCache",
+            "enable_hisparse": "HiSparse",
+        }
+        for field, what in evicting.items():
+            if getattr(server_args, field, None):
+                raise KVConfigError(
+                    f"--kv {kv.policy} evicts KV, which {what} does not support; add "
+                    f"""--kv-config '{{"evict": false}}' or drop that option"""
+                )
+        if getattr(server_args, "disaggregation_mode", "null") not in (None, "null"):
+            raise KVConfigError(
+                f"--kv {kv.policy} evicts KV, which prefill/decode disaggregation does not support; add "
+                """--kv-config '{"evict": false}' or drop --disaggregation-mode"""
+            )
     for field in ("prefill_attention_backend", "decode_attention_backend"):
         value = getattr(server_args, field, None)
         if value not in (None, *OUR_BACKENDS):

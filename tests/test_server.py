@@ -79,7 +79,7 @@ def test_frontend_language_fork_shares_the_prefix(server):
         (["--kv", "foo"], "argument --kv: invalid choice: 'foo' (choose from 'full', 'dynsplit', 'quest'"),
         (
             ["--kv", "snapkv", "--kv-config", '{"block_size": 8}'],
-            "unknown key(s) block_size for --kv snapkv; valid keys: window",
+            "unknown key(s) block_size for --kv snapkv; valid keys: evict, window",
         ),
         (["--kv", "windowkv", "--kv-budget", "20"], "--kv-budget 20 is too small for windowkv"),
         (["--kv", "dynsplit", "--kv-budget", "0"], "argument --kv-budget: must be a positive number of tokens, got 0"),

@@ -75,6 +75,9 @@ class RequestView:
                ends where this forward ends. More than seq_len in a chunked prefill's earlier
                chunks; less after SGLang retracted the request, whose prefill then computes the
                tokens it had generated too.
+    evict:     eviction is on for it (dynsplit_sglang/eviction.py): what its policy keeps of the
+               prompt must fit the policy's resident_bound (whether or not a radix hit leaves
+               anything to free, so a hit never changes what it attends to).
     """
 
     row_slots: torch.Tensor
@@ -85,6 +88,7 @@ class RequestView:
     budget: int = 0
     policy: str = ""
     prompt_len: int | None = None
+    evict: bool = False
 
     @property
     def seq_len(self) -> int:
@@ -218,6 +222,24 @@ class KVPolicy(abc.ABC):
 
     def use_gpu_selection(self, on: bool) -> None:
         """Select with the policy's GPU kernel, if it has one ($DYNSPLIT_SELECTION=triton)."""
+
+    # --- eviction (dynsplit_sglang/eviction.py) -------------------------------------------------
+    def resident_bound(self, budget: int, prompt_len: int) -> int | None:
+        """The most prompt tokens any layer and KV head of a request with this budget and prompt
+        keeps once its prompt is ranked (its KV slots after compaction); None: this policy does
+        not evict. Known before the request runs, so the radix cache can be kept off those slots."""
+        return None
+
+    def kept_positions(self, req_index: int, r: RequestView) -> torch.Tensor:
+        """After `end_forward` ranked request r's prompt: the prompt positions [L, KvH, K] int64
+        its decode steps may still read in each layer and KV head, in the order they read them,
+        -1 past a layer's own count (K <= resident_bound). Only for policies that evict."""
+        raise NotImplementedError(f"{self.name} does not evict")
+
+    def compacted(self, req_index: int, r: RequestView, positions: torch.Tensor) -> None:
+        """The backend moved request r's kept tokens: `positions` [L, KvH, K] int64 is
+        `kept_positions` with each moved token's new position (-1 entries stay -1)."""
+        raise NotImplementedError(f"{self.name} does not evict")
 
     # --- slot lifetime ------------------------------------------------------------------------
     def release_slots(self, slots: torch.Tensor) -> None:

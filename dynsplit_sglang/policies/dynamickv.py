@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -22,6 +23,11 @@ class DynamicKVOptions(SnapKVOptions):
     window: int = option(8, "observation window, always kept (DynamicKV: 8)")
     kernel_size: int = option(7, "1-D pooling kernel over positions, odd (DynamicKV: 7)")
     r_max: float = option(10.0, "a layer's temporary maximum budget is r_max times the mean (DynamicKV: 10)")
+    evict_cap: float = option(
+        2.0,
+        "with `evict`: no layer keeps more than evict_cap x budget prompt tokens (what a request's KV slots hold "
+        "after compaction); the rest of a layer's share goes to the others",
+    )
     update_interval: int = option(
         4,
         "m, layers between re-allocations in the authors' progressive schedule (kept for reference: with the "
@@ -31,6 +37,7 @@ class DynamicKVOptions(SnapKVOptions):
     def validate(self) -> None:
         super().validate()
         check_number("r_max", self.r_max, 1)
+        check_number("evict_cap", self.evict_cap, 1)
         check_int("update_interval", self.update_interval, 1)
 
 
@@ -61,6 +68,9 @@ class DynamicKVPolicy(PrefillSelectionPolicy):
     def prompt_needs(self):
         return self.observation_window(self.options.window)
 
+    def resident_bound(self, budget, prompt_len):
+        return min(prompt_len, max(budget, math.ceil(self.options.evict_cap * budget)))
+
     def rank(self, r, window, key_buffers):
         o = self.options
         n, num_layers = r.seq_len, self.shape.num_layers
@@ -72,7 +82,9 @@ class DynamicKVPolicy(PrefillSelectionPolicy):
         if r.budget >= n:  # nothing to compress: the sequence grows evenly in every layer
             budgets = [r.budget] * num_layers
         else:
-            budgets = [obs + b for b in dynamickv(scores, r.budget - obs, o.r_max, n - obs)]
+            # evicting, a layer keeps at most what the request's compacted slots hold
+            cap = self.resident_bound(r.budget, n) if r.evict else n
+            budgets = [obs + b for b in dynamickv(scores, r.budget - obs, o.r_max, cap - obs)]
         orders = [
             shared_order(recent, scores[l], min(budgets[l], n), self.shape.num_kv_heads) for l in range(num_layers)
         ]

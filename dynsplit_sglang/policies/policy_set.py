@@ -86,6 +86,13 @@ class PolicySet(KVPolicy):
         """The requests whose own policy selects in this layer."""
         return [i for i in req_indices if layer_id >= self.members[self._reqs[i].policy or self.default].dense_layers]
 
+    # --- eviction: the request's own policy keeps its prompt -------------------------------------
+    def kept_positions(self, req_index, r):
+        return self.members[r.policy or self.default].kept_positions(req_index, r)
+
+    def compacted(self, req_index, r, positions):
+        self.members[r.policy or self.default].compacted(req_index, r, positions)
+
     def select(self, layer_id: int, req_index: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         label = self._reqs[req_index].policy or self.default
         return self.members[label].select(layer_id, req_index, q)

@@ -28,10 +28,27 @@ from dataclasses import dataclass
 
 import torch
 
+from dynsplit_sglang.config import KVConfigError, PolicyOptions, option
 from dynsplit_sglang.kernels.window_scores import pool_scores, window_scores
 from dynsplit_sglang.policies.base import KVPolicy, PolicyNeeds, RequestView, all_positions, forget_rows
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrefillOptions(PolicyOptions):
+    """What every prefill-time policy's options share: whether the KV it will never read again is
+    freed (dynsplit_sglang/eviction.py)."""
+
+    evict: bool = option(
+        True,
+        "free the prompt KV no decode step will read: the kept tokens move into `budget` slots (per layer "
+        "and KV head) and the rest goes back to SGLang's pool; `false`: keep it all resident",
+    )
+
+    def validate(self) -> None:
+        if not isinstance(self.evict, bool):
+            raise KVConfigError(f"--kv-config: 'evict' must be true or false, got {self.evict!r}")
 
 
 class PromptQueries:
@@ -249,6 +266,24 @@ class PrefillSelectionPolicy(KVPolicy):
         return Ranking(
             r.rid, 0, torch.zeros(L, kvh, 0, dtype=torch.int32, device=r.row_slots.device), [0] * L, [r.budget] * L
         )
+
+    # --- eviction -----------------------------------------------------------------------------
+    def resident_bound(self, budget: int, prompt_len: int) -> int:
+        """A layer keeps at most `budget` prompt tokens (policies with per-layer budgets: their
+        largest layer budget)."""
+        return min(budget, prompt_len)
+
+    def kept_positions(self, req_index, r):
+        """The ranking itself: each layer and head reads a prefix of its order, best first."""
+        rk = self._rankings[r.row]
+        order = rk.order.long()
+        counted = (
+            torch.arange(order.shape[2], device=order.device) < torch.tensor(rk.ranked, device=order.device)[:, None]
+        )
+        return order.masked_fill(~counted[:, None, :], -1)
+
+    def compacted(self, req_index, r, positions):
+        self._rankings[r.row].order = positions.to(torch.int32)
 
     # --- lifetime -----------------------------------------------------------------------------
     def release_rows(self, free_rows: set[int]) -> None:

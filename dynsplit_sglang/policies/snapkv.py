@@ -5,15 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from dynsplit_sglang.config import KVConfigError, PolicyOptions, check_choice, check_int, option
+from dynsplit_sglang.config import KVConfigError, check_choice, check_int, option
 from dynsplit_sglang.layer_budgets import pyramid
-from dynsplit_sglang.policies.prefill_selection import PrefillSelectionPolicy
+from dynsplit_sglang.policies.prefill_selection import PrefillOptions, PrefillSelectionPolicy
 
 POOLINGS = ("avg", "max")
 
 
 @dataclass(frozen=True)
-class SnapKVOptions(PolicyOptions):
+class SnapKVOptions(PrefillOptions):
     """SnapKV's options (`--kv snapkv`); PyramidKV and DynamicKV score the same way and add theirs."""
 
     policy: ClassVar[str] = "snapkv"
@@ -22,6 +22,7 @@ class SnapKVOptions(PolicyOptions):
     pooling: str = option("avg", '`"avg"` or `"max"` pooling')
 
     def validate(self) -> None:
+        super().validate()
         check_int("window", self.window, 1)
         check_int("kernel_size", self.kernel_size, 1)
         if self.kernel_size % 2 == 0:
@@ -62,12 +63,16 @@ class SnapKVPolicy(PrefillSelectionPolicy):
     def prompt_needs(self):
         return self.observation_window(self.options.window)
 
-    def layer_budgets(self, r) -> list[int]:
-        return [r.budget] * self.shape.num_layers
+    def layer_budgets(self, budget: int, n: int) -> list[int]:
+        """Per-layer budgets of a request with this budget and an n-token prompt."""
+        return [budget] * self.shape.num_layers
+
+    def resident_bound(self, budget, prompt_len):
+        return min(max(self.layer_budgets(budget, prompt_len)), prompt_len)
 
     def rank(self, r, window, key_buffers):
         o = self.options
-        budgets = self.layer_budgets(r)
+        budgets = self.layer_budgets(r.budget, r.seq_len)
         orders = [
             self.snap_order(r, layer, window, key_buffers, o.window, budgets[layer], o.kernel_size, o.pooling)
             for layer in range(self.shape.num_layers)
@@ -83,10 +88,9 @@ class PyramidKVPolicy(SnapKVPolicy):
     name = Options.policy
     summary = "SnapKV's ranking, budgets falling linearly with depth (first layer ~2x the mean)"
 
-    def layer_budgets(self, r) -> list[int]:
+    def layer_budgets(self, budget, n):
         o = self.options
-        n = r.seq_len
-        if r.budget >= n:  # nothing to compress: the sequence grows evenly in every layer
-            return [r.budget] * self.shape.num_layers
+        if budget >= n:  # nothing to compress: the sequence grows evenly in every layer
+            return [budget] * self.shape.num_layers
         window = min(o.window, n)
-        return [window + b for b in pyramid(r.budget - window, self.shape.num_layers, o.beta, n - window)]
+        return [window + b for b in pyramid(budget - window, self.shape.num_layers, o.beta, n - window)]

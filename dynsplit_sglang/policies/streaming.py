@@ -8,21 +8,22 @@ from typing import ClassVar
 
 import torch
 
-from dynsplit_sglang.config import PolicyOptions, check_int, option
+from dynsplit_sglang.config import check_int, option
 from dynsplit_sglang.delimiters import is_separator_text
-from dynsplit_sglang.policies.prefill_selection import PrefillSelectionPolicy, SlotFlags
+from dynsplit_sglang.policies.prefill_selection import PrefillOptions, PrefillSelectionPolicy, SlotFlags
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class StreamingLLMOptions(PolicyOptions):
+class StreamingLLMOptions(PrefillOptions):
     """StreamingLLM's options (`--kv streamingllm`)."""
 
     policy: ClassVar[str] = "streamingllm"
     sink_tokens: int = option(4, "first tokens always kept (the attention sink)")
 
     def validate(self) -> None:
+        super().validate()
         check_int("sink_tokens", self.sink_tokens, 0)
 
     def min_budget(self) -> int:
@@ -33,7 +34,7 @@ class StreamingLLMOptions(PolicyOptions):
 
 
 @dataclass(frozen=True)
-class SepLLMOptions(PolicyOptions):
+class SepLLMOptions(PrefillOptions):
     """SepLLM's options (`--kv sepllm`)."""
 
     policy: ClassVar[str] = "sepllm"
@@ -41,6 +42,7 @@ class SepLLMOptions(PolicyOptions):
     recent_tokens: int | None = option(None, "w, the recent window; `null` = half the budget (SepCache: 256 of 512)")
 
     def validate(self) -> None:
+        super().validate()
         check_int("initial_tokens", self.initial_tokens, 0)
         if self.recent_tokens is not None:
             check_int("recent_tokens", self.recent_tokens, 1)

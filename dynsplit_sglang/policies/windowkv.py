@@ -8,10 +8,10 @@ from typing import ClassVar
 
 import torch
 
-from dynsplit_sglang.config import PolicyOptions, check_choice, check_int, option
+from dynsplit_sglang.config import check_choice, check_int, option
 from dynsplit_sglang.layer_budgets import group_pyramid
 from dynsplit_sglang.policies.base import PolicyNeeds
-from dynsplit_sglang.policies.prefill_selection import PrefillSelectionPolicy, SlotFlags, prompt_scores
+from dynsplit_sglang.policies.prefill_selection import PrefillOptions, PrefillSelectionPolicy, SlotFlags, prompt_scores
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ WINDOW_RULES = ("auto", "max", "mean")
 
 
 @dataclass(frozen=True)
-class WindowKVOptions(PolicyOptions):
+class WindowKVOptions(PrefillOptions):
     """WindowKV's options (`--kv windowkv`). The authors pick the scoring rule with a fine-tuned
     BERT classifier that is not available offline; `rule` "auto" uses "max" when the end of the
     prompt asks a question (a '?' among its last `suffix_max` tokens), else "mean"."""
@@ -33,6 +33,7 @@ class WindowKVOptions(PolicyOptions):
     rule: str = option("auto", '`"max"`, `"mean"`, or `"auto"`: "max" when a `?` ends the prompt, else "mean"')
 
     def validate(self) -> None:
+        super().validate()
         for name in ("review_window", "shared_layers", "suffix_max", "suffix_mean", "beta"):
             check_int(name, getattr(self, name), 1)
         check_choice("rule", self.rule, WINDOW_RULES)
@@ -103,6 +104,19 @@ class WindowKVPolicy(PrefillSelectionPolicy):
             return self.options.rule
         tail = r.row_slots[max(0, r.seq_len - self.options.suffix_max) : r.seq_len]
         return "max" if bool(self.questions.of(tail).any()) else "mean"
+
+    def resident_bound(self, budget, prompt_len):
+        """The largest group budget of either rule (which one a prompt gets depends on its text)."""
+        o, n = self.options, prompt_len
+        if budget >= n:
+            return n
+        largest = 0
+        for suffix in (o.suffix_max, o.suffix_mean):
+            s = min(n, suffix)
+            largest = max(
+                largest, s + max(group_pyramid(budget - s, self.shape.num_layers, o.shared_layers, o.beta, n - s))
+            )
+        return min(n, largest)
 
     def rank(self, r, window, key_buffers):
         o = self.options
