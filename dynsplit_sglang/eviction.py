@@ -81,6 +81,7 @@ class EvictionPlan:
         self._rows: dict[int, Eviction] = {}
         self.published = 0  # requests whose private prompt was compacted and given back, ever
         self.released = 0  # tokens of private prompt given back (to the tree or the pool), ever
+        self._seen = 0  # `released` when the scheduler last asked (newly_released)
 
     def evicts(self, label: str | None, asked: bool | None) -> bool:
         """Whether eviction is on for a request of this policy (custom_params.kv_evict, else the
@@ -132,6 +133,12 @@ class EvictionPlan:
             ev.published = True
             self.published += 1
             self.released += ev.start - ev.prefix
+
+    def newly_released(self) -> bool:
+        """Whether requests gave KV back since the last call (patches/evict_kv.py)."""
+        with self._lock:
+            new, self._seen = self.released != self._seen, self.released
+        return new
 
     def stats(self) -> dict:
         return {"evicting": len(self._rows), "evicted_requests": self.published, "evicted_tokens": self.released}

@@ -15,6 +15,8 @@ Hooks, by module: target (kind): why.
 - evict_kv: UnifiedRadixCache.checkpoint (around): no insert past an evicting request's compacted
   prompt; once compacted, its private prompt before that goes to the tree (or is freed) and its
   lock shrinks back to its own radix hit.
+- evict_kv: Scheduler.get_new_batch_prefill (before): after eviction gave KV back, try admitting
+  waiting requests again (SGLang would wait for a running one to leave).
 - request_budget: SamplingParams.verify (after): check custom_params.kv_budget and kv_policy like
   the other sampling parameters.
 - request_budget: Req.__init__ (after): record custom_params.kv_budget and kv_policy for the

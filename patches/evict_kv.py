@@ -14,6 +14,10 @@ forward, before any checkpoint):
   zeroed, so nothing reads them as this request's;
 - after that nothing more goes into the tree (the compacted prompt and the tokens generated from
   it are not the prompt's KV); SGLang's release frees [start, end) as usual.
+
+Scheduler.get_new_batch_prefill (before): once a waiting request did not fit, SGLang stops trying
+to admit (`batch_is_full`) until a running request leaves; eviction frees KV while every request
+stays, so after it gave some back the scheduler tries again.
 """
 
 from __future__ import annotations
@@ -67,4 +71,13 @@ def _publish(cache, req, ev: eviction.Eviction, keep) -> None:
     cache.req_to_token_pool.req_to_token[kv.req_pool_idx, ev.prefix : ev.start] = 0
 
 
-HOOKS = [(TARGET, HookType.AROUND, checkpoint_below_start)]
+def admit_after_eviction(scheduler, running_batch, *args, **kwargs):
+    plan = eviction.current()
+    if plan is not None and plan.newly_released():
+        running_batch.batch_is_full = False
+
+
+HOOKS = [
+    (TARGET, HookType.AROUND, checkpoint_below_start),
+    ("sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill", HookType.BEFORE, admit_after_eviction),
+]

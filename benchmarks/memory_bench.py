@@ -1,0 +1,306 @@
+"""KV memory with eviction: how many requests one KV pool runs at once, eviction on against off.
+
+    python -m benchmarks.memory_bench            # SmolLM2-135M on the CPU recipe (fp32), a 32,768-token pool
+    python -m benchmarks.memory_bench --smoke    # tiny random model, short prompts: the pipeline (tests)
+
+Each configuration gets its own server (`python -m sglang.launch_server --kv POLICY --kv-budget B`,
+radix cache on, `--decode-log-interval 1`), `--kv full` first. Two loads, greedy, `ignore_eos`:
+
+- distinct: N requests of P random-token prompt tokens (nothing shared), sent at once, each
+  decoding T tokens. Reported: the most requests decoding at once and the peak KV tokens held
+  by running requests (SGLang's own decode-batch log: `#running-req`, `#token`, which leaves
+  out the radix cache's evictable tokens), the decode throughput (completion tokens after each
+  request's first, over the time decode steps ran: the gaps between consecutive decode steps
+  in which no request got its first token, so prefills stay out), and the whole load's wall time.
+- agent: A agents, each a conversation of K turns over one shared system prompt of S tokens; a
+  turn adds a private tool output of O tokens and the model's answer (T tokens) to the next
+  turn's prompt. The agents run concurrently, their turns in order. Reported: the share of
+  prompt tokens served from the radix cache (SGLang's `cached_tokens`) and the share of the
+  system prompt among them, peak KV in use, wall time.
+
+Eviction is switched with the policy's `evict` option (`--kv-config '{"evict": false}'`); a
+decode-time policy (dynsplit, quest) does not evict and runs once. Prints a table and writes
+benchmarks/results/memory_bench.json (memory_bench_smoke.json for --smoke) with the machine,
+commit, date and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+
+from benchmarks.common import RESULTS, run_info
+from benchmarks.serve_bench import Stream, stream_request
+from dynsplit_sglang.policies import POLICY_CLASSES
+from dynsplit_sglang.testing.server import CPU_ARGS, start_server
+
+DECODE_LINE = re.compile(r"Decode batch.*?#running-req: (\d+), #token: (\d+)")
+STEP_GAP_S = 0.010  # token chunks closer than this belong to one decode step
+
+
+@dataclass(frozen=True)
+class Config:
+    policy: str
+    evict: bool | None  # None: the policy cannot evict (full, decode-time policies)
+
+    @property
+    def name(self) -> str:
+        return self.policy + ("" if self.evict is None else f" evict={'on' if self.evict else 'off'}")
+
+    def server_args(self, budget: int) -> list[str]:
+        if self.policy == "full":
+            return ["--kv", "full", "--attention-backend", "torch_native"]
+        args = ["--kv", self.policy, "--kv-budget", str(budget)]
+        return args + ([] if self.evict is None else ["--kv-config", json.dumps({"evict": self.evict})])
+
+
+def configs(policies: list[str]) -> list[Config]:
+    out = []
+    for p in policies:
+        if p == "full" or POLICY_CLASSES[p].kind == "decode-time":
+            out.append(Config(p, None))
+        else:
+            out += [Config(p, False), Config(p, True)]
+    return out
+
+
+def decode_rate(streams: list[Stream]) -> tuple[float, int]:
+    """(seconds, tokens) of decoding: the gaps between consecutive decode steps (token chunks
+    after each request's first, grouped by arrival) with no first token inside, and the tokens
+    the later step of each such gap brought."""
+    firsts = sorted(s.times[0] for s in streams if s.times)
+    chunks = sorted((t, n - prev) for s in streams for t, n, prev in zip(s.times[1:], s.tokens[1:], s.tokens))
+    steps: list[list[float]] = []  # [time of the step's last chunk, tokens]
+    for t, n in chunks:
+        if steps and t - steps[-1][0] < STEP_GAP_S:
+            steps[-1][0], steps[-1][1] = t, steps[-1][1] + n
+        else:
+            steps.append([t, n])
+    seconds, tokens = 0.0, 0
+    for (t0, _), (t1, n) in zip(steps, steps[1:]):
+        if not any(t0 < f <= t1 for f in firsts):
+            seconds, tokens = seconds + t1 - t0, tokens + n
+    return seconds, tokens
+
+
+class DecodeLog:
+    """Follows a server log for SGLang's decode-batch lines: the most running requests and the
+    most KV tokens they held."""
+
+    def __init__(self, path: str):
+        self.path, self.offset = path, 0
+
+    def mark(self) -> None:
+        with open(self.path, errors="replace") as f:
+            f.seek(0, os.SEEK_END)
+            self.offset = f.tell()
+
+    def peaks(self) -> tuple[int, int]:
+        with open(self.path, errors="replace") as f:
+            f.seek(self.offset)
+            found = [(int(a), int(b)) for a, b in DECODE_LINE.findall(f.read())]
+        return max((a for a, _ in found), default=0), max((b for _, b in found), default=0)
+
+
+def run_distinct(url: str, n: int, prompt: int, new: int, vocab: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab) for _ in range(prompt)] for _ in range(n)]
+    streams = [Stream() for _ in prompts]
+    threads = [threading.Thread(target=stream_request, args=(url, p, new, s)) for p, s in zip(prompts, streams)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failed = [s.error or "no tokens came back" for s in streams if s.error or not s.times]
+    if failed:
+        raise RuntimeError(f"distinct load: {len(failed)} request(s) failed: {failed[0]}")
+    seconds, tokens = decode_rate(streams)
+    return {
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "decode_s": round(seconds, 2),
+        "decode_tokens_per_s": round(tokens / seconds, 2) if seconds else None,
+    }
+
+
+def generate(url: str, ids: list[int], new: int) -> dict:
+    body = {"input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": new, "ignore_eos": True}}
+    request = urllib.request.Request(
+        url + "/generate", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=3600) as r:
+        return json.load(r)
+
+
+def run_agents(url: str, agents: int, turns: int, system: int, tool: int, new: int, vocab: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    shared = [rng.randrange(vocab) for _ in range(system)]
+    tools = [[[rng.randrange(vocab) for _ in range(tool)] for _ in range(turns)] for _ in range(agents)]
+    records: list[tuple[int, int]] = []  # (prompt tokens, cached tokens) per request
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def agent(a: int) -> None:
+        history = list(shared)
+        try:
+            for k in range(turns):
+                history += tools[a][k]
+                reply = generate(url, history, new)
+                with lock:
+                    records.append((len(history), int(reply["meta_info"].get("cached_tokens", 0))))
+                history += reply["output_ids"]
+        except OSError as e:
+            errors.append(f"agent {a}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=agent, args=(a,)) for a in range(agents)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"agent load: {errors[0]}")
+    prompt_tokens = sum(p for p, _ in records)
+    return {
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "requests": len(records),
+        "cached_share": round(sum(c for _, c in records) / prompt_tokens, 3),
+        "system_prompt_cached_share": round(sum(min(c, system) for _, c in records) / (system * len(records)), 3),
+        "prefilled_tokens": prompt_tokens - sum(c for _, c in records),
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kv", default="full,snapkv,dynamickv,dynsplit,quest", help="policies, in this order")
+    p.add_argument("--kv-budget", type=int, default=1024)
+    p.add_argument("--pool-tokens", type=int, default=32768, help="--max-total-tokens of every server")
+    p.add_argument("--requests", type=int, default=16, help="distinct load: requests sent at once")
+    p.add_argument("--prompt", type=int, default=7000, help="distinct load: prompt tokens per request")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens each request of the distinct load decodes")
+    p.add_argument("--agents", type=int, default=8)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--system", type=int, default=1500, help="agent load: shared system prompt tokens")
+    p.add_argument("--tool", type=int, default=500, help="agent load: private tool output tokens per turn")
+    p.add_argument("--answer", type=int, default=32, help="agent load: tokens each turn decodes")
+    p.add_argument("--loads", default="distinct,agent")
+    p.add_argument("--smoke", action="store_true", help="tiny random model, short prompts: the pipeline (tests)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    if args.smoke:
+        from dynsplit_sglang.default_model import tiny_model_path
+
+        model = str(tiny_model_path())
+        args.kv_budget, args.pool_tokens, args.requests, args.prompt, args.new_tokens = 128, 4096, 6, 900, 8
+        args.agents, args.turns, args.system, args.tool, args.answer = 3, 2, 300, 100, 4
+    else:
+        from dynsplit_sglang.default_model import smollm2_path
+
+        model = str(smollm2_path())
+    device_args = list(CPU_ARGS)
+    device_args[device_args.index("--max-total-tokens") + 1] = str(args.pool_tokens)
+    with open(os.path.join(model, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    loads = [x.strip() for x in args.loads.split(",") if x.strip()]
+    out = args.out or os.path.join(RESULTS, "memory_bench_smoke.json" if args.smoke else "memory_bench.json")
+    log_dir = out.removesuffix(".json") + "_logs"
+    os.makedirs(log_dir, exist_ok=True)
+    info = run_info()
+
+    rows = []
+    for config in configs([x.strip() for x in args.kv.split(",") if x.strip()]):
+        log = os.path.join(log_dir, config.name.replace(" ", "_").replace("=", "-") + ".log")
+        print(f"[{config.name}] starting the server (log: {log})", flush=True)
+        flags = config.server_args(args.kv_budget) + ["--decode-log-interval", "1"]
+        with start_server(model, *flags, device_args=device_args, timeout=1800, log_path=log) as (url, _):
+            generate(url, list(range(100, 100 + min(args.prompt, 1024))), 4)  # warm-up: lazy initialisation
+            requests_flush(url)
+            decode_log = DecodeLog(log)
+            for load in loads:
+                print(f"[{config.name}] {load} load ...", flush=True)
+                decode_log.mark()
+                if load == "distinct":
+                    measured = run_distinct(url, args.requests, args.prompt, args.new_tokens, vocab, seed=1)
+                elif load == "agent":
+                    measured = run_agents(
+                        url, args.agents, args.turns, args.system, args.tool, args.answer, vocab, seed=2
+                    )
+                else:
+                    raise SystemExit(f"--loads: unknown load {load!r} (distinct, agent)")
+                running, kv_tokens = decode_log.peaks()
+                row = {"policy": config.policy, "evict": config.evict, "load": load, **measured}
+                row.update(max_running=running, peak_kv_tokens=kv_tokens)
+                rows.append(row)
+                print(f"[{config.name}]   {row}", flush=True)
+                requests_flush(url)
+
+    result = {
+        **info,
+        "model": os.path.basename(model),
+        "budget": args.kv_budget,
+        "pool_tokens": args.pool_tokens,
+        "args": vars(args),
+        "rows": rows,
+    }
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(markdown(result))
+    print(f"wrote {out}")
+    return result
+
+
+def requests_flush(url: str) -> None:
+    """Empty the radix cache between loads, so one load's prompts do not serve the next."""
+    with urllib.request.urlopen(urllib.request.Request(url + "/flush_cache?timeout=120", method="POST"), timeout=180):
+        pass
+
+
+def markdown(result: dict) -> str:
+    """The README tables: the distinct load (against full) and the agent load."""
+    rows = result["rows"]
+    full = {r["load"]: r for r in rows if r["policy"] == "full"}
+
+    def name(r):
+        return r["policy"] + ("" if r["evict"] is None else f", evict {'on' if r['evict'] else 'off'}")
+
+    lines = [
+        "| policy | most running | peak KV tokens | decode tok/s | vs full | wall s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        if r["load"] != "distinct":
+            continue
+        ref = full.get("distinct")
+        ratio = ""
+        if ref and r["policy"] != "full" and r["decode_tokens_per_s"] and ref["decode_tokens_per_s"]:
+            ratio = f"{r['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}x"
+        lines.append(
+            f"| {name(r)} | {r['max_running']} | {r['peak_kv_tokens']} | {r['decode_tokens_per_s']} | {ratio} "
+            f"| {r['wall_s']} |"
+        )
+    agent = [r for r in rows if r["load"] == "agent"]
+    if agent:
+        lines += [
+            "",
+            "| policy | cached share of prompts | of the system prompt | tokens prefilled | peak KV tokens | wall s |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in agent:
+            lines.append(
+                f"| {name(r)} | {r['cached_share']} | {r['system_prompt_cached_share']} | {r['prefilled_tokens']} "
+                f"| {r['peak_kv_tokens']} | {r['wall_s']} |"
+            )
+    return "\n".join(lines) + f"\n\n{result['device']}, {result['date']}, commit {result['commit']}"
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
