@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -40,6 +41,19 @@ def device_name() -> str:
     except (OSError, StopIteration):
         pass
     return f"CPU: {model}, {os.cpu_count()} cores"
+
+
+def ratio_text(value, reference) -> str:
+    """'1.23x' of value over reference; '' when either is missing or zero."""
+    return f"{value / reference:.2f}x" if value and reference else ""
+
+
+def save_result(out: str, result: dict, table: str) -> None:
+    """Write a benchmark's JSON and print its table."""
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(table)
+    print(f"wrote {out}")
 
 
 def run_info() -> dict:

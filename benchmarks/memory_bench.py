@@ -37,7 +37,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
-from benchmarks.common import RESULTS, run_info
+from benchmarks.common import RESULTS, ratio_text, run_info, save_result
 from benchmarks.serve_bench import Stream, stream_request
 from dynsplit_sglang.policies import POLICY_CLASSES
 from dynsplit_sglang.testing.server import CPU_ARGS, start_server
@@ -251,10 +251,7 @@ def main(argv=None):
         "args": vars(args),
         "rows": rows,
     }
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(markdown(result))
-    print(f"wrote {out}")
+    save_result(out, result, markdown(result))
     return result
 
 
@@ -280,9 +277,9 @@ def markdown(result: dict) -> str:
         if r["load"] != "distinct":
             continue
         ref = full.get("distinct")
-        ratio = ""
-        if ref and r["policy"] != "full" and r["decode_tokens_per_s"] and ref["decode_tokens_per_s"]:
-            ratio = f"{r['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}x"
+        ratio = (
+            "" if not ref or r["policy"] == "full" else ratio_text(r["decode_tokens_per_s"], ref["decode_tokens_per_s"])
+        )
         lines.append(
             f"| {name(r)} | {r['max_running']} | {r['peak_kv_tokens']} | {r['decode_tokens_per_s']} | {ratio} "
             f"| {r['wall_s']} |"

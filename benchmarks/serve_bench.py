@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.common import RESULTS, run_info
+from benchmarks.common import RESULTS, ratio_text, run_info, save_result
 from dynsplit_sglang.testing.server import CPU_ARGS, start_server
 
 # Llama-3.1-8B's shape (config.json of meta-llama/Llama-3.1-8B-Instruct, weights not needed).
@@ -383,10 +383,7 @@ def main(argv=None):
         "args": {k: v for k, v in vars(args).items()},
         "rows": rows,
     }
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(markdown(result))
-    print(f"wrote {out}")
+    save_result(out, result, markdown(result))
     return result
 
 
@@ -399,9 +396,9 @@ def markdown(result: dict) -> str:
     ]
     for r in result["rows"]:
         ref = full.get((r["context"], r["batch"]))
-        speedup = ""
-        if ref and r["policy"] != "full" and r["decode_tokens_per_s"] and ref["decode_tokens_per_s"]:
-            speedup = f"{r['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}x"
+        speedup = (
+            "" if not ref or r["policy"] == "full" else ratio_text(r["decode_tokens_per_s"], ref["decode_tokens_per_s"])
+        )
         name = r["policy"] + ("" if r["budget"] is None else f" ({r['budget']})")
         lines.append(
             f"| {name} | {r['context']} | {r['batch']} | {r['decode_tokens_per_s']} | {r['decode_step_ms']} | "
