@@ -126,8 +126,13 @@ async def _mixed_load(eng, prompts):
         )
         for name in PREFILL_TIME
     ]
+    # a request that finishes in its prefill (one token) releases a compacted prompt at once
+    one_token = eng.async_generate(
+        input_ids=prompts[1][::-1], sampling_params={"max_new_tokens": 1, "custom_params": {"kv_policy": "snapkv"}}
+    )
     aborted = [_stream_and_abort(eng, prompts[2][:650], "abort-decode", chunks=3)]
-    results = await asyncio.gather(*answers, *aborted)
+    *results, single = await asyncio.gather(*answers, *aborted, one_token)
+    assert len(single["output_ids"]) == 1
     return results[: len(answers)], results[len(answers) :]
 
 
