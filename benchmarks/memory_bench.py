@@ -269,13 +269,14 @@ def markdown(result: dict) -> str:
     def name(r):
         return r["policy"] + ("" if r["evict"] is None else f", evict {'on' if r['evict'] else 'off'}")
 
-    lines = [
-        "| policy | most running | peak KV tokens | decode tok/s | vs full | wall s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        if r["load"] != "distinct":
-            continue
+    lines = []
+    distinct = [r for r in rows if r["load"] == "distinct"]
+    if distinct:
+        lines += [
+            "| policy | most running | peak KV tokens | decode tok/s | vs full | wall s |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+    for r in distinct:
         ref = full.get("distinct")
         ratio = (
             "" if not ref or r["policy"] == "full" else ratio_text(r["decode_tokens_per_s"], ref["decode_tokens_per_s"])
@@ -287,7 +288,7 @@ def markdown(result: dict) -> str:
     agent = [r for r in rows if r["load"] == "agent"]
     if agent:
         lines += [
-            "",
+            *([""] if lines else []),
             "| policy | cached share of prompts | of the system prompt | tokens prefilled | peak KV tokens | wall s |",
             "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
