@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from dynsplit_sglang import request_options
+from dynsplit_sglang.policies.base import forget_rows
 
 
 @dataclass
@@ -146,8 +147,7 @@ class EvictionPlan:
     def forget(self, rows: set[int]) -> None:
         """These rows' requests left them (finished, aborted or retracted)."""
         with self._lock:
-            for row in [row for row in self._rows if row in rows]:
-                del self._rows[row]
+            forget_rows(self._rows, rows)
 
     def reset(self) -> None:
         with self._lock:

@@ -10,7 +10,7 @@ import torch
 from dynsplit_sglang import eviction
 from dynsplit_sglang.config import KVConfig
 from dynsplit_sglang.policies import RequestView
-from tests.test_policies import PREFILL_TIME, SHAPE, SLOTS, make_policy, window_pattern
+from tests.test_policies import PREFILL_TIME, SHAPE, SLOTS, make_policy, prefill, window_pattern
 
 
 def plan(bound=lambda budget, n: budget, evict=True, page_size=1):
@@ -42,16 +42,6 @@ def test_compacted_positions_move_private_tokens_in_order_and_keep_shared_ones()
     assert eviction.compacted_positions(kept, prefix=0, start=97, end=100) is None  # 4 private > 3 slots
 
 
-def prefill(policy, keys, queries, n, budget, evict=True):
-    r = RequestView(torch.arange(n), 0, torch.zeros(n, dtype=torch.int64), "r", row=0, budget=budget, evict=evict)
-    policy.begin_forward([r], False)
-    mine = r.prompt_queries(policy.needs.query_window)
-    for layer in sorted(policy.needs.query_layers):
-        policy.observe_queries(layer, 0, queries[mine], 1.0)
-    policy.end_forward([r], [keys] * SHAPE.num_layers)
-    return r
-
-
 def read(policy, keys, values, n, budget, q, layer):
     """What one decode step at length n reads in a layer: [KvH, B, D] keys and values, in order."""
     r = RequestView(torch.arange(n), n - 1, torch.zeros(1, dtype=torch.int64), "r", row=0, budget=budget)
@@ -80,7 +70,7 @@ def test_compaction_reads_the_same_kv_in_the_same_order(name, prefix):
 
     kept_policy, moved_policy = make_policy(options, budget), make_policy(options, budget)
     for p in (kept_policy, moved_policy):
-        r = prefill(p, keys, queries, n, budget)
+        r = prefill(p, keys, n, budget, queries, evict=True)
     kept = moved_policy.kept_positions(0, r)
     assert ((kept >= 0).sum(dim=2) <= bound).all(), "a layer keeps more than resident_bound"
     moved = eviction.compacted_positions(kept, prefix, start, n)
@@ -108,7 +98,7 @@ def test_dynamickv_caps_a_layer_at_what_the_compacted_slots_hold():
     widths = {}
     for evict in (False, True):
         policy = make_policy(options, budget)
-        r = prefill(policy, keys, queries * torch.linspace(3, 0.1, n)[:, None, None], n, budget, evict)
+        r = prefill(policy, keys, n, budget, queries * torch.linspace(3, 0.1, n)[:, None, None], evict=evict)
         widths[evict] = (policy.kept_positions(0, r) >= 0).sum(dim=2)[:, 0].tolist()
     assert max(widths[False]) > 60 >= max(widths[True])
     assert sum(widths[True]) == sum(widths[False]) == SHAPE.num_layers * budget

@@ -49,12 +49,13 @@ def make_policy(options, budget):
     return POLICY_CLASSES[options.policy](kv, SHAPE, SLOTS, torch.float32, "cpu", FakeTokens())
 
 
-def prefill(policy, keys, n, budget, queries=None, token_ids=None, rid="r", start=0, prompt_len=None):
+def prefill(policy, keys, n, budget, queries=None, token_ids=None, rid="r", start=0, prompt_len=None, evict=False):
     """Run positions start..n-1 of a request (slots = positions) through the policy as one
     prefill forward, as the backend does: the policy gets the queries of the prompt's last tokens
-    among them. queries: [n, H, D] of every position; prompt_len: None, the prompt ends at n."""
+    among them. queries: [n, H, D] of every position; prompt_len: None, the prompt ends at n;
+    evict: eviction is on for the request."""
     ids = torch.zeros(n, dtype=torch.int64) if token_ids is None else token_ids
-    r = RequestView(torch.arange(n), start, ids[start:], rid, row=0, budget=budget, prompt_len=prompt_len)
+    r = RequestView(torch.arange(n), start, ids[start:], rid, row=0, budget=budget, prompt_len=prompt_len, evict=evict)
     policy.begin_forward([r], False)
     mine = r.prompt_queries(policy.needs.query_window)
     for layer in sorted(policy.needs.query_layers):
