@@ -18,8 +18,8 @@ radix cache on, `--decode-log-interval 1`), `--kv full` first. Two loads, greedy
   prompt tokens served from the radix cache (SGLang's `cached_tokens`) and the share of the
   system prompt among them, peak KV in use, wall time.
 
-Eviction is switched with the policy's `evict` option (`--kv-config '{"evict": false}'`); a
-decode-time policy (dynsplit, quest) does not evict and runs once. Prints a table and writes
+Eviction is switched with the policy's `evict` option (`--kv-config '{"evict": false}'`); the
+decode-time policies (dynsplit, quest) keep their default `resident` set (2 x the budget). Prints a table and writes
 benchmarks/results/memory_bench.json (memory_bench_smoke.json for --smoke) with the machine,
 commit, date and command.
 """
@@ -49,7 +49,7 @@ STEP_GAP_S = 0.010  # token chunks closer than this belong to one decode step
 @dataclass(frozen=True)
 class Config:
     policy: str
-    evict: bool | None  # None: the policy cannot evict (full, decode-time policies)
+    evict: bool | None  # None: --kv full
 
     @property
     def name(self) -> str:
@@ -65,8 +65,10 @@ class Config:
 def configs(policies: list[str]) -> list[Config]:
     out = []
     for p in policies:
-        if p == "full" or POLICY_CLASSES[p].kind == "decode-time":
+        if p == "full":
             out.append(Config(p, None))
+        elif p not in POLICY_CLASSES:
+            raise SystemExit(f"--kv: unknown policy {p!r} (full, {', '.join(POLICY_CLASSES)})")
         else:
             out += [Config(p, False), Config(p, True)]
     return out

@@ -114,6 +114,21 @@ class BlockTable:
         recs = self.blocks_of(row_slots)
         return 0 if recs.numel() == 0 else int(self.rec_end[recs[-1]]) + 1
 
+    def copy_records(self, recs: torch.Tensor) -> torch.Tensor:
+        """New records [k] holding what recs [k] hold (positions and key bounds); no slot owns them."""
+        if recs.numel() == 0:
+            return recs
+        if len(self.free_records) < recs.numel():
+            self._grow(max(self.capacity * 3 // 2, self.capacity + recs.numel()))
+        copies = torch.tensor(
+            [self.free_records.pop() for _ in range(recs.numel())], dtype=torch.int64, device=self.device
+        )
+        self.rec_start[copies] = self.rec_start[recs]
+        self.rec_end[copies] = self.rec_end[recs]
+        self.kmin[:, copies] = self.kmin[:, recs]
+        self.kmax[:, copies] = self.kmax[:, recs]
+        return copies
+
     def add_blocks(self, row_slots: torch.Tensor, blocks, key_buffers) -> None:
         """Create the records of newly closed blocks and their key summaries for every layer.
 

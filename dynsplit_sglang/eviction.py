@@ -49,6 +49,9 @@ class Eviction:
     compacted: the backend moved the kept tokens (the prompt's last forward ran).
     published: the tree and the pool were told (patches/evict_kv.py): [prefix, start) is no longer
                the request's, and nothing more of it goes into the tree.
+    gap_end:   for a policy whose positions close up after compaction (the decode-time ones): its
+               kept tokens are [gap_end, prompt_end) and the request's sequence, as the backend
+               shows it to the policy, leaves [prefix, gap_end) out (`view`); None: positions stay.
     """
 
     rid: str | None
@@ -59,6 +62,17 @@ class Eviction:
     anchored: bool = False
     compacted: bool = False
     published: bool = False
+    gap_end: int | None = None
+
+    def view(self, row_slots: torch.Tensor) -> torch.Tensor:
+        """The request's KV slots [n - gap] as its policy reads them: the hit, then from gap_end on."""
+        if self.gap_end is None:
+            return row_slots
+        return torch.cat([row_slots[: self.prefix], row_slots[self.gap_end :]])
+
+    @property
+    def gap(self) -> int:
+        return 0 if self.gap_end is None else self.gap_end - self.prefix
 
 
 class EvictionPlan:

@@ -184,16 +184,18 @@ class PolicyHost:
             known, changed = self._request_in(row, rid, generation, None if is_decode else s)
             if changed:
                 renewed.add(row)
+            slots, ev = req_to_token[row, :n].to(torch.int64), known.eviction
+            gap = 0 if ev is None or not is_decode else ev.gap  # a decode-time policy's compacted prompt
             reqs.append(
                 RequestView(
-                    req_to_token[row, :n].to(torch.int64),
-                    s,
+                    ev.view(slots) if gap else slots,
+                    s - gap,
                     ids[offset : offset + new],
                     known.rid,
                     row,
                     known.budget,
                     known.policy,
-                    known.prompt_len,
+                    None if known.prompt_len is None else known.prompt_len - gap,
                     known.evict,
                 )
             )
@@ -265,18 +267,30 @@ class PolicyHost:
         pool = self.token_to_kv_pool
         for i, r in enumerate(self._reqs):
             ev = self._row_request[r.row].eviction
-            if ev is None or not r.ends_prompt():
+            if not r.ends_prompt():
                 continue
-            kept = self.policy.kept_positions(i, r)
-            moved = eviction.compacted_positions(kept, ev.prefix, ev.start, r.prompt_end)
+            if ev is None:
+                if r.evict and self.policy.closes_gap(r):
+                    # Nothing to free (its radix hit covers what would go), yet a decode-time
+                    # policy reads only its resident set, in place: a hit changes no answer.
+                    kept = self.policy.kept_positions(i, r, r.prompt_end)
+                    self.policy.compacted(i, r, r.prompt_end, kept, kept)
+                continue
+            kept = self.policy.kept_positions(i, r, ev.prefix)
+            to = ev.start
+            if self.policy.closes_gap(r):  # the same tokens in every layer and head, right before the prompt's end
+                to = max(to, r.prompt_end - int((kept[0, 0] >= ev.prefix).sum()))
+            moved = eviction.compacted_positions(kept, ev.prefix, to, r.prompt_end)
             if moved is None:  # cannot happen: a policy keeps at most its resident_bound
                 logger.error("dynsplit-sglang: request %s keeps more than its compacted slots hold", r.rid)
                 continue
             for layer in range(self.shape.num_layers):
                 buffers = (pool.get_key_buffer(layer), pool.get_value_buffer(layer))
                 eviction.move_kv(buffers, r.row_slots, kept[layer], moved[layer])
-            self.policy.compacted(i, r, moved)
+            self.policy.compacted(i, r, ev.prefix, kept, moved)
             ev.compacted = True
+            if self.policy.closes_gap(r):
+                ev.gap_end = to
 
     def _save_kv(self, layer, forward_batch, k, v, save_kv_cache: bool) -> None:
         """Write this forward's keys and values into the pool (a plain pool: no sliding-window part)."""
@@ -360,8 +374,9 @@ class PolicyHost:
         cached = self._slot_rows
         if cached is None or cached[0] != order:  # the same for every layer of a step: read once
             idx = torch.tensor(order, device=q3.device)
-            rows = self.req_to_token_pool.req_to_token.index_select(0, fb.req_pool_indices[idx]).to(torch.int64)
-            cached = self._slot_rows = (order, idx, rows)
+            # the requests' own views: a compacted decode-time request's sequence skips its gap
+            rows = torch.nn.utils.rnn.pad_sequence([self._reqs[i].row_slots for i in order], batch_first=True)
+            cached = self._slot_rows = (order, idx, rows.to(q3.device))
         _, idx, rows = cached
         return self.policy.select_slots_batch(layer.layer_id, order, q3[idx], rows)
 

@@ -4,7 +4,8 @@ kv_budget: the request's own budget, instead of the server's --kv-budget.
 kv_policy: which of the server's policies answers it: the --kv policy's name (the default) or a
            label of --kv-variants.
 kv_evict:  true/false: free the prompt KV its policy will not read again (dynsplit_sglang/eviction.py),
-           instead of the policy's `evict` option; only for policies that evict (prefill-time ones).
+           instead of the policy's `evict` option; only for policies that evict (the decode-time ones
+           only where the server started with their `evict` on).
 
 One server can then answer at several budgets and with several policies, and requests that share
 a prompt share its prefill through the radix cache (the accuracy benchmark sweeps budgets and
@@ -26,6 +27,7 @@ import weakref
 from dataclasses import dataclass
 
 from dynsplit_sglang.config import KVConfig, KVConfigError, check_budget_value
+from dynsplit_sglang.policies.dynsplit import ResidentOptions
 
 BUDGET_KEY = "kv_budget"
 POLICY_KEY = "kv_policy"
@@ -73,9 +75,14 @@ def check(custom_params) -> None:
         evict = custom_params[EVICT_KEY]
         if not isinstance(evict, bool):
             raise ValueError(f"custom_params.{EVICT_KEY} must be true or false, got {evict!r}")
-        if evict and not hasattr(policies[label], "evict"):
+        options = policies[label]
+        if evict and not hasattr(options, "evict"):
+            raise ValueError(f"custom_params.{EVICT_KEY}: policy {label!r} does not evict KV")
+        if evict and isinstance(options, ResidentOptions) and not options.evict:
+            # its resident set is ranked with prompt queries the server collects only when evict is on
             raise ValueError(
-                f"custom_params.{EVICT_KEY}: policy {label!r} does not evict KV (only the prefill-time policies do)"
+                f"custom_params.{EVICT_KEY}: policy {label!r} evicts only when the server starts with it on "
+                f"(--kv-config '{{\"evict\": true}}'); it can then be turned off per request"
             )
     if BUDGET_KEY not in custom_params:
         return

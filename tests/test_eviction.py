@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dynsplit_sglang import eviction
-from dynsplit_sglang.config import KVConfig
-from dynsplit_sglang.policies import RequestView
+from dynsplit_sglang.config import KVConfig, KVConfigError
+from dynsplit_sglang.policies import DynSplitOptions, QuestOptions, RequestView
 from tests.test_policies import PREFILL_TIME, SHAPE, SLOTS, make_policy, prefill, window_pattern
 
 
@@ -77,7 +77,7 @@ def test_compaction_reads_the_same_kv_in_the_same_order(name, prefix):
     moved_keys, moved_values = keys.clone(), values.clone()
     # the fake buffers stand for every layer: move layer 0's tokens, read layer 0
     eviction.move_kv((moved_keys, moved_values), torch.arange(n), kept[0], moved[0])
-    moved_policy.compacted(0, r, moved)
+    moved_policy.compacted(0, r, prefix, kept, moved)
 
     for m in (n + 1, n + 20, n + 60):
         q = torch.randn(SHAPE.num_heads, SHAPE.head_dim)
@@ -102,3 +102,109 @@ def test_dynamickv_caps_a_layer_at_what_the_compacted_slots_hold():
         widths[evict] = (policy.kept_positions(0, r) >= 0).sum(dim=2)[:, 0].tolist()
     assert max(widths[False]) > 60 >= max(widths[True])
     assert sum(widths[True]) == sum(widths[False]) == SHAPE.num_layers * budget
+
+
+# --- decode-time policies: a resident set of whole blocks, the sequence closes up --------------------
+def decode_step(policy, keys, view, budget, q, layer=0):
+    """One decode step whose new token is the last of `view` ([m] slots of the request's sequence
+    as the backend shows it); returns the slots each KV head reads."""
+    r = RequestView(view, view.numel() - 1, torch.zeros(1, dtype=torch.int64), "r", row=0, budget=budget)
+    policy.begin_forward([r], True)
+    positions, valid = policy.select(layer, 0, q)
+    policy.end_forward([r], [keys] * SHAPE.num_layers)
+    return [set(view[p[v]].tolist()) for p, v in zip(positions, valid)]
+
+
+def closed_blocks(policy, view):
+    r = RequestView(view, view.numel(), torch.zeros(0, dtype=torch.int64), "r", row=0)
+    recs = policy._blocks_of(r, view)
+    return list(zip(policy.table.rec_start[recs].tolist(), policy.table.rec_end[recs].tolist()))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        DynSplitOptions(evict=True, resident=1.0, split="fixed_interval", block_size=12, delta=0),
+        DynSplitOptions(evict=True, resident=1.5, candidates="all"),
+        QuestOptions(evict=True, resident=2.0, page_size=8),
+    ],
+    ids=["dynsplit-fixed", "dynsplit", "quest"],
+)
+@pytest.mark.parametrize("prefix", [0, 37])
+def test_decode_time_compaction_keeps_whole_blocks_and_the_sequence_closes_up(options, prefix):
+    """The resident set is whole blocks plus the open tail, within resident_bound, the same
+    whatever the radix hit; after the move every block record bounds the KV at its new
+    positions, a step reads only resident or generated tokens, and decode closes the same
+    blocks as without eviction."""
+    budget, n = 64 if options.policy == "dynsplit" else 24, 200
+    torch.manual_seed(2)
+    keys, queries = window_pattern(n, [5, 90, 150])
+    keys += 0.1 * torch.randn_like(keys)
+    values = torch.randn_like(keys)
+    on, missed = make_policy(options, budget), make_policy(options, budget)
+    off = make_policy(dataclasses.replace(options, evict=False), budget)
+    bound = on.resident_bound(budget, n)
+    assert off.resident_bound(budget, n) is None and bound >= budget
+    for p in (on, missed, off):
+        r = prefill(p, keys, n, budget, queries, evict=p is not off)
+    resident = missed.kept_positions(0, r, 0)[0, 0]  # the whole set (no hit)
+    kept = on.kept_positions(0, r, prefix)
+    assert (kept == kept[0, 0]).all(), "one resident set for every layer and head"
+    private = kept[0, 0]
+    assert private.tolist() == [q for q in resident.tolist() if q >= prefix], "a hit changes the set"
+    assert resident.numel() <= bound and (resident.diff() > 0).all()
+    held = set(resident.tolist())
+    blocks = closed_blocks(off, torch.arange(n))
+    assert all(len(held & set(range(s, e + 1))) in (0, e - s + 1) for s, e in blocks), "blocks are kept whole"
+    open_start = blocks[-1][1] + 1
+    assert set(range(open_start, n)) <= held and {90, 150} <= held
+
+    to = n - private.numel()
+    moved = eviction.compacted_positions(kept, prefix, to, n)
+    new_keys, new_values = keys.clone(), values.clone()
+    eviction.move_kv((new_keys, new_values), torch.arange(n), kept[0], moved[0])
+    on.compacted(0, r, prefix, kept, moved)
+    ev = eviction.Eviction("r", 0, prefix, to, gap_end=to)
+
+    def original(q):  # a closed-up position's position before the move
+        return q if q < prefix else int(private[q - prefix]) if q < prefix + private.numel() else q + ev.gap
+
+    # every record the request keeps bounds the keys now at its (closed-up) positions
+    view = ev.view(torch.arange(n))
+    recs = on._blocks_of(RequestView(view, view.numel(), torch.zeros(0), "r", row=0), view)
+    for rec, (s, e) in zip(recs, closed_blocks(on, view)):
+        slots = view[s : e + 1]
+        assert torch.equal(on.table.kmin[0, rec], new_keys[slots].amin(0))
+        assert torch.equal(on.table.kmax[0, rec], new_keys[slots].amax(0))
+    assert [(original(s), original(e)) for s, e in closed_blocks(on, view)] == [(s, e) for s, e in blocks if s in held]
+
+    # decode: reads only resident or generated slots, and closes the blocks eviction off closes
+    readable = (held & set(range(prefix))) | set(range(to, n + 40))
+    for m in range(n + 1, n + 40):
+        new_keys[m - 1] = keys[m - 1] = torch.randn(SHAPE.num_kv_heads, SHAPE.head_dim)
+        q = torch.randn(SHAPE.num_heads, SHAPE.head_dim)
+        view = ev.view(torch.arange(m))
+        read = decode_step(on, new_keys, view, budget, q)
+        assert all(h <= readable and len(h) <= budget for h in read)
+        decode_step(off, keys, torch.arange(m), budget, q)
+    late_on = [(original(s), original(e)) for s, e in closed_blocks(on, view) if original(s) >= n]
+    late_off = [(s, e) for s, e in closed_blocks(off, torch.arange(n + 39)) if s >= n]
+    assert late_on == late_off and late_on
+
+    stats = on.stats()
+    assert stats["records_in_use"] == stats["records_owned"]
+    on.release_rows({0})
+    stats = on.stats()
+    assert stats["records_in_use"] == stats["records_owned"]
+
+
+def test_decode_time_eviction_options_are_checked():
+    with pytest.raises(KVConfigError, match="resident"):
+        DynSplitOptions(evict=True, resident=0.5).validate()
+    with pytest.raises(KVConfigError, match="layer_budgets"):
+        DynSplitOptions(evict=True, layer_budgets="dynamickv").validate()
+    with pytest.raises(KVConfigError, match="dense_layers"):
+        QuestOptions(evict=True, dense_layers=2).validate()
+    policy = make_policy(DynSplitOptions(evict=True), 64)
+    assert policy.needs.query_window == 32 and len(policy.needs.query_layers) == SHAPE.num_layers
+    assert make_policy(DynSplitOptions(), 64).needs.query_window == 0  # nothing collected with eviction off

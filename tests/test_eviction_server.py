@@ -32,20 +32,27 @@ def prompts(tiny_model):
     return [system + ids[1000:1260], system + ids[1400:1730], ids[2000:2700]]
 
 
+DECODE_TIME = ["dynsplit", "quest"]
+
+
 def engine_args(trace, **extra):
     # dynsplit's trace records the pool at each cache flush; the variants are the policies tested
+    # (the decode-time ones evict only where the server turns it on: they then collect the
+    # prompt queries their resident set is ranked with)
     return dict(
         kv="dynsplit",
         kv_budget=BUDGET,
-        kv_config={"trace_path": str(trace)},
-        kv_variants=json.dumps({name: {} for name in PREFILL_TIME}),
+        kv_config={"trace_path": str(trace), "evict": True},
+        kv_variants=json.dumps({**{name: {} for name in PREFILL_TIME}, "quest": {"evict": True}}),
         **extra,
     )
 
 
-def generate(eng, prompts, policy, evict, new=12):
+def generate(eng, prompts, policy, evict, new=12, budget=None):
     params = {"temperature": 0, "max_new_tokens": new, "ignore_eos": True}
     params["custom_params"] = {"kv_policy": policy, "kv_evict": evict}
+    if budget is not None:
+        params["custom_params"]["kv_budget"] = budget
     out = eng.generate(input_ids=prompts, sampling_params=params)
     return [o["output_ids"] for o in out], [o["meta_info"] for o in out]
 
@@ -69,7 +76,11 @@ def check_pool(trace, flushes: int) -> list[dict]:
     assert len(events) == flushes
     for event in events:
         assert event["kv_available"] == event["kv_available_at_start"], "KV slots leaked"
-        tables = {k: v for k, v in event["after"].items() if not k.startswith(("evicted_", "dynsplit.records_cap"))}
+        tables = {
+            k: v
+            for k, v in event["after"].items()
+            if not k.startswith("evicted_") and not k.endswith("records_capacity")
+        }
         assert tables and not any(tables.values()), tables  # every policy table is empty
     return events
 
@@ -102,6 +113,34 @@ def test_evicting_changes_no_token_and_shared_prefixes_keep_their_hits(
     assert events[-1]["before"]["evicted_requests"] == 5 * len(PREFILL_TIME)
 
 
+def test_decode_time_policies_evict_to_a_resident_set_a_hit_does_not_change(tiny_model, prompts, tmp_path, monkeypatch):
+    """dynsplit and quest keep a resident set of whole blocks (2 x budget) and give the rest back;
+    the set does not depend on the radix hit, so a request hitting a prefix another evicting
+    request shared answers as it does uncached; with a budget covering the prompt nothing is
+    evicted and the tokens are those of eviction off."""
+    for name, value in CHECKS.items():
+        monkeypatch.setenv(name, value)
+    trace = tmp_path / "trace.jsonl"
+    with engine(tiny_model, **engine_args(trace, chunked_prefill_size=64)) as eng:
+        for name in DECODE_TIME:
+            flush(eng)
+            covered = [generate(eng, prompts, name, evict, budget=700)[0] for evict in (True, False)]
+            assert covered[0] == covered[1], name
+            flush(eng)
+            uncached, _ = generate(eng, prompts, name, evict=True)  # chunked, nothing cached: compacted
+            again, metas = generate(eng, prompts, name, evict=True)  # the tree holds each prompt up to its start
+            assert again == uncached, name
+            assert all(m["cached_tokens"] >= len(p) - 4 * BUDGET for m, p in zip(metas, prompts))
+            flush(eng)
+            first, _ = generate(eng, prompts[:1], name, evict=True)
+            second, (meta,) = generate(eng, prompts[1:2], name, evict=True)
+            assert meta["cached_tokens"] >= SYSTEM
+            assert first + second == uncached[:2], name
+        flush(eng)
+    events = check_pool(trace, flushes=3 * len(DECODE_TIME) + 1)
+    assert events[-1]["before"]["evicted_requests"] >= 5 * len(DECODE_TIME), events[-1]["before"]
+
+
 async def _stream_and_abort(eng, ids, rid, chunks):
     """Stream a long answer and abort it after `chunks` chunks; returns how many arrived."""
     params = {"temperature": 0, "max_new_tokens": 400, "ignore_eos": True, "custom_params": {"kv_policy": "snapkv"}}
@@ -124,7 +163,7 @@ async def _mixed_load(eng, prompts):
                 "custom_params": {"kv_policy": name, "kv_evict": True},
             },
         )
-        for name in PREFILL_TIME
+        for name in PREFILL_TIME + DECODE_TIME
     ]
     # a request that finishes in its prefill (one token) releases a compacted prompt at once
     one_token = eng.async_generate(

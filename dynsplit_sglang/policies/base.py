@@ -230,16 +230,30 @@ class KVPolicy(abc.ABC):
         not evict. Known before the request runs, so the radix cache can be kept off those slots."""
         return None
 
-    def kept_positions(self, req_index: int, r: RequestView) -> torch.Tensor:
+    def kept_positions(self, req_index: int, r: RequestView, prefix: int = 0) -> torch.Tensor:
         """After `end_forward` ranked request r's prompt: the prompt positions [L, KvH, K] int64
         its decode steps may still read in each layer and KV head, in the order they read them,
-        -1 past a layer's own count (K <= resident_bound). Only for policies that evict."""
+        -1 past a layer's own count (at most resident_bound of them at or after `prefix`, the
+        radix hit, which stays in place). Only for policies that evict."""
         raise NotImplementedError(f"{self.name} does not evict")
 
-    def compacted(self, req_index: int, r: RequestView, positions: torch.Tensor) -> None:
-        """The backend moved request r's kept tokens: `positions` [L, KvH, K] int64 is
-        `kept_positions` with each moved token's new position (-1 entries stay -1)."""
+    def compacted(self, req_index: int, r: RequestView, prefix: int, kept: torch.Tensor, moved: torch.Tensor) -> None:
+        """The backend moved request r's kept tokens: `moved` [L, KvH, K] int64 is `kept` (what
+        `kept_positions` returned) with each moved token's new position (-1 entries stay -1)."""
         raise NotImplementedError(f"{self.name} does not evict")
+
+    def follow_compaction(
+        self, req_index: int, r: RequestView, prefix: int, kept: torch.Tensor, moved: torch.Tensor
+    ) -> None:
+        """Another policy of a PolicySet compacted request r (as `compacted`): update what this
+        one keeps per KV slot for the tokens that moved (by default nothing)."""
+
+    def closes_gap(self, r: RequestView) -> bool:
+        """Whether, once request r is compacted, its sequence as the backend shows it to the policy
+        leaves out the freed positions (the decode-time policies, whose kept tokens then sit right
+        before the prompt's end), rather than keeping every position (the prefill-time ones,
+        which read the moved positions)."""
+        return False
 
     # --- slot lifetime ------------------------------------------------------------------------
     def release_slots(self, slots: torch.Tensor) -> None:

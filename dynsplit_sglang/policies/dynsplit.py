@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -13,6 +14,7 @@ from dynsplit_sglang.config import KVConfig, KVConfigError, PolicyOptions, check
 from dynsplit_sglang.delimiters import candidate_token_mask
 from dynsplit_sglang.kernels.block_select import score_blocks, select_positions, select_positions_batched
 from dynsplit_sglang.kernels.dd_select import band_rows_from_logits, candidate_scores
+from dynsplit_sglang.kernels.window_scores import window_scores
 from dynsplit_sglang.layer_budgets import dynamickv
 from dynsplit_sglang.policies.base import KVPolicy, PolicyNeeds, RequestView, all_positions, forget_rows
 from dynsplit_sglang.policies.dynamickv import DynamicKVOptions, dynamickv_scores
@@ -23,10 +25,32 @@ CANDIDATE_MODES = ("delimiters", "all")
 SPLIT_RULES = ("dd_select", "fixed_interval", "punctuation")
 WEIGHTINGS = ("position", "delimiter_type")
 LAYER_BUDGETS = ("uniform", "dynamickv")
+# Prompt queries whose attention ranks the blocks of the resident set (SnapKV's window).
+RESIDENT_WINDOW = 32
 
 
 @dataclass(frozen=True)
-class DynSplitOptions(PolicyOptions):
+class ResidentOptions(PolicyOptions):
+    """Eviction for the decode-time policies (DynSplit-KV, Quest): after the prompt, a resident set
+    of whole blocks stays and the rest of the private prompt goes back to SGLang's pool; every
+    step selects within the resident set (see docs/design.md, "Eviction")."""
+
+    evict: bool = option(
+        False,
+        "free the prompt KV outside a resident set of whole blocks (`resident` x budget tokens, the blocks "
+        f"the prompt's last {RESIDENT_WINDOW} queries attend to most), chosen when the prompt is in; "
+        "each step then selects within it",
+    )
+    resident: float = option(2.0, "with `evict`: prompt tokens kept resident, as a multiple of the budget (>= 1)")
+
+    def validate(self) -> None:
+        if not isinstance(self.evict, bool):
+            raise KVConfigError(f"--kv-config: 'evict' must be true or false, got {self.evict!r}")
+        check_number("resident", self.resident, 1)
+
+
+@dataclass(frozen=True)
+class DynSplitOptions(ResidentOptions):
     """DynSplit-KV's options (`--kv dynsplit --kv-config '{"block_size": 16, ...}'`); the same
     rules describe Quest's rigid pages (quest.py). DD-Select's score for a boundary after position
     i reads the `lookahead` queries after it: their attention on the new block (after i) against
@@ -130,6 +154,7 @@ class DynSplitOptions(PolicyOptions):
         )
 
     def validate(self) -> None:
+        super().validate()
         check_int("block_size", self.block_size, 2)
         check_int("delta", self.delta, 0)
         check_int("lookahead", self.lookahead, 1)
@@ -156,6 +181,11 @@ class DynSplitOptions(PolicyOptions):
         check_choice("split", self.split, SPLIT_RULES)
         check_choice("weighting", self.weighting, WEIGHTINGS)
         check_choice("layer_budgets", self.layer_budgets, LAYER_BUDGETS)
+        if self.evict and self.layer_budgets != "uniform":
+            raise KVConfigError(
+                "--kv-config: 'evict' needs 'layer_budgets' \"uniform\" (a layer's dynamickv share may "
+                "outgrow the resident set); turn one of them off"
+            )
         for name in ("score_layers", "score_heads"):
             value = getattr(self, name)
             if value is not None and (
@@ -183,6 +213,22 @@ def default_score_layers(num_layers: int, count: int = 4) -> tuple[int, ...]:
         return tuple(range(lo, hi))
     step = (hi - lo) / count
     return tuple(sorted({lo + int(step * i + step / 2) for i in range(count)}))
+
+
+def window_mass(r: RequestView, window: dict, key_buffers) -> torch.Tensor:
+    """[n] fp32: the attention the prompt's last queries pay each prompt token, summed over the
+    window, the heads and the layers (each layer's rows sum to one, so every layer counts alike)."""
+    mass = torch.zeros(r.seq_len, device=r.row_slots.device)
+    for layer, (q, scale) in window.items():
+        keys = key_buffers[layer][r.row_slots]
+        mass += window_scores(q, keys, r.seq_len - q.shape[0], scale).sum(dim=0).to(mass.device)
+    return mass
+
+
+def closed_up(positions: torch.Tensor, prefix: int, kept: torch.Tensor) -> torch.Tensor:
+    """Positions after a compaction: those before the hit stay, the kept private ones [K] (sorted)
+    close up right after it."""
+    return torch.where(positions < prefix, positions, prefix + torch.searchsorted(kept, positions))
 
 
 class DynSplitPolicy(KVPolicy):
@@ -214,13 +260,17 @@ class DynSplitPolicy(KVPolicy):
                 f"--kv-config: score_heads {list(blocks.score_heads)} do not exist "
                 f"(the model has {shape.num_heads} query heads)"
             )
-        dynamickv_window = LAYER_BUDGET_SCORING.window if blocks.layer_budgets == "dynamickv" else 0
+        # The prompt's last queries of every layer: DynamicKV's layer budgets or the resident set
+        # rank with them (options allow one or the other).
+        self.evicts = self.options.evict
+        window = LAYER_BUDGET_SCORING.window if blocks.layer_budgets == "dynamickv" else 0
+        window = RESIDENT_WINDOW if self.evicts else window
         self.needs = PolicyNeeds(
             score_layers=frozenset(layers),
             band_width=blocks.band if layers else 0,
             score_heads=blocks.score_heads,
-            query_layers=frozenset(range(shape.num_layers)) if dynamickv_window else frozenset(),
-            query_window=dynamickv_window,
+            query_layers=frozenset(range(shape.num_layers)) if window else frozenset(),
+            query_window=window,
         )
         self.table = BlockTable(num_slots, shape, blocks, dtype, device)
         vocab = tokens.vocab_size if tokens is not None else 1
@@ -232,8 +282,15 @@ class DynSplitPolicy(KVPolicy):
         )
         self.by_type = blocks.uses_scores and blocks.weighting == "delimiter_type"
         self.token_ids = torch.zeros(num_slots, dtype=torch.int64, device=device) if self.by_type else None
-        self.queries = PromptQueries(dynamickv_window) if dynamickv_window else None
+        self.queries = PromptQueries(window) if window else None
         self._layer_budgets: dict[int, tuple[str | None, list[int]]] = {}  # row -> (rid, budgets)
+        # Eviction. row -> (rid, [n] fp32 attention of the prompt's last queries on each prompt
+        # token), from the prompt's last forward until the backend compacts it; row -> (rid,
+        # records) of a compacted request's blocks that no slot owns any more (its private prompt
+        # moved), returned to the pool when the request leaves the row.
+        self._window_mass: dict[int, tuple[str | None, torch.Tensor]] = {}
+        self._resident: dict[int, tuple[str | None, torch.Tensor]] = {}  # row -> (rid, [n] bool) until compacted
+        self._row_records: dict[int, tuple[str | None, torch.Tensor, int]] = {}  # + where blocks closed later start
         self._trace = open(blocks.trace_path, "a", buffering=1) if blocks.trace_path else None
         self._reqs: list[RequestView] = []
         self._is_decode = False
@@ -253,7 +310,7 @@ class DynSplitPolicy(KVPolicy):
         if is_decode:
             self._decode_blocks = []
             for r in reqs:
-                recs = self.table.blocks_of(r.row_slots)
+                recs = self._blocks_of(r, r.row_slots)
                 starts, ends = self.table.rec_start[recs], self.table.rec_end[recs]
                 tail = 0 if recs.numel() == 0 else int(ends[-1]) + 1
                 self._decode_blocks.append((recs, starts, ends, tail, r.seq_len))
@@ -300,7 +357,8 @@ class DynSplitPolicy(KVPolicy):
                 t.is_candidate[new_slots] = self.candidate_mask[ids]
             if self.by_type:
                 self.token_ids[new_slots] = r.token_ids.to(self.token_ids.device)
-            start = t.open_start(r.row_slots[: r.new_start])
+            closed = self._blocks_of(r, r.row_slots[: r.new_start])
+            start = 0 if closed.numel() == 0 else int(t.rec_end[closed[-1]]) + 1
             blocks = []
             if decision_position(start, cfg) <= r.seq_len - 1:
                 tail = r.row_slots[start:]
@@ -316,7 +374,9 @@ class DynSplitPolicy(KVPolicy):
                 t.add_blocks(r.row_slots, blocks, key_buffers)
             if self.queries is not None and not self._is_decode and self.answers(r):
                 window = self.queries.take(i, r)
-                if r.ends_prompt():  # the prompt alone, as the prefill-time policies rank it
+                if r.ends_prompt() and self.evicts:  # the prompt alone, as the prefill-time policies rank it
+                    self._window_mass[r.row] = (r.rid, window_mass(r.prompt(), window, key_buffers))
+                elif r.ends_prompt():
                     self._layer_budgets[r.row] = (r.rid, self._dynamickv_budgets(r.prompt(), window, key_buffers))
             # A line per request at least once its prompt is in (even all from the radix cache),
             # then whenever it closes blocks.
@@ -343,8 +403,18 @@ class DynSplitPolicy(KVPolicy):
         scores = dynamickv_scores(r, window, key_buffers, obs, o.kernel_size, o.pooling)
         return [floor + b for b in dynamickv(scores, r.budget - floor, o.r_max, n - floor)]
 
+    def _blocks_of(self, r: RequestView, row_slots: torch.Tensor) -> torch.Tensor:
+        """Record ids [nb] of the closed blocks of request r's first row_slots.numel() positions, in
+        order: those their decision slots own; after a compaction, the resident ones the row
+        owns, then those closed since (decided by slots of the open tail or generated tokens)."""
+        recs = self.table.blocks_of(row_slots)
+        rid, kept, open_from = self._row_records.get(r.row, (None, None, 0))
+        if kept is None or rid != r.rid:
+            return recs
+        return torch.cat([kept, recs[self.table.rec_start[recs] >= open_from]])
+
     def _write_trace(self, r: RequestView) -> None:
-        recs = self.table.blocks_of(r.row_slots)
+        recs = self._blocks_of(r, r.row_slots)
         blocks = torch.stack([self.table.rec_start[recs], self.table.rec_end[recs]], 1).tolist()
         event = {"event": "blocks", "rid": r.rid, "seq_len": r.seq_len, "blocks": blocks}
         if r.row in self._layer_budgets:
@@ -436,18 +506,107 @@ class DynSplitPolicy(KVPolicy):
         valid = torch.arange(width, device=q.device) < counts[:, :, None]
         return slots, valid
 
+    # --- eviction (dynsplit_sglang/eviction.py, docs/design.md) ---------------------------------
+    def resident_bound(self, budget: int, prompt_len: int) -> int | None:
+        """`resident` x budget, and at least what the set always holds (the sink's and the
+        recent window's blocks, a block the radix hit cuts, the open tail)."""
+        if not self.evicts:
+            return None
+        b = self.blocks
+        floor = b.sink_tokens + b.recent_tokens + b.max_open_tail + 3 * b.max_block
+        return min(prompt_len, max(math.ceil(self.options.resident * budget), floor))
+
+    def closes_gap(self, r: RequestView) -> bool:
+        return True
+
+    def kept_positions(self, req_index, r, prefix=0):
+        """The resident set, the same for every layer and KV head: whole blocks of the prompt and
+        its open tail, chosen over the whole prompt whatever the radix hit (so a hit never
+        changes what a request attends to): the blocks holding the sink and the recent window,
+        the open tail (so decode closes the blocks it closes without eviction), then the blocks
+        the prompt's last queries attend to most per token, while they fit in resident_bound.
+        returns its positions at or after `prefix`, in order (the hit is read in place)."""
+        p = r.prompt()
+        n, t, cfg = p.seq_len, self.table, self.blocks
+        _, mass = self._window_mass.pop(r.row)
+        recs = self._blocks_of(r, p.row_slots)
+        starts, ends = t.rec_start[recs], t.rec_end[recs]
+        lengths = ends - starts + 1
+        resident = torch.zeros(n, dtype=torch.bool, device=mass.device)
+        resident[0 if recs.numel() == 0 else int(ends[-1]) + 1 :] = True  # the open tail
+        must = (starts < cfg.sink_tokens) | (ends >= n - cfg.recent_tokens)
+        free = self.resident_bound(r.budget, n) - int(resident.sum()) - int(lengths[must].sum())
+        # The other blocks by attention per token, best first, while they fit.
+        cumulative = torch.zeros(n + 1, device=mass.device)
+        cumulative[1:] = mass.cumsum(0)
+        density = ((cumulative[ends + 1] - cumulative[starts]) / lengths).masked_fill(must, float("-inf"))
+        order = torch.argsort(density, descending=True, stable=True)[: int((~must).sum())]
+        chosen = must.clone()
+        chosen[order[lengths[order].cumsum(0) <= free]] = True
+        for b_start, b_end in zip(starts[chosen].tolist(), ends[chosen].tolist()):
+            resident[b_start : b_end + 1] = True
+        self._resident[r.row] = (r.rid, resident)
+        positions = torch.nonzero(resident[prefix:])[:, 0] + prefix
+        return positions[None, None, :].expand(self.shape.num_layers, self.shape.num_kv_heads, -1)
+
+    def compacted(self, req_index, r, prefix, kept, moved):
+        """kept, moved: [L, KvH, K], the same for every layer and head (private positions before
+        and after). The resident blocks get row-owned copies of their records at their new
+        positions, the hit's ones too: from now on the request reads those, and the blocks it
+        closes later, not what slots own in its hit (the non-resident blocks of the hit stay in
+        the tree for others, unread by this request)."""
+        _, resident = self._resident.pop(r.row)
+        self._take_blocks(r, prefix, kept[0, 0], moved[0, 0], resident)
+
+    def follow_compaction(self, req_index, r, prefix, kept, moved):
+        """Another policy of a PolicySet compacted the request (a decode-time one: its tokens are
+        the same for every layer and head): this one keeps its blocks that stayed whole."""
+        held = torch.zeros(r.prompt_end, dtype=torch.bool, device=kept.device)
+        held[:prefix] = True
+        held[kept[0, 0]] = True
+        self._take_blocks(r, prefix, kept[0, 0], moved[0, 0], held)
+
+    def _take_blocks(self, r: RequestView, prefix: int, old, new, held) -> None:
+        """old, new: [K] private positions before and after the move; held: [n] bool, the
+        prompt positions the request keeps. The moved tokens' slot-keyed state (DD rows,
+        candidate flags, token ids) moves with them into [new[0], n); the records the overwritten
+        slots own are freed (no other request holds those slots); a record a slot in
+        [prefix, new[0]) owns stays as it is (that KV goes to the radix tree untouched)."""
+        t, row, n = self.table, r.row_slots, r.prompt_end
+        t.band[row[new]] = t.band[row[old]]
+        t.is_candidate[row[new]] = t.is_candidate[row[old]]
+        if self.token_ids is not None:
+            self.token_ids[row[new]] = self.token_ids[row[old]]
+        recs = self._blocks_of(r, row[:n])
+        starts, ends = t.rec_start[recs], t.rec_end[recs]
+        whole = held[starts] & held[ends]  # blocks are kept whole or not at all
+        copies = t.copy_records(recs[whole])
+        t.rec_start[copies] = closed_up(starts[whole], prefix, old)
+        t.rec_end[copies] = closed_up(ends[whole], prefix, old)
+        open_from = 0 if recs.numel() == 0 else int(ends[-1]) + 1
+        open_from = int(closed_up(torch.tensor([open_from], device=old.device), prefix, old))
+        t.release_slots(row[n - old.numel() : n])
+        self._row_records[r.row] = (r.rid, copies, open_from)
+
     # --- slot lifetime ------------------------------------------------------------------------
     def release_slots(self, slots: torch.Tensor) -> None:
         self.table.release_slots(slots)
 
     def release_rows(self, free_rows: set[int]) -> None:
         forget_rows(self._layer_budgets, free_rows)
+        forget_rows(self._window_mass, free_rows)
+        forget_rows(self._resident, free_rows)
+        for row in [row for row in self._row_records if row in free_rows]:
+            self.table.free_records.extend(self._row_records.pop(row)[1].tolist())
         if self.queries is not None:
             self.queries.release(free_rows)
 
     def reset(self) -> None:
         self.table.reset()
         self._layer_budgets.clear()
+        self._window_mass.clear()
+        self._resident.clear()
+        self._row_records.clear()
         if self.queries is not None:
             self.queries.reset()
 
@@ -460,7 +619,7 @@ class DynSplitPolicy(KVPolicy):
         )
         return {
             "records_in_use": t.records_in_use,
-            "records_owned": t.records_owned(),
+            "records_owned": t.records_owned() + sum(recs.numel() for _, recs, _ in self._row_records.values()),
             "records_capacity": t.capacity,
             **carried,
         }

@@ -87,11 +87,24 @@ class PolicySet(KVPolicy):
         return [i for i in req_indices if layer_id >= self.members[self._reqs[i].policy or self.default].dense_layers]
 
     # --- eviction: the request's own policy keeps its prompt -------------------------------------
-    def kept_positions(self, req_index, r):
-        return self.members[r.policy or self.default].kept_positions(req_index, r)
+    def kept_positions(self, req_index, r, prefix=0):
+        return self.members[r.policy or self.default].kept_positions(req_index, r, prefix)
 
-    def compacted(self, req_index, r, positions):
-        self.members[r.policy or self.default].compacted(req_index, r, positions)
+    def compacted(self, req_index, r, prefix, kept, moved):
+        """The request's own policy took it. When its positions close up (a decode-time policy:
+        one token set for all layers and heads), the others' per-slot state follows the moved
+        tokens, since they see the request's closed-up sequence from then on; a prefill-time
+        policy keeps the positions, and what the others keep for the overwritten slots is only
+        ever read for this request, which they do not answer."""
+        own = self.members[r.policy or self.default]
+        own.compacted(req_index, r, prefix, kept, moved)
+        if own.closes_gap(r):
+            for p in self.members.values():
+                if p is not own:
+                    p.follow_compaction(req_index, r, prefix, kept, moved)
+
+    def closes_gap(self, r):
+        return self.members[r.policy or self.default].closes_gap(r)
 
     def select(self, layer_id: int, req_index: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         label = self._reqs[req_index].policy or self.default

@@ -273,7 +273,7 @@ class PrefillSelectionPolicy(KVPolicy):
         largest layer budget)."""
         return min(budget, prompt_len)
 
-    def kept_positions(self, req_index, r):
+    def kept_positions(self, req_index, r, prefix=0):
         """The ranking itself: each layer and head reads a prefix of its order, best first."""
         rk = self._rankings[r.row]
         order = rk.order.long()
@@ -282,8 +282,8 @@ class PrefillSelectionPolicy(KVPolicy):
         )
         return order.masked_fill(~counted[:, None, :], -1)
 
-    def compacted(self, req_index, r, positions):
-        self._rankings[r.row].order = positions.to(torch.int32)
+    def compacted(self, req_index, r, prefix, kept, moved):
+        self._rankings[r.row].order = moved.to(torch.int32)
 
     # --- lifetime -----------------------------------------------------------------------------
     def release_rows(self, free_rows: set[int]) -> None:

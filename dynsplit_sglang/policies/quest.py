@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from dynsplit_sglang.config import PolicyOptions, check_int, option
-from dynsplit_sglang.policies.dynsplit import DynSplitOptions, DynSplitPolicy
+from dynsplit_sglang.config import KVConfigError, check_int, option
+from dynsplit_sglang.policies.dynsplit import DynSplitOptions, DynSplitPolicy, ResidentOptions
 
 
 @dataclass(frozen=True)
-class QuestOptions(PolicyOptions):
+class QuestOptions(ResidentOptions):
     """Quest's options (`--kv quest --kv-config '{"page_size": 16}'`)."""
 
     policy: ClassVar[str] = "quest"
@@ -27,8 +27,14 @@ class QuestOptions(PolicyOptions):
     )
 
     def validate(self) -> None:
+        super().validate()
         check_int("page_size", self.page_size, 1)
         check_int("dense_layers", self.dense_layers, 0)
+        if self.evict and self.dense_layers:
+            raise KVConfigError(
+                "--kv-config: 'evict' needs 'dense_layers' 0 (a dense layer reads the whole prompt); "
+                "turn one of them off"
+            )
 
     def min_budget(self) -> int:
         return self.page_size  # the open (unfinished) page is always attended
