@@ -89,6 +89,12 @@ def parse_args(argv):
         "always written gzipped, and read from X.json.gz, else an older plain X.json); default "
         "benchmarks/results/accuracy[_ablation][_quick].json.gz",
     )
+    p.add_argument(
+        "--paired-with",
+        default="dynsplit",
+        metavar="LABEL",
+        help="the policy the prompt-by-prompt comparison holds every other one against",
+    )
     p.add_argument("--replot", action="store_true", help="only redraw the plot and table from the result at --out")
     p.add_argument(
         "--progress",
@@ -141,10 +147,17 @@ def main(argv=None):
     if args.replot:
         if (saved := find_result(out)) is None:
             raise SystemExit(f"python -m benchmarks.accuracy: error: no saved result for {out}")
-        return finish(load_result(saved), out, write=False)
+        return finish(load_result(saved), out, write=False, reference=args.paired_with)
     if args.progress or args.summary:
         tasks = None if args.tasks is None else select_tasks(args.tasks, ())
-        return progress(run_base(out) + ".partial.jsonl", group, tasks, finished=find_result(out), summary=args.summary)
+        return progress(
+            run_base(out) + ".partial.jsonl",
+            group,
+            tasks,
+            finished=find_result(out),
+            summary=args.summary,
+            reference=args.paired_with,
+        )
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -237,7 +250,7 @@ def main(argv=None):
         "accuracy": aggregate(records),
         "samples": records,
     }
-    finish(result, out)
+    finish(result, out, reference=args.paired_with)
     os.remove(partial)
     return result
 
@@ -254,7 +267,12 @@ def views(labels: list[str], group: str) -> list[tuple[str, list[str], str]]:
 
 
 def progress(
-    partial: str, group: str, tasks: list[str] | None = None, finished: str | None = None, summary: bool = False
+    partial: str,
+    group: str,
+    tasks: list[str] | None = None,
+    finished: str | None = None,
+    summary: bool = False,
+    reference: str = "dynsplit",
 ) -> list[dict]:
     """Print the tables of the answers an unfinished run has saved (not a result: cells hold
     whatever samples are done, so they are not comparable until the run ends), or, when there is
@@ -289,7 +307,7 @@ def progress(
         return records
     for _, labels, by in views(list(dict.fromkeys(r["policy"] for r in records)), group):
         print(markdown(result, by, labels) + "\n")
-    if rows := paired(records):
+    if rows := paired(records, reference):
         print(paired_markdown(rows))
     return records
 
@@ -300,10 +318,10 @@ def _shown_path(path: str) -> str:
     return path if rel.startswith("..") else rel
 
 
-def finish(result: dict, out: str, write: bool = True) -> dict:
+def finish(result: dict, out: str, write: bool = True, reference: str = "dynsplit") -> dict:
     from benchmarks.accuracy.report import markdown, paired, paired_markdown, plot
 
-    result["paired"] = paired(result["samples"])
+    result["paired"] = paired(result["samples"], reference)
     if write:
         write_result(result, out)
     labels = [p["label"] for p in result["settings"]["policies"]]

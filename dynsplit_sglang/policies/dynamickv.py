@@ -20,13 +20,8 @@ class DynamicKVOptions(SnapKVOptions):
     """DynamicKV's options (`--kv dynamickv`): SnapKV's scoring and the global budget competition."""
 
     policy: ClassVar[str] = "dynamickv"
-    # Off by default, unlike the other prefill-time policies: evicting caps a layer's budget at
-    # evict_cap x budget, which changes answers, and its accuracy cost is not measured yet.
-    evict: bool = option(
-        False,
-        "free the prompt KV no decode step will read, with each layer capped at `evict_cap` x budget "
-        "(the other prefill-time policies: on by default, identical answers)",
-    )
+    # `evict` (on, as for the other prefill-time policies) caps a layer at evict_cap x budget, which
+    # changes answers; level with eviction off on the accuracy suite (docs/accuracy.md, "Eviction").
     window: int = option(8, "observation window, always kept (DynamicKV: 8)")
     kernel_size: int = option(7, "1-D pooling kernel over positions, odd (DynamicKV: 7)")
     r_max: float = option(10.0, "a layer's temporary maximum budget is r_max times the mean (DynamicKV: 10)")
