@@ -23,7 +23,10 @@ def test_defaults_are_valid_and_documented_bounds():
         (dict(kv="dynsplit", kv_config='{"block_size": 8, "delta": 8}'), "must be larger than 'delta'"),
         (dict(kv="dynsplit", kv_config="{not json"), "is not valid JSON"),
         (dict(kv="dynsplit", kv_config="[1, 2]"), "must be a JSON object"),
-        (dict(kv="dynsplit", kv_config='{"C": 16}'), "unknown key(s) C for --kv dynsplit; valid keys: evict, resident, block_size"),
+        (
+            dict(kv="dynsplit", kv_config='{"C": 16}'),
+            "unknown key(s) C for --kv dynsplit; valid keys: evict, resident, block_size",
+        ),
         (dict(kv="dynsplit", kv_config='{"alpha": -1}'), "'alpha' must be a number >= 0"),
         (dict(kv="dynsplit", kv_config='{"candidates": "commas"}'), "'candidates' must be one of delimiters, all"),
         (dict(kv="dynsplit", kv_config='{"score_layers": []}'), "'score_layers' must be a non-empty list"),
