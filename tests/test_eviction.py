@@ -208,3 +208,33 @@ def test_decode_time_eviction_options_are_checked():
     policy = make_policy(DynSplitOptions(evict=True), 64)
     assert policy.needs.query_window == 32 and len(policy.needs.query_layers) == SHAPE.num_layers
     assert make_policy(DynSplitOptions(), 64).needs.query_window == 0  # nothing collected with eviction off
+
+
+def test_a_request_with_nothing_to_free_reads_its_resident_set_in_place():
+    """A radix hit that leaves no private prompt to free (the backend then passes prefix = the
+    prompt's end): nothing moves, and every step reads what a compacted twin reads."""
+    options, budget, n = DynSplitOptions(evict=True, resident=1.0, candidates="all"), 64, 200
+    torch.manual_seed(3)
+    keys, queries = window_pattern(n, [5, 90, 150])
+    keys += 0.1 * torch.randn_like(keys)
+    in_place, moved = make_policy(options, budget), make_policy(options, budget)
+    for p in (in_place, moved):
+        r = prefill(p, keys, n, budget, queries, evict=True)
+    nothing = in_place.kept_positions(0, r, n)
+    assert nothing.shape[2] == 0
+    in_place.compacted(0, r, n, nothing, nothing)
+    kept = moved.kept_positions(0, r, 0)
+    private = kept[0, 0]
+    to = n - private.numel()
+    moved_keys = keys.clone()
+    eviction.move_kv((moved_keys,), torch.arange(n), kept[0], eviction.compacted_positions(kept, 0, to, n)[0])
+    moved.compacted(0, r, 0, kept, eviction.compacted_positions(kept, 0, to, n))
+    ev = eviction.Eviction("r", 0, 0, to, gap_end=to)
+    for m in range(n + 1, n + 20):
+        keys[m - 1] = moved_keys[m - 1] = torch.randn(SHAPE.num_kv_heads, SHAPE.head_dim)
+        q = torch.randn(SHAPE.num_heads, SHAPE.head_dim)
+        read_in_place = decode_step(in_place, keys, torch.arange(m), budget, q)
+        read_moved = decode_step(moved, moved_keys, ev.view(torch.arange(m)), budget, q)
+        original = {int(s): int(p) for s, p in zip(torch.arange(to, n), private)}  # moved slot -> position
+        assert [{original.get(s, s) for s in h} for h in read_moved] == read_in_place
+        assert all(h <= set(private.tolist()) | set(range(n, m)) for h in read_in_place)

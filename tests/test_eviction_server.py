@@ -43,7 +43,14 @@ def engine_args(trace, **extra):
         kv="dynsplit",
         kv_budget=BUDGET,
         kv_config={"trace_path": str(trace), "evict": True},
-        kv_variants=json.dumps({**{name: {} for name in PREFILL_TIME}, "quest": {"evict": True}}),
+        kv_variants=json.dumps(
+            {
+                **{name: {} for name in PREFILL_TIME},
+                "quest": {"evict": True},
+                # a resident set larger than every test prompt
+                "wide": {"policy": "dynsplit", "evict": True, "resident": 20},
+            }
+        ),
         **extra,
     )
 
@@ -116,8 +123,8 @@ def test_evicting_changes_no_token_and_shared_prefixes_keep_their_hits(
 def test_decode_time_policies_evict_to_a_resident_set_a_hit_does_not_change(tiny_model, prompts, tmp_path, monkeypatch):
     """dynsplit and quest keep a resident set of whole blocks (2 x budget) and give the rest back;
     the set does not depend on the radix hit, so a request hitting a prefix another evicting
-    request shared answers as it does uncached; with a budget covering the prompt nothing is
-    evicted and the tokens are those of eviction off."""
+    request shared answers as it does uncached; with a budget, or a resident set, covering the
+    prompt nothing is evicted and the tokens are those of eviction off."""
     for name, value in CHECKS.items():
         monkeypatch.setenv(name, value)
     trace = tmp_path / "trace.jsonl"
@@ -126,6 +133,8 @@ def test_decode_time_policies_evict_to_a_resident_set_a_hit_does_not_change(tiny
             flush(eng)
             covered = [generate(eng, prompts, name, evict, budget=700)[0] for evict in (True, False)]
             assert covered[0] == covered[1], name
+            if name == "dynsplit":  # a resident set that holds the whole prompt: eviction off's tokens
+                assert generate(eng, prompts, "wide", True)[0] == generate(eng, prompts, name, False)[0]
             flush(eng)
             uncached, _ = generate(eng, prompts, name, evict=True)  # chunked, nothing cached: compacted
             again, metas = generate(eng, prompts, name, evict=True)  # the tree holds each prompt up to its start

@@ -509,11 +509,11 @@ class DynSplitPolicy(KVPolicy):
     # --- eviction (dynsplit_sglang/eviction.py, docs/design.md) ---------------------------------
     def resident_bound(self, budget: int, prompt_len: int) -> int | None:
         """`resident` x budget, and at least what the set always holds (the sink's and the
-        recent window's blocks, a block the radix hit cuts, the open tail)."""
+        recent window's blocks, the open tail)."""
         if not self.evicts:
             return None
         b = self.blocks
-        floor = b.sink_tokens + b.recent_tokens + b.max_open_tail + 3 * b.max_block
+        floor = b.sink_tokens + b.recent_tokens + b.max_open_tail + 2 * b.max_block
         return min(prompt_len, max(math.ceil(self.options.resident * budget), floor))
 
     def closes_gap(self, r: RequestView) -> bool:
