@@ -164,7 +164,7 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
         ones, all slots of the others (each row's valid entries first)."""
         chosen = set(sparse)
         dense = [i for i in range(len(self._reqs)) if i not in chosen]
-        picked, picked_valid = self._select_slots(q3, layer, fb, sparse) if sparse else (None, None)
+        picked, picked_valid = self._select_slots(q3, layer, sparse) if sparse else (None, None)
         width = max([self._reqs[i].seq_len for i in dense] + [picked.shape[2] if sparse else 0])
         shape = (len(self._reqs), self.shape.num_kv_heads, width)
         slots = torch.zeros(shape, dtype=torch.int64, device=q3.device)

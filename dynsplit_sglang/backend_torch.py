@@ -104,7 +104,7 @@ class SparseTorchAttnBackend(PolicyHost, TorchNativeAttnBackend):
             o3[idx] = o_dense
         order = sorted(sparse)
         idx = torch.tensor(order, device=q3.device)
-        slots, valid = self._select_slots(q3, layer, fb, order)
+        slots, valid = self._select_slots(q3, layer, order)
         # FlashInfer plans with the counts; known on the host they spare it a device read
         counts = (
             self.policy.selection_counts(layer.layer_id, order) if self._sparse_attention_name == "flashinfer" else None

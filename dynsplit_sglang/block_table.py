@@ -109,9 +109,8 @@ class BlockTable:
         recs = self.slot_record[row_slots]
         return recs[recs >= 0]
 
-    def open_start(self, row_slots: torch.Tensor) -> int:
-        """First position of the open block of a sequence whose first n tokens are known."""
-        recs = self.blocks_of(row_slots)
+    def open_start(self, recs: torch.Tensor) -> int:
+        """First position of the open block after a sequence's closed blocks recs [nb] (in order)."""
         return 0 if recs.numel() == 0 else int(self.rec_end[recs[-1]]) + 1
 
     def copy_records(self, recs: torch.Tensor) -> torch.Tensor:

@@ -277,8 +277,8 @@ class PolicyHost:
                     self.policy.compacted(i, r, r.prompt_end, kept, kept)
                 continue
             kept = self.policy.kept_positions(i, r, ev.prefix)
-            to = ev.start
-            if self.policy.closes_gap(r):  # the same tokens in every layer and head, right before the prompt's end
+            to, closes_gap = ev.start, self.policy.closes_gap(r)
+            if closes_gap:  # the same tokens in every layer and head, right before the prompt's end
                 to = max(to, r.prompt_end - int((kept[0, 0] >= ev.prefix).sum()))
             moved = eviction.compacted_positions(kept, ev.prefix, to, r.prompt_end)
             if moved is None:  # cannot happen: a policy keeps at most its resident_bound
@@ -289,7 +289,7 @@ class PolicyHost:
                 eviction.move_kv(buffers, r.row_slots, kept[layer], moved[layer])
             self.policy.compacted(i, r, ev.prefix, kept, moved)
             ev.compacted = True
-            if self.policy.closes_gap(r):
+            if closes_gap:
                 ev.gap_end = to
 
     def _save_kv(self, layer, forward_batch, k, v, save_kv_cache: bool) -> None:
@@ -369,7 +369,7 @@ class PolicyHost:
         outside their policy's dense layers (the others attend densely)."""
         return self.policy.sparse_in_layer(layer_id, [i for i, r in enumerate(self._reqs) if r.seq_len > r.budget])
 
-    def _select_slots(self, q3, layer, fb, order: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _select_slots(self, q3, layer, order: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """KV slots and valid mask [R, KvH, W] the requests `order` attend to in this layer."""
         cached = self._slot_rows
         if cached is None or cached[0] != order:  # the same for every layer of a step: read once

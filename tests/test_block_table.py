@@ -17,8 +17,8 @@ def test_records_follow_the_slot_that_decided_them():
     assert table.records_in_use == 3 == table.records_owned()
     recs = table.blocks_of(row)
     assert table.rec_start[recs].tolist() == [0, 14, 30] and table.rec_end[recs].tolist() == [13, 29, 45]
-    assert table.open_start(row) == 46
-    assert table.open_start(row[:41]) == 14  # a prefix ending before the 2nd decision
+    assert table.open_start(table.blocks_of(row)) == 46
+    assert table.open_start(table.blocks_of(row[:41])) == 14  # a prefix ending before the 2nd decision
     torch.testing.assert_close(table.kmax[1, recs[1]], keys[1][row[14:30]].amax(0))
     torch.testing.assert_close(table.kmin[0, recs[2]], keys[0][row[30:46]].amin(0))
     table.release_slots(row[41:42])  # the 2nd block's decision slot is freed

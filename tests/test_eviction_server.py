@@ -78,6 +78,14 @@ def reference(tiny_model, prompts, tmp_path_factory):
         return {name: generate(eng, prompts, name, evict=name in REFERENCE_EVICTS)[0] for name in PREFILL_TIME}
 
 
+def answers_sharing_the_system_prompt(eng, prompts, name) -> list:
+    """One request evicts, then another with the same system prompt hits all of it: their answers."""
+    first, _ = generate(eng, prompts[:1], name, evict=True)
+    second, (meta,) = generate(eng, prompts[1:2], name, evict=True)
+    assert meta["cached_tokens"] >= SYSTEM
+    return first + second
+
+
 def check_pool(trace, flushes: int) -> list[dict]:
     _, events = read_trace(trace)
     assert len(events) == flushes
@@ -109,11 +117,7 @@ def test_evicting_changes_no_token_and_shared_prefixes_keep_their_hits(
             if name not in REFERENCE_EVICTS:  # eviction off: the KV stays, the tokens are the same
                 assert generate(eng, prompts, name, evict=False)[0] == reference[name], name
                 flush(eng)
-            # one request evicts, then another with the same system prompt hits all of it
-            first, _ = generate(eng, prompts[:1], name, evict=True)
-            second, (meta,) = generate(eng, prompts[1:2], name, evict=True)
-            assert meta["cached_tokens"] >= SYSTEM
-            assert first + second == reference[name][:2], name
+            assert answers_sharing_the_system_prompt(eng, prompts, name) == reference[name][:2], name
         flush(eng)
     events = check_pool(trace, flushes=3 * len(PREFILL_TIME) - len(REFERENCE_EVICTS) + 1)
     # every policy compacted its misses: 3 + 1 + 1 requests each (the second hit a shared prefix)
@@ -141,10 +145,7 @@ def test_decode_time_policies_evict_to_a_resident_set_a_hit_does_not_change(tiny
             assert again == uncached, name
             assert all(m["cached_tokens"] >= len(p) - 4 * BUDGET for m, p in zip(metas, prompts))
             flush(eng)
-            first, _ = generate(eng, prompts[:1], name, evict=True)
-            second, (meta,) = generate(eng, prompts[1:2], name, evict=True)
-            assert meta["cached_tokens"] >= SYSTEM
-            assert first + second == uncached[:2], name
+            assert answers_sharing_the_system_prompt(eng, prompts, name) == uncached[:2], name
         flush(eng)
     events = check_pool(trace, flushes=3 * len(DECODE_TIME) + 1)
     assert events[-1]["before"]["evicted_requests"] >= 5 * len(DECODE_TIME), events[-1]["before"]

@@ -312,8 +312,7 @@ class DynSplitPolicy(KVPolicy):
             for r in reqs:
                 recs = self._blocks_of(r, r.row_slots)
                 starts, ends = self.table.rec_start[recs], self.table.rec_end[recs]
-                tail = 0 if recs.numel() == 0 else int(ends[-1]) + 1
-                self._decode_blocks.append((recs, starts, ends, tail, r.seq_len))
+                self._decode_blocks.append((recs, starts, ends, self.table.open_start(recs), r.seq_len))
             self._step = self._step_tensors(reqs)
 
     def _step_tensors(self, reqs: list[RequestView]) -> dict:
@@ -357,8 +356,7 @@ class DynSplitPolicy(KVPolicy):
                 t.is_candidate[new_slots] = self.candidate_mask[ids]
             if self.by_type:
                 self.token_ids[new_slots] = r.token_ids.to(self.token_ids.device)
-            closed = self._blocks_of(r, r.row_slots[: r.new_start])
-            start = 0 if closed.numel() == 0 else int(t.rec_end[closed[-1]]) + 1
+            start = t.open_start(self._blocks_of(r, r.row_slots[: r.new_start]))
             blocks = []
             if decision_position(start, cfg) <= r.seq_len - 1:
                 tail = r.row_slots[start:]
@@ -533,7 +531,7 @@ class DynSplitPolicy(KVPolicy):
         starts, ends = t.rec_start[recs], t.rec_end[recs]
         lengths = ends - starts + 1
         resident = torch.zeros(n, dtype=torch.bool, device=mass.device)
-        resident[0 if recs.numel() == 0 else int(ends[-1]) + 1 :] = True  # the open tail
+        resident[t.open_start(recs) :] = True  # the open tail
         must = (starts < cfg.sink_tokens) | (ends >= n - cfg.recent_tokens)
         free = self.resident_bound(r.budget, n) - int(resident.sum()) - int(lengths[must].sum())
         # The other blocks by attention per token, best first, while they fit.
@@ -583,8 +581,8 @@ class DynSplitPolicy(KVPolicy):
         copies = t.copy_records(recs[whole])
         t.rec_start[copies] = closed_up(starts[whole], prefix, old)
         t.rec_end[copies] = closed_up(ends[whole], prefix, old)
-        open_from = 0 if recs.numel() == 0 else int(ends[-1]) + 1
-        open_from = int(closed_up(torch.tensor([open_from], device=old.device), prefix, old))
+        open_from = torch.tensor([t.open_start(recs)], device=old.device)
+        open_from = int(closed_up(open_from, prefix, old))
         t.release_slots(row[n - old.numel() : n])
         self._row_records[r.row] = (r.rid, copies, open_from)
 
