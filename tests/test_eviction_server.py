@@ -197,9 +197,11 @@ def test_pool_is_whole_after_retraction_aborts_and_a_flush(tiny_model, prompts, 
         for name, outputs in zip(PREFILL_TIME, answered):
             assert [o["output_ids"] for o in outputs] == reference[name], name
         assert all(3 <= n < 400 for n in aborted)
-        # aborted during its chunked prefill: the abort arrives before its first token
-        params = {"max_new_tokens": 4, "custom_params": {"kv_policy": "snapkv"}}
-        request = eng.async_generate(input_ids=prompts[2] * 3, sampling_params=params, rid="abort-prefill")
+        # aborted during its chunked prefill: 7,000 tokens in chunks of 64 outlast the 0.3 s before
+        # the abort (2,100 tokens and 4 new ones once finished first on a quiet machine), and 400
+        # new tokens keep it from finishing before the abort whatever the machine
+        params = {"max_new_tokens": 400, "ignore_eos": True, "custom_params": {"kv_policy": "snapkv"}}
+        request = eng.async_generate(input_ids=prompts[2] * 10, sampling_params=params, rid="abort-prefill")
         task = eng.loop.create_task(request)
         eng.loop.run_until_complete(asyncio.sleep(0.3))
         eng.tokenizer_manager.abort_request("abort-prefill")
