@@ -56,7 +56,7 @@ def test_the_cli_choices_and_config_validation_read_the_registry():
         assert type(KVConfig(name).options) is POLICY_OPTIONS[name]
     with pytest.raises(KVConfigError, match="valid choices: full, dynsplit, quest"):
         KVConfig("h2o").validate()
-    with pytest.raises(KVConfigError, match="unknown key.*valid keys: evict, resident, page_size, dense_layers"):
+    with pytest.raises(KVConfigError, match="unknown key.*valid keys: evict, resident, resident_rank, page_size, dense_layers"):
         POLICY_OPTIONS["quest"].from_json('{"block_size": 8}')
 
 
@@ -64,4 +64,4 @@ def test_the_command_prints_one_policy_s_table():
     out = subprocess.run(
         [sys.executable, "-m", "dynsplit_sglang.policies", "quest"], capture_output=True, text=True, check=True
     ).stdout
-    assert out.splitlines()[4].startswith("| `page_size` | `16` |")
+    assert out.splitlines()[5].startswith("| `page_size` | `16` |")

@@ -27,6 +27,7 @@ WEIGHTINGS = ("position", "delimiter_type")
 LAYER_BUDGETS = ("uniform", "dynamickv")
 # Prompt queries whose attention ranks the blocks of the resident set (SnapKV's window).
 RESIDENT_WINDOW = 32
+RESIDENT_RANKS = ("per_head", "sum")
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,19 @@ class ResidentOptions(PolicyOptions):
         "each step then selects within it",
     )
     resident: float = option(2.0, "with `evict`: prompt tokens kept resident, as a multiple of the budget (>= 1)")
+    resident_rank: str = option(
+        "per_head",
+        'with `evict`: how blocks are ranked for the resident set: `"per_head"` (each layer\'s KV head ranks '
+        "them by its own attention per token; a block goes by its best rank over heads, so every head keeps "
+        'its top blocks, as SnapKV keeps each head\'s tokens) or `"sum"` (attention per token summed over '
+        "layers and heads)",
+    )
 
     def validate(self) -> None:
         if not isinstance(self.evict, bool):
             raise KVConfigError(f"--kv-config: 'evict' must be true or false, got {self.evict!r}")
         check_number("resident", self.resident, 1)
+        check_choice("resident_rank", self.resident_rank, RESIDENT_RANKS)
 
 
 @dataclass(frozen=True)
@@ -216,13 +225,33 @@ def default_score_layers(num_layers: int, count: int = 4) -> tuple[int, ...]:
 
 
 def window_mass(r: RequestView, window: dict, key_buffers) -> torch.Tensor:
-    """[n] fp32: the attention the prompt's last queries pay each prompt token, summed over the
-    window, the heads and the layers (each layer's rows sum to one, so every layer counts alike)."""
-    mass = torch.zeros(r.seq_len, device=r.row_slots.device)
-    for layer, (q, scale) in window.items():
+    """[L * KvH, n] fp32: the attention the prompt's last queries pay each prompt token, summed
+    over the window and each KV head's query heads, one row per (layer, KV head) in layer order."""
+    rows = []
+    for layer, (q, scale) in sorted(window.items()):
         keys = key_buffers[layer][r.row_slots]
-        mass += window_scores(q, keys, r.seq_len - q.shape[0], scale).sum(dim=0).to(mass.device)
-    return mass
+        rows.append(window_scores(q, keys, r.seq_len - q.shape[0], scale).to(r.row_slots.device))
+    return torch.cat(rows)
+
+
+def block_order(mass: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, rank: str) -> torch.Tensor:
+    """Blocks best first for the resident set.
+
+    mass: [heads, n] window attention per (layer, KV head) and token; starts, ends: [B] inclusive
+    token ranges. Each block scores its attention per token. "sum": summed over heads. "per_head":
+    by its best rank among the heads (a block one retrieval head needs outranks one that every
+    head likes a little), ties by the sum. returns [B] block indices.
+    """
+    cumulative = torch.nn.functional.pad(mass.cumsum(dim=1), (1, 0))
+    density = (cumulative[:, ends + 1] - cumulative[:, starts]) / (ends - starts + 1)  # [heads, B]
+    by_sum = torch.argsort(density.sum(dim=0), descending=True, stable=True)
+    if rank == "sum":
+        return by_sum
+    ranks = torch.empty_like(density, dtype=torch.int64)
+    order = torch.argsort(density, dim=1, descending=True, stable=True)
+    ranks.scatter_(1, order, torch.arange(density.shape[1], device=mass.device).expand_as(order))
+    best = ranks.min(dim=0).values
+    return by_sum[torch.argsort(best[by_sum], stable=True)]
 
 
 def closed_up(positions: torch.Tensor, prefix: int, kept: torch.Tensor) -> torch.Tensor:
@@ -534,11 +563,9 @@ class DynSplitPolicy(KVPolicy):
         resident[t.open_start(recs) :] = True  # the open tail
         must = (starts < cfg.sink_tokens) | (ends >= n - cfg.recent_tokens)
         free = self.resident_bound(r.budget, n) - int(resident.sum()) - int(lengths[must].sum())
-        # The other blocks by attention per token, best first, while they fit.
-        cumulative = torch.zeros(n + 1, device=mass.device)
-        cumulative[1:] = mass.cumsum(0)
-        density = ((cumulative[ends + 1] - cumulative[starts]) / lengths).masked_fill(must, float("-inf"))
-        order = torch.argsort(density, descending=True, stable=True)[: int((~must).sum())]
+        # The other blocks, best first, while they fit.
+        order = block_order(mass, starts, ends, self.options.resident_rank)
+        order = order[~must[order]]
         chosen = must.clone()
         chosen[order[lengths[order].cumsum(0) <= free]] = True
         for b_start, b_end in zip(starts[chosen].tolist(), ends[chosen].tolist()):
