@@ -25,7 +25,7 @@ def test_defaults_are_valid_and_documented_bounds():
         (dict(kv="dynsplit", kv_config="[1, 2]"), "must be a JSON object"),
         (
             dict(kv="dynsplit", kv_config='{"C": 16}'),
-            "unknown key(s) C for --kv dynsplit; valid keys: evict, resident, block_size",
+            "unknown key(s) C for --kv dynsplit; valid keys: evict, resident, resident_rank, block_size",
         ),
         (dict(kv="dynsplit", kv_config='{"alpha": -1}'), "'alpha' must be a number >= 0"),
         (dict(kv="dynsplit", kv_config='{"candidates": "commas"}'), "'candidates' must be one of delimiters, all"),

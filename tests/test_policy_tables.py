@@ -56,7 +56,9 @@ def test_the_cli_choices_and_config_validation_read_the_registry():
         assert type(KVConfig(name).options) is POLICY_OPTIONS[name]
     with pytest.raises(KVConfigError, match="valid choices: full, dynsplit, quest"):
         KVConfig("h2o").validate()
-    with pytest.raises(KVConfigError, match="unknown key.*valid keys: evict, resident, resident_rank, page_size, dense_layers"):
+    with pytest.raises(
+        KVConfigError, match="unknown key.*valid keys: evict, resident, resident_rank, page_size, dense_layers"
+    ):
         POLICY_OPTIONS["quest"].from_json('{"block_size": 8}')
 
 
