@@ -28,9 +28,11 @@ Prints a table and writes benchmarks/results/serve_bench.json (serve_bench_smoke
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -80,6 +82,24 @@ def llama_8b_shape_path() -> Path:
     if not (folder / "config.json").exists():
         LlamaConfig(**LLAMA_8B_SHAPE).save_pretrained(folder)
     return folder
+
+
+def longer_context(model: Path, max_position: int) -> Path:
+    """A copy of a model folder's config (and tokenizer) with a longer context: enough for
+    `--load-format dummy`, which makes random weights of the config's shape."""
+    from dynsplit_sglang.default_model import cache_dir
+
+    out = cache_dir() / f"{model.name}-shape-{max_position}"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in model.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    with open(model / "config.json") as f:
+        config = json.load(f)
+    config["max_position_embeddings"] = max_position
+    with open(out / "config.json", "w") as f:
+        json.dump(config, f, indent=1)
+    return out
 
 
 @dataclass
@@ -258,6 +278,81 @@ def run_setting(url: str, context: int, batch: int, new_tokens: int, vocab: int,
     }
 
 
+# What the backend labels in a decode step (torch.profiler.record_function), in the order the
+# breakdown lists them; "gather" (the selected KV copied out of the pool) runs inside "attention".
+PROFILE_LABELS = {
+    "selection": "dynsplit:select",
+    "gather": "dynsplit:gather",
+    "attention": "dynsplit:attention",
+    "dd_rows": "dynsplit:dd_rows",
+    "step_setup": "dynsplit:begin_step",
+    "step_commit": "dynsplit:end_step",
+}
+
+
+def post(url: str, path: str, body: dict, timeout: float = 60) -> bytes:
+    request = urllib.request.Request(
+        url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.read()
+
+
+def profile_setting(url: str, context: int, batch: int, vocab: int, seed: int, trace_dir: str, steps: int = 8) -> dict:
+    """A breakdown of decode steps while all `batch` requests decode, from SGLang's own profiler
+    (`/start_profile`, CPU activity, no stacks): per step, the ms of each of the backend's
+    labelled parts and of the rest (the model's other layers and SGLang's scheduling). Times are
+    under the profiler, which slows every op a little: read them as shares."""
+    new_tokens = steps + 16
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab) for _ in range(context - new_tokens)] for _ in range(batch)]
+    streams = [Stream() for _ in prompts]
+    threads = [threading.Thread(target=stream_request, args=(url, p, new_tokens, s)) for p, s in zip(prompts, streams)]
+    for t in threads:
+        t.start()
+    os.makedirs(trace_dir, exist_ok=True)
+    before = set(os.listdir(trace_dir))
+    while not all(len(s.times) >= 2 or s.error for s in streams):  # every request is decoding
+        time.sleep(0.02)
+    post(
+        url, "/start_profile", {"output_dir": trace_dir, "num_steps": steps, "activities": ["CPU"], "with_stack": False}
+    )
+    for t in threads:
+        t.join()
+    errors = [s.error for s in streams if s.error]
+    if errors:
+        raise RuntimeError(f"profile {context} x {batch}: a request failed: {errors[0]}")
+    deadline = time.time() + 120
+    while not (new := set(os.listdir(trace_dir)) - before) and time.time() < deadline:
+        time.sleep(0.5)
+    if not new:
+        raise RuntimeError(f"profile {context} x {batch}: the server wrote no trace to {trace_dir}")
+    path = os.path.join(trace_dir, sorted(new)[0])
+    time.sleep(1)  # the file is written in one go; let it finish
+    with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    return step_breakdown(events, batch)
+
+
+def step_breakdown(events: list[dict], batch: int) -> dict:
+    """ms per decode step of a batch of `batch`: the whole step (SGLang's `step[DECODE bs=N]`
+    range), each labelled part, and the rest."""
+    step_name = f"step[DECODE bs={batch}]"
+    spans = [(e["ts"], e["ts"] + e["dur"]) for e in events if e["name"] == step_name]
+    if not spans:
+        raise RuntimeError(f"the trace holds no {step_name} range")
+
+    def ms_in_steps(name: str) -> float:
+        total = sum(e["dur"] for e in events if e["name"] == name and any(a <= e["ts"] < b for a, b in spans))
+        return total / 1000 / len(spans)
+
+    step = sum(b - a for a, b in spans) / 1000 / len(spans)
+    parts = {part: ms_in_steps(label) for part, label in PROFILE_LABELS.items()}
+    parts["attention"] -= parts["gather"]  # reported apart
+    parts["rest"] = step - sum(parts.values())
+    return {"steps": len(spans), "step_ms": round(step, 2), **{k: round(v, 2) for k, v in parts.items()}}
+
+
 def max_batch(pool_tokens: int, context: int) -> int:
     """The largest batch of `context`-token sequences the KV pool holds, with 5% of the pool left
     for what SGLang's admission keeps in reserve (a batch that fills the pool exactly is not
@@ -303,6 +398,21 @@ def main(argv=None):
         action="store_true",
         help="serve on the CPU (fp32, --max-total-tokens 32768); default model: SmolLM2-135M's shape",
     )
+    p.add_argument("--compare", default="snapkv", help="the policy each row is also compared with (vs column)")
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="CONTEXTxBATCH",
+        help="after the settings, profile a few decode steps of this load on every server (SGLang's /start_profile) "
+        "and report where a step's time goes",
+    )
+    p.add_argument("--max-total-tokens", type=int, default=None, help="KV pool tokens (CPU default 32768)")
+    p.add_argument(
+        "--max-position",
+        type=int,
+        default=None,
+        help="with --cpu: SmolLM2's shape with this context length (max_position_embeddings; weights are random)",
+    )
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/serve_bench[_smoke].json)")
     args = p.parse_args(argv)
 
@@ -314,18 +424,22 @@ def main(argv=None):
 
         model, device_args = str(tiny_model_path()), list(CPU_ARGS)
         settings, new_tokens, budget = [Setting(512, 2), Setting(1024, None)], 16, 128
+        args.profile = args.profile or "512x2"
         device_args[device_args.index("--max-total-tokens") + 1] = "4096"
     elif args.cpu:
         policies = [p for p in policies if ":" not in p]  # no FlashInfer on the CPU
         from dynsplit_sglang.default_model import smollm2_path
 
         model, device_args = args.model_path or str(smollm2_path()), list(CPU_ARGS)
-        device_args[device_args.index("--max-total-tokens") + 1] = "32768"
+        if args.max_position:
+            model = str(longer_context(Path(model), args.max_position))
+        device_args[device_args.index("--max-total-tokens") + 1] = str(args.max_total_tokens or 32768)
         settings, new_tokens, budget = parse_settings(args.settings), args.new_tokens, args.kv_budget
     else:
         model = args.model_path or str(llama_8b_shape_path())
         device_args = []
         settings, new_tokens, budget = parse_settings(args.settings), args.new_tokens, args.kv_budget
+    profile = parse_settings(args.profile)[0] if args.profile else None
     for s in settings:
         if s.context <= new_tokens:
             raise SystemExit(f"--settings: context {s.context} must exceed --new-tokens {new_tokens}")
@@ -338,7 +452,7 @@ def main(argv=None):
     os.makedirs(log_dir, exist_ok=True)
     on_gpu = not (args.smoke or args.cpu)
 
-    rows, batches = [], {}
+    rows, batches, profiles = [], {}, []
     for policy in policies:
         log = os.path.join(log_dir, f"{policy.replace(':', '_')}.log")
         print(f"[{policy}] starting the server (log: {log})", flush=True)
@@ -372,6 +486,12 @@ def main(argv=None):
                     f"peak {row['peak_memory_gib']} GiB",
                     flush=True,
                 )
+            if profile is not None:
+                print(f"[{policy}] profiling decode steps of {profile.context} x {profile.batch} ...", flush=True)
+                trace_dir = os.path.join(log_dir, f"trace_{policy.replace(':', '_')}")
+                breakdown = profile_setting(url, profile.context, profile.batch, vocab, 99, trace_dir)
+                profiles.append({"policy": policy, "context": profile.context, "batch": profile.batch, **breakdown})
+                print(f"[{policy}]   {breakdown}", flush=True)
 
     result = {
         **info,
@@ -382,29 +502,88 @@ def main(argv=None):
         "memory_source": "nvidia-smi memory.used" if on_gpu else "server process group RSS",
         "args": {k: v for k, v in vars(args).items()},
         "rows": rows,
+        "profile": profiles,
     }
     save_result(out, result, markdown(result))
+    plot(result, out.removesuffix(".json") + ".png")
     return result
 
 
 def markdown(result: dict) -> str:
-    """The README table: one row per policy and setting, dynsplit's speed-up over full beside it."""
-    full = {(r["context"], r["batch"]): r for r in result["rows"] if r["policy"] == "full"}
+    """The README tables: one row per policy and setting with its speed-up over full and over the
+    compared policy; then the profile breakdown, if one was taken."""
+    compare = result["args"].get("compare") or "snapkv"
+    by = {(r["policy"], r["context"], r["batch"]): r for r in result["rows"]}
     lines = [
-        "| policy | context | batch | decode tok/s | step ms | vs full | KV pool GB | peak GiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| policy | context | batch | decode tok/s | step ms | vs full | vs {compare} | KV pool GB | peak GiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in result["rows"]:
-        ref = full.get((r["context"], r["batch"]))
-        speedup = (
-            "" if not ref or r["policy"] == "full" else ratio_text(r["decode_tokens_per_s"], ref["decode_tokens_per_s"])
-        )
+        rate = r["decode_tokens_per_s"]
+        ref = by.get(("full", r["context"], r["batch"]), {}).get("decode_tokens_per_s")
+        other = by.get((compare, r["context"], r["batch"]), {}).get("decode_tokens_per_s")
         name = r["policy"] + ("" if r["budget"] is None else f" ({r['budget']})")
         lines.append(
-            f"| {name} | {r['context']} | {r['batch']} | {r['decode_tokens_per_s']} | {r['decode_step_ms']} | "
-            f"{speedup} | {r['kv_pool_gb']} | {r['peak_memory_gib']} |"
+            f"| {name} | {r['context']} | {r['batch']} | {rate} | {r['decode_step_ms']} | "
+            f"{'' if r['policy'] == 'full' else ratio_text(rate, ref)} | "
+            f"{'' if r['policy'] in ('full', compare) else ratio_text(rate, other)} | {r['kv_pool_gb']} | "
+            f"{r['peak_memory_gib']} |"
         )
+    profiles = result.get("profile") or []
+    if profiles:
+        parts = ["selection", "gather", "attention", "dd_rows", "step_setup", "step_commit", "rest"]
+        p0 = profiles[0]
+        lines += [
+            "",
+            f"Where a decode step's time goes, {p0['context']} x {p0['batch']} (ms per step under SGLang's profiler; "
+            "share of the step):",
+            "",
+            "| policy | step ms | " + " | ".join(parts) + " |",
+            "| --- | ---: | " + " | ".join("---:" for _ in parts) + " |",
+        ]
+        for p in profiles:
+            cells = [f"{p[k]:.1f} ({100 * p[k] / p['step_ms']:.0f}%)" for k in parts]
+            lines.append(f"| {p['policy']} | {p['step_ms']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\n{result['device']}, {result['date']}, commit {result['commit']}"
+
+
+def plot(result: dict, path: str) -> None:
+    """Decode throughput against context length, a line per policy, a panel per batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in result["rows"]})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.4), squeeze=False)
+    policies = list(dict.fromkeys(r["policy"] for r in result["rows"]))
+    for ax, batch in zip(axes[0], batches):
+        for i, policy in enumerate(policies):
+            rows = sorted(
+                (
+                    r
+                    for r in result["rows"]
+                    if r["policy"] == policy and r["batch"] == batch and r["decode_tokens_per_s"]
+                ),
+                key=lambda r: r["context"],
+            )
+            if rows:
+                ax.plot(
+                    [r["context"] for r in rows],
+                    [r["decode_tokens_per_s"] for r in rows],
+                    "o-",
+                    color=f"C{i}",
+                    label=policy,
+                )
+        ax.set_title(f"batch {batch}")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("decode tokens/s")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result['device']}, commit {result['commit']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

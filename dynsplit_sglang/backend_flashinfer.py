@@ -131,15 +131,14 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
         self._save_kv(layer, fb, k, v, save_kv_cache)
         n = len(self._reqs)
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        sparse = self._sparse_requests(layer.layer_id)
-        slots, valid = self._step_slots(q3, layer, fb, sparse)
+        sel = self._sparse_requests(layer.layer_id)
+        slots, valid = self._step_slots(q3, layer, sel)
         keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         values = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
-        counts = self._step_counts(layer, sparse)
+        counts = self._step_counts(layer, sel)
         out, lse = self._sparse_attention(q3[:n], keys, values, slots, valid, layer.scaling, counts=counts)
-        self._last_lse = {i: lse[i] for i in sparse}
-        if layer.layer_id in self._score_layers:
-            self._observe_decode(q3, layer, set(sparse))
+        if layer.layer_id in self._score_layers:  # every row's lse is over what it attended
+            self._observe_decode(q3, layer, lse, ())
         self._finish_layer(layer)
         if q3.shape[0] == n:
             return out.view(n, width)
@@ -147,39 +146,34 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
         padded[:n] = out.view(n, width)
         return padded
 
-    def _step_counts(self, layer, sparse: list[int]) -> list[int] | None:
+    def _step_counts(self, layer, sel) -> list[int] | None:
         """Slots each request attends to in this layer, from the host (no device read): all of
         a dense request's, the policy's count for a sparse one; None if the policy cannot say."""
-        counts = [r.seq_len for r in self._reqs]
-        if sparse:
-            picked = self.policy.selection_counts(layer.layer_id, sparse)
+        counts = list(self._step.lengths)
+        if sel is not None:
+            picked = self.policy.selection_counts(layer.layer_id, sel.indices)
             if picked is None:
                 return None
-            for i, c in zip(sparse, picked):
+            for i, c in zip(sel.indices, picked):
                 counts[i] = c
         return counts
 
-    def _step_slots(self, q3, layer, fb, sparse: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step_slots(self, q3, layer, sel) -> tuple[torch.Tensor, torch.Tensor]:
         """slots, valid [B, KvH, W] for every request of the step: the selection of the sparse
-        ones, all slots of the others (each row's valid entries first)."""
-        chosen = set(sparse)
-        dense = [i for i in range(len(self._reqs)) if i not in chosen]
-        picked, picked_valid = self._select_slots(q3, layer, sparse) if sparse else (None, None)
-        width = max([self._reqs[i].seq_len for i in dense] + [picked.shape[2] if sparse else 0])
+        ones (`sel`), all slots of the others (each row's valid entries first)."""
+        step = self._step
+        picked, picked_valid = self._select_slots(q3, layer, sel) if sel is not None else (None, None)
+        dense = range(len(self._reqs)) if sel is None else sel.dense_indices
+        width = max([step.lengths[i] for i in dense] + [picked.shape[2] if sel is not None else 0])
         shape = (len(self._reqs), self.shape.num_kv_heads, width)
         slots = torch.zeros(shape, dtype=torch.int64, device=q3.device)
         valid = torch.zeros(shape, dtype=torch.bool, device=q3.device)
-        if dense:  # all slots of each: its req_to_token row, cut at its length (one gather for all)
-            rows = [self._reqs[i].row for i in dense]
-            lengths = torch.tensor([self._reqs[i].seq_len for i in dense], device=q3.device)
-            table = self.req_to_token_pool.req_to_token
-            idx = torch.tensor(dense, device=q3.device)
-            inside = torch.arange(width, device=q3.device) < lengths[:, None]  # [D, width]
-            gathered = table[torch.tensor(rows, device=table.device), :width].to(q3.device, torch.int64)
-            slots[idx] = torch.where(inside, gathered, 0)[:, None, :]
+        if dense:  # all slots of each: its row of the step's slots, cut at its length
+            idx = torch.arange(len(self._reqs), device=q3.device) if sel is None else sel.dense
+            inside = torch.arange(width, device=q3.device) < step.seq_lens[idx][:, None]  # [D, width]
+            slots[idx] = torch.where(inside, step.slots[idx, :width], 0)[:, None, :]
             valid[idx] = inside[:, None, :]
-        if sparse:
-            idx = torch.tensor(sparse, device=q3.device)
-            slots[idx, :, : picked.shape[2]] = picked
-            valid[idx, :, : picked.shape[2]] = picked_valid
+        if sel is not None:
+            slots[sel.index, :, : picked.shape[2]] = picked
+            valid[sel.index, :, : picked.shape[2]] = picked_valid
         return slots, valid

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph.breakable_cuda_graph import eager_on_graph
+from torch.profiler import record_function
 
 from dynsplit_sglang.config import KVConfig
 from dynsplit_sglang.gpu_path import sparse_attention_op
@@ -61,13 +62,16 @@ class SparseTorchAttnBackend(PolicyHost, TorchNativeAttnBackend):
         if self._graph_capture:  # the dummy batch of a capture: only the output buffer counts
             return q.new_zeros(q.shape[0], H * D)
         q3 = q.reshape(-1, H, D)
-        sparse = self._sparse_requests(layer.layer_id)
-        if not sparse:
+        sel = self._sparse_requests(layer.layer_id)
+        if sel is None:
             o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
         else:
-            o = self._forward_decode_mixed(q3, k, v, layer, forward_batch, save_kv_cache, sparse)
+            o, sparse_lse = self._forward_decode_mixed(q3, k, v, layer, forward_batch, save_kv_cache, sel)
         if layer.layer_id in self._score_layers:
-            self._observe_decode(q3, layer, set(sparse))
+            lse = torch.zeros(q3.shape[0], H, device=q3.device)  # the sparse requests'; the others' come next
+            if sel is not None:
+                lse[sel.index] = sparse_lse
+            self._observe_decode(q3, layer, lse, range(len(self._reqs)) if sel is None else sel.dense_indices)
         self._finish_layer(layer)
         o[len(self._reqs) :] = 0
         return o
@@ -79,15 +83,15 @@ class SparseTorchAttnBackend(PolicyHost, TorchNativeAttnBackend):
     def get_cuda_graph_seq_len_fill_value(self):
         return 1  # a padded row attends to one slot (SGLang's padding slot), as FlashInfer's does
 
-    def _forward_decode_mixed(self, q3, k, v, layer, fb, save_kv_cache, sparse: list[int]):
+    def _forward_decode_mixed(self, q3, k, v, layer, fb, save_kv_cache, sel):
+        """The requests `sel` attend to what their policy selects, the others densely. returns the
+        output [rows of q3, H * D] and the sparse requests' lse [S, H]."""
         self._save_kv(layer, fb, k, v, save_kv_cache)
         o3 = torch.empty_like(q3)
         keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         values = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
-        sparse_rows = set(sparse)
-        dense = [i for i in range(len(self._reqs)) if i not in sparse_rows]
-        if dense:
-            idx = torch.tensor(dense, device=q3.device)
+        if sel.dense_indices:
+            idx = sel.dense
             o_dense = torch.empty_like(q3[idx])
             self._run_sdpa_forward_decode(
                 q3[idx],
@@ -102,14 +106,10 @@ class SparseTorchAttnBackend(PolicyHost, TorchNativeAttnBackend):
                 enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num,
             )
             o3[idx] = o_dense
-        order = sorted(sparse)
-        idx = torch.tensor(order, device=q3.device)
-        slots, valid = self._select_slots(q3, layer, order)
-        # FlashInfer plans with the counts; known on the host they spare it a device read
-        counts = (
-            self.policy.selection_counts(layer.layer_id, order) if self._sparse_attention_name == "flashinfer" else None
-        )
-        out, lse = self._sparse_attention(q3[idx], keys, values, slots, valid, layer.scaling, counts=counts)
-        o3[idx] = out
-        self._last_lse = {i: lse[k] for k, i in enumerate(order)}
-        return o3.view(q3.shape[0], -1)
+        slots, valid = self._select_slots(q3, layer, sel)
+        # Known on the host, the counts spare the op a device read (and plan FlashInfer's decode).
+        counts = self.policy.selection_counts(layer.layer_id, sel.indices)
+        with record_function("dynsplit:attention"):
+            out, lse = self._sparse_attention(q3[sel.index], keys, values, slots, valid, layer.scaling, counts=counts)
+        o3[sel.index] = out
+        return o3.view(q3.shape[0], -1), lse

@@ -113,6 +113,14 @@ class BlockTable:
         """First position of the open block after a sequence's closed blocks recs [nb] (in order)."""
         return 0 if recs.numel() == 0 else int(self.rec_end[recs[-1]]) + 1
 
+    @staticmethod
+    def bounds_of(layer: int, bounds: torch.Tensor, records: torch.Tensor) -> torch.Tensor:
+        """One layer's key bounds (`kmin` or `kmax`) of records [...]: [..., KvH, D]. Whole rows
+        by `index_select`, several times faster on the CPU than indexing the 4-D table."""
+        table = bounds[layer]
+        rows = table.view(table.shape[0], -1).index_select(0, records.reshape(-1))
+        return rows.view(*records.shape, *table.shape[1:])
+
     def copy_records(self, recs: torch.Tensor) -> torch.Tensor:
         """New records [k] holding what recs [k] hold (positions and key bounds); no slot owns them."""
         if recs.numel() == 0:

@@ -16,13 +16,15 @@ import torch
 from sglang.srt.arg_groups.overrides import resolved_view
 from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool
+from torch.profiler import record_function
 
 from dynsplit_sglang import eviction, request_options
 from dynsplit_sglang.block_table import ModelShape
 from dynsplit_sglang.config import KVConfig
+from dynsplit_sglang.decode_step import DecodeStep, Selecting
 from dynsplit_sglang.delimiters import TokenTexts
 from dynsplit_sglang.gpu_path import selection_kernel
-from dynsplit_sglang.kernels.dd_select import band_logits, band_logits_and_lse
+from dynsplit_sglang.kernels.dd_select import band_logits, decode_band_logits, row_lse
 from dynsplit_sglang.kernels.dense_attention import extend_attention
 from dynsplit_sglang.patches import prefix_reserve
 from dynsplit_sglang.policies import RequestView
@@ -103,9 +105,8 @@ class PolicyHost:
         self._row_request: dict[int, RowRequest] = {}
         self._lock = threading.Lock()
         self._reqs: list[RequestView] = []
-        self._last_lse: dict[int, torch.Tensor] = {}  # request index -> [H] lse of its sparse step
+        self._step: DecodeStep | None = None  # the decode step's requests, for every layer
         self._graph_capture = False  # a decode CUDA-graph capture (or its warmup) is running
-        self._slot_rows = None
         self._kv_available_at_start = self._allocator.available_size()
         self._hook_allocator(self._allocator)
         self.policy.trace({"event": "init", "kv_available": self._kv_available_at_start, **self.policy.stats()})
@@ -157,7 +158,6 @@ class PolicyHost:
         num_rows: the batch's real requests, its first rows (a CUDA-graph replay pads the batch
         to a captured size, and its view of the batch carries no request ids)."""
         self._graph_capture = False
-        self._slot_rows = None  # (sparse rows, their index, their req_to_token rows) of this step
         mode = forward_batch.forward_mode
         if mode.is_idle():
             self._reqs = []
@@ -203,7 +203,16 @@ class PolicyHost:
         if not is_decode:
             self._release_rows(renewed)
         self._reqs = reqs
-        self.policy.begin_forward(reqs, is_decode)
+        with record_function("dynsplit:begin_step"):
+            self.policy.begin_forward(reqs, is_decode)
+            self._step = None
+            if is_decode:
+                longer = [i for i, r in enumerate(reqs) if r.seq_len > r.budget]
+                self._step = DecodeStep.build(
+                    [r.row_slots for r in reqs],
+                    [self.policy.sparse_in_layer(layer, longer) for layer in range(self.shape.num_layers)],
+                    self.device,
+                )
 
     def _release_rows(self, renewed: set[int]) -> None:
         """Drop the per-request state (prefill-time rankings, layer budgets, options) of the
@@ -256,7 +265,7 @@ class PolicyHost:
     def _finish_layer(self, layer) -> None:
         if layer.layer_id == self.shape.num_layers - 1:
             key_buffers = [self.token_to_kv_pool.get_key_buffer(i) for i in range(self.shape.num_layers)]
-            with self._lock:
+            with self._lock, record_function("dynsplit:end_step"):
                 self.policy.end_forward(self._reqs, key_buffers)
                 self._compact()
 
@@ -364,38 +373,31 @@ class PolicyHost:
                 offset += n
 
     # --- decode -------------------------------------------------------------------------------
-    def _sparse_requests(self, layer_id: int) -> list[int]:
+    def _sparse_requests(self, layer_id: int) -> Selecting | None:
         """Requests of this decode step that select in this layer: those longer than their budget,
-        outside their policy's dense layers (the others attend densely)."""
-        return self.policy.sparse_in_layer(layer_id, [i for i, r in enumerate(self._reqs) if r.seq_len > r.budget])
+        outside their policy's dense layers (the others attend densely); None if none does."""
+        return self._step.selecting[layer_id]
 
-    def _select_slots(self, q3, layer, order: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """KV slots and valid mask [R, KvH, W] the requests `order` attend to in this layer."""
-        cached = self._slot_rows
-        if cached is None or cached[0] != order:  # the same for every layer of a step: read once
-            idx = torch.tensor(order, device=q3.device)
-            # the requests' own views: a compacted decode-time request's sequence skips its gap
-            rows = torch.nn.utils.rnn.pad_sequence([self._reqs[i].row_slots for i in order], batch_first=True)
-            cached = self._slot_rows = (order, idx, rows.to(q3.device))
-        _, idx, rows = cached
-        return self.policy.select_slots_batch(layer.layer_id, order, q3[idx], rows)
+    def _select_slots(self, q3, layer, sel: Selecting) -> tuple[torch.Tensor, torch.Tensor]:
+        """KV slots and valid mask [S, KvH, W] the requests `sel` attend to in this layer."""
+        with record_function("dynsplit:select"):
+            return self.policy.select_slots_batch(layer.layer_id, sel, q3.index_select(0, sel.index))
 
-    def _observe_decode(self, q3, layer, sparse: set[int]) -> None:
-        keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
-        heads, width = self._score_heads, self._band_width
-        for i, r in enumerate(self._reqs):
-            p = r.seq_len - 1
-            if i in sparse:  # mass relative to what this step attended (the full row was not read)
-                lse = self._last_lse[i]
-                band = band_logits(
-                    q3[i : i + 1], keys[r.row_slots[max(0, p - width + 1) :]], min(p, width - 1), layer.scaling, width
-                )
-            else:
-                band, lse = band_logits_and_lse(q3[i : i + 1], keys[r.row_slots], p, layer.scaling, width)
-                lse = lse[:, 0]
-            if heads is not None:
-                band, lse = band[heads], lse[heads]
-            self.policy.observe(layer.layer_id, i, band, lse.view(-1, 1))
+    def _observe_decode(self, q3, layer, lse: torch.Tensor, missing) -> None:
+        """The DD-Select rows of this step's new tokens in a score layer, for every request at
+        once. lse: [n, H] the row lse of each request's query over what it attended (a sparse
+        one's mass is relative to that: its full row was not read), except for the requests
+        `missing`, which SGLang's dense op attended: theirs is computed here."""
+        with record_function("dynsplit:dd_rows"):
+            step, heads = self._step, self._score_heads
+            keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+            n = len(self._reqs)
+            band = decode_band_logits(q3[:n], keys, step.slots, step.seq_lens, layer.scaling, self._band_width, heads)
+            lse = lse[:n] if heads is None else lse[:n, heads]
+            for i in missing:  # sequences within their budget: short, and rare once a batch is long
+                length = step.lengths[i]
+                lse[i] = row_lse(q3[i : i + 1], keys[step.slots[i, :length]], length - 1, layer.scaling, heads)[:, 0]
+            self.policy.observe_step(layer.layer_id, band, lse.T)
 
 
 def _query_heads_per_kv_head(hf_config) -> int:

@@ -12,14 +12,24 @@ def score_blocks(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> tor
     kmin:    [nb, KvH, D], kmax: [nb, KvH, D] block key bounds.
     returns: [KvH, nb] fp32; sum over the group of sum_d max(q_d*kmin_d, q_d*kmax_d).
     """
-    num_heads, dim = q.shape
-    num_kv_heads = kmin.shape[1]
-    qg = q.float().view(num_kv_heads, num_heads // num_kv_heads, dim)  # [KvH, G, D]
-    # max(q_d*kmin_d, q_d*kmax_d) takes kmax where q_d > 0 and kmin where q_d < 0: two matmuls.
-    upper = torch.bmm(qg.clamp_min(0), kmax.float().permute(1, 2, 0)) + torch.bmm(
-        qg.clamp_max(0), kmin.float().permute(1, 2, 0)
-    )  # [KvH, G, nb]
-    return upper.sum(dim=1)
+    return score_blocks_batched(q[None], kmin[None], kmax[None])[0]
+
+
+def score_blocks_batched(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """`score_blocks` for R requests: q [R, H, D], kmin and kmax [R, NB, KvH, D] (each request's
+    blocks, any padding); returns [R, KvH, NB] fp32.
+
+    max(q_d*kmin_d, q_d*kmax_d) takes kmax where q_d > 0 and kmin where q_d < 0, so the group's
+    sum is (sum_g q+) . kmax + (sum_g q-) . kmin: two products per block and KV head. Each score
+    is a sum over D alone, whatever the batch, so a request scores the same bits in any batch.
+    """
+    batch, num_heads, dim = q.shape
+    num_kv_heads = kmin.shape[2]
+    qg = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, dim)
+    positive = qg.clamp_min(0).sum(dim=2)[:, None]  # [R, 1, KvH, D]
+    negative = qg.clamp_max(0).sum(dim=2)[:, None]
+    upper = (kmax.float() * positive).sum(dim=3) + (kmin.float() * negative).sum(dim=3)  # [R, NB, KvH]
+    return upper.transpose(1, 2)
 
 
 def select_positions(
@@ -133,4 +143,90 @@ def select_positions_batched(
     rank = torch.where(keep & (rank < width), rank, width)
     positions = torch.zeros(batch, num_kv_heads, width + 1, dtype=torch.int64, device=device)
     positions.scatter_(2, rank, pos.expand(batch, num_kv_heads, -1))
+    return positions[:, :, :width], counts
+
+
+def most_blocks_taken(cost: torch.Tensor, room: torch.Tensor) -> int:
+    """The most blocks any row of a selection can take: cost [B, NB] int64 (0: gives nothing),
+    room [B] int64. A block is taken while the blocks before it in score order cost less than
+    the room, so at worst the cheapest blocks come first."""
+    cheapest = torch.where(cost > 0, cost, torch.iinfo(cost.dtype).max // (cost.shape[1] + 1)).sort(dim=1).values
+    before = torch.cumsum(cheapest, dim=1) - cheapest
+    return int((before < room[:, None]).sum(dim=1).max()) if cost.numel() else 0
+
+
+def score_order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys [B, KvH, NB] whose descending order is the scores' stable descending order
+    (ties by block index): the fp32 bits made order-preserving, the block index below them.
+    Unique keys let `topk` take the best blocks, where a stable sort of every block would cost
+    several times more."""
+    num_blocks = scores.shape[2]
+    bits = (scores.float() + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 ties with 0.0
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    shift = max(1, num_blocks).bit_length()
+    return (ordered << shift) + ((1 << shift) - 1 - torch.arange(num_blocks, device=scores.device))
+
+
+def select_block_runs(
+    scores: torch.Tensor,
+    first: torch.Tensor,
+    cost: torch.Tensor,
+    head: torch.Tensor,
+    head_valid: torch.Tensor,
+    tail: torch.Tensor,
+    tail_valid: torch.Tensor,
+    room: torch.Tensor,
+    run_len: int,
+    most_taken: int,
+    width: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`select_positions_batched` by block runs: the same rule and the same positions, built from
+    the chosen blocks only (each block record addresses a run of at most `run_len` positions), so
+    the work grows with the budget, not with the sequence.
+
+    scores:   [B, KvH, NB] fp32 block scores (any value where cost is 0).
+    first:    [B, NB] int64 first position a block gives (its start, past the always-kept head).
+    cost:     [B, NB] int64 positions it gives before the always-kept tail (0: none, or padding).
+    head, head_valid: [B, Hd] the always-kept first positions; tail, tail_valid: [B, Tl] the
+              always-kept last ones (the open block and the recent window).
+    room:     [B] int64 budget left for blocks once head and tail are kept.
+    run_len:  >= every cost; most_taken: >= the blocks any row takes (`most_blocks_taken`).
+    returns:  positions [B, KvH, W] int64 (ascending, 0 after the kept ones) and counts [B, KvH];
+              W = width, or the largest count if None.
+    """
+    batch, num_kv_heads, num_blocks = scores.shape
+    device = scores.device
+    # The best `most_taken` blocks in score order (ties: position order); a block that gives
+    # nothing sorts last and takes nothing, as padding does.
+    keys = score_order_keys(scores.masked_fill(cost[:, None, :] == 0, float("-inf")))
+    order = keys.topk(min(most_taken, num_blocks), dim=2).indices  # [B, KvH, k]
+    sorted_cost = cost[:, None, :].expand(-1, num_kv_heads, -1).gather(2, order)
+    before = torch.cumsum(sorted_cost, dim=2)
+    sorted_taken = (room[:, None, None] - before + sorted_cost).clamp(min=0).minimum(sorted_cost)
+    # The blocks that give anything are a prefix of the score order: the first `chosen` of it.
+    chosen = int((sorted_taken > 0).sum(dim=2).max()) if sorted_taken.numel() else 0
+    blocks, back = order[:, :, :chosen].sort(dim=2)  # in position order
+    taken = sorted_taken[:, :, :chosen].gather(2, back)  # [B, KvH, k]
+    steps = torch.arange(run_len, device=device)
+    starts = first.gather(1, blocks.reshape(batch, -1)).view(batch, num_kv_heads, chosen)
+    runs = (starts[..., None] + steps).flatten(2)  # [B, KvH, k * run_len]
+    runs_valid = (steps < taken[..., None]).flatten(2)
+    # Head, runs and tail are in ascending position order; each valid position moves to its rank.
+    heads, tails = head[:, None, :].expand(-1, num_kv_heads, -1), tail[:, None, :].expand(-1, num_kv_heads, -1)
+    pos = torch.cat([heads, runs, tails], 2)
+    keep = torch.cat(
+        [
+            head_valid[:, None, :].expand(-1, num_kv_heads, -1),
+            runs_valid,
+            tail_valid[:, None, :].expand(-1, num_kv_heads, -1),
+        ],
+        2,
+    )
+    counts = keep.sum(dim=2)
+    if width is None:
+        width = int(counts.max()) if counts.numel() else 0
+    rank = torch.cumsum(keep, dim=2) - 1
+    rank = torch.where(keep & (rank < width), rank, width)
+    positions = torch.zeros(batch, num_kv_heads, width + 1, dtype=torch.int64, device=device)
+    positions.scatter_(2, rank, torch.where(keep, pos, 0))
     return positions[:, :, :width], counts

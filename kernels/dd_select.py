@@ -82,6 +82,32 @@ def band_logits(
     return band if heads is None else band[heads]
 
 
+def decode_band_logits(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    slots: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    width: int,
+    heads: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`band_logits` of one decode step's R requests at once: each one's new query (at position
+    seq_len - 1) against the `width` keys ending at it.
+
+    q:       [R, H, D]; keys: [num_slots, KvH, D] one layer's key buffer.
+    slots:   [R, max_len] int64 KV slots of each request's positions; seq_lens: [R] int64.
+    returns: [h, R, W] fp32, entry b the logit of key seq_len-1-b (-inf before position 0).
+    """
+    batch, num_heads, dim = q.shape
+    num_kv_heads = keys.shape[1]
+    pos = seq_lens[:, None] - 1 - torch.arange(width, device=q.device)  # [R, W]
+    k = keys[slots.gather(1, pos.clamp_min(0))].float()  # [R, W, KvH, D]
+    qg = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, dim)
+    logits = torch.einsum("rkgd,rwkd->rkgw", qg, k).reshape(batch, num_heads, width) * scale
+    band = logits.masked_fill_((pos < 0)[:, None, :], float("-inf")).transpose(0, 1)  # [H, R, W]
+    return band if heads is None else band[heads]
+
+
 def row_lse(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -360,6 +360,7 @@ def test_policy_gpu_selection_is_its_torch_selection(name, device):
     runs the cuda case)."""
     from dynsplit_sglang.block_table import ModelShape
     from dynsplit_sglang.config import KVConfig
+    from dynsplit_sglang.decode_step import Selecting
     from dynsplit_sglang.policies import POLICY_CLASSES, DynSplitOptions, QuestOptions, RequestView
 
     shape = ModelShape(num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8)
@@ -386,11 +387,12 @@ def test_policy_gpu_selection_is_its_torch_selection(name, device):
     for k, r in enumerate(rows):
         req_slots[k, : r.numel()] = r
     order = [2, 0, 1]
+    sel = Selecting.of(tuple(order), req_slots)
     for layer in range(shape.num_layers):
         q = torch.randint(-3, 4, (3, shape.num_heads, shape.head_dim), generator=g).float().to(device)
-        want, want_valid = policy.select_slots_batch(layer, order, q, req_slots[order])
+        want, want_valid = policy.select_slots_batch(layer, sel, q)
         policy.use_gpu_selection(True)
-        got, got_valid = policy.select_slots_batch(layer, order, q, req_slots[order])
+        got, got_valid = policy.select_slots_batch(layer, sel, q)
         policy.use_gpu_selection(False)
         assert got_valid.sum(-1).tolist() == [[min(budgets[i], lens[i] + 1)] * shape.num_kv_heads for i in order]
         assert policy.selection_counts(layer, order) == [min(budgets[i], lens[i] + 1) for i in order]

@@ -86,3 +86,21 @@ def test_band_logits_pick_the_keys_right_before_each_query(n, q_start, width):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     heads = torch.tensor([1, 4])
     assert torch.equal(band_logits(q, k, q_start, 0.3, width, heads), got[heads])
+
+
+def test_decode_band_logits_are_each_request_s_band():
+    """A decode step's band for all requests at once equals `band_logits` request by request
+    (positions near 0 included: their missing keys are -inf)."""
+    from dynsplit_sglang.kernels.dd_select import decode_band_logits
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(400, 2, 8, generator=g)
+    lens = [3, 50, 120]
+    rows = [torch.randperm(400, generator=g)[:n] for n in lens]
+    slots = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    q = torch.randn(3, 6, 8, generator=g)
+    heads = torch.tensor([0, 4, 5])
+    got = decode_band_logits(q, keys, slots, torch.tensor(lens), 0.3, 24, heads)
+    for k, (row, n) in enumerate(zip(rows, lens)):
+        want = band_logits(q[k : k + 1], keys[row], n - 1, 0.3, 24, heads)  # [h, 1, W]
+        torch.testing.assert_close(got[:, k], want[:, 0])

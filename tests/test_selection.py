@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from dynsplit_sglang.kernels.block_select import score_blocks, select_positions, select_positions_batched
@@ -103,3 +104,53 @@ def test_batched_selection_is_the_per_request_selection():
         want, valid = select_positions(scores[b, :, : starts.numel()], starts, ends, seq_len, 4, tails[b], budget)
         assert counts[b].tolist() == valid.sum(1).tolist() == [min(budget, seq_len)] * 2
         assert torch.equal(positions[b, :, : want.shape[1]], want)
+
+
+@pytest.mark.parametrize("name", ["dynsplit", "fixed", "quest"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_block_runs_are_the_reference_rule_on_random_batches(name, seed):
+    """The backend's selection (`select_batch`: blocks scored together, the chosen ones gathered
+    as runs of positions) equals the reference rule (`select`: `select_positions`, one request at
+    a time) in every layer, for a decode batch of requests with different lengths, budgets (one
+    above its length, one with no closed block) and small integer keys and queries, so that
+    scores tie often."""
+    from dynsplit_sglang.block_table import ModelShape
+    from dynsplit_sglang.config import KVConfig
+    from dynsplit_sglang.policies import POLICY_CLASSES, DynSplitOptions, QuestOptions, RequestView
+
+    shape = ModelShape(num_layers=3, num_heads=6, num_kv_heads=2, head_dim=8)
+    options = {
+        "dynsplit": DynSplitOptions(candidates="all"),
+        "fixed": DynSplitOptions(split="fixed_interval", candidates="all"),
+        "quest": QuestOptions(),
+    }[name]
+    g = torch.Generator().manual_seed(seed)
+    lens = [int(x) for x in torch.randint(30, 300, (5,), generator=g)] + [20]
+    budgets = [int(x) for x in torch.randint(48, 200, (6,), generator=g)]
+    budgets[1] = lens[1] + 5  # fits: every position
+    kv = KVConfig(policy=options.policy, budget=64, options=options)
+    kv.validate()
+    slots = sum(lens) + len(lens)
+    policy = POLICY_CLASSES[options.policy](kv, shape, slots, torch.float32, "cpu")
+    keys = torch.randint(-2, 3, (slots, shape.num_kv_heads, shape.head_dim), generator=g).float()
+    starts = [sum(lens[:k]) + k for k in range(len(lens))]
+    rows = [torch.arange(s, s + n + 1) for s, n in zip(starts, lens)]  # prompt + one decode slot
+    reqs = [
+        RequestView(r[:n], 0, torch.zeros(n, dtype=torch.int64), f"r{k}", k, b)
+        for k, (r, n, b) in enumerate(zip(rows, lens, budgets))
+    ]
+    policy.begin_forward(reqs, False)
+    policy.end_forward(reqs, [keys] * shape.num_layers)
+    one = torch.zeros(1, dtype=torch.int64)
+    reqs = [RequestView(r, n, one, f"r{k}", k, b) for k, (r, n, b) in enumerate(zip(rows, lens, budgets))]
+    policy.begin_forward(reqs, True)
+    some = [k for k in torch.randperm(len(reqs), generator=g).tolist() if k != 1 or seed == 0]
+    for layer, order in enumerate([some, list(range(len(reqs))), some]):  # some, then all in order
+        q = torch.randint(-2, 3, (len(order), shape.num_heads, shape.head_dim), generator=g).float()
+        positions, valid = policy.select_batch(layer, order, q)
+        for k, i in enumerate(order):
+            want, want_valid = policy.select(layer, i, q[k])
+            width = want.shape[1]
+            assert valid[k].sum(-1).tolist() == want_valid.sum(-1).tolist() == [min(budgets[i], lens[i] + 1)] * 2
+            assert torch.equal(positions[k, :, :width][want_valid], want[want_valid])
+            assert not valid[k, :, width:].any()

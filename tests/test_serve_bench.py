@@ -29,6 +29,27 @@ def test_decode_window_counts_only_while_all_requests_decode():
     assert decode_window([Stream(times=[0.0, 1.0], tokens=[1, 2]), Stream(times=[2.0, 3.0], tokens=[1, 2])]) == (0.0, 0)
 
 
+def test_step_breakdown_splits_each_decode_step():
+    """Labelled parts count inside the decode steps of the batch asked for; gather is taken out of
+    attention; the rest is what no label covers."""
+    ev = [
+        {"name": "step[DECODE bs=2]", "ts": 0, "dur": 10_000},
+        {"name": "step[DECODE bs=2]", "ts": 20_000, "dur": 14_000},
+        {"name": "step[DECODE bs=1]", "ts": 40_000, "dur": 5_000},  # another batch size: not counted
+        {"name": "dynsplit:select", "ts": 1_000, "dur": 2_000},
+        {"name": "dynsplit:attention", "ts": 4_000, "dur": 4_000},
+        {"name": "dynsplit:gather", "ts": 4_000, "dur": 1_000},
+        {"name": "dynsplit:select", "ts": 21_000, "dur": 2_000},
+        {"name": "dynsplit:select", "ts": 41_000, "dur": 3_000},
+    ]
+    got = serve_bench.step_breakdown(ev, 2)
+    assert got["steps"] == 2 and got["step_ms"] == 12.0
+    assert got["selection"] == 2.0 and got["gather"] == 0.5 and got["attention"] == 1.5
+    assert got["rest"] == 12.0 - 2.0 - 0.5 - 1.5
+    with pytest.raises(RuntimeError, match="no step"):
+        serve_bench.step_breakdown(ev, 4)
+
+
 def test_max_batch_leaves_room_for_the_admission_reserve():
     assert max_batch(430_000, 131_072) == 3
     assert max_batch(4096, 1024) == 3  # 4 would fill the pool exactly and not be admitted at once
@@ -53,6 +74,13 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
     assert rows[("dynsplit", 512)]["budget"] == 128 and rows[("full", 512)]["budget"] is None
     table = capsys.readouterr().out
     assert "| dynsplit (128) | 512 | 2 |" in table and "| full | 1024 | 3 |" in table
+    # the profile pass: SGLang's profiler traced decode steps of both servers
+    profiles = {p["policy"]: p for p in saved["profile"]}
+    assert set(profiles) == {"full", "dynsplit"}
+    assert profiles["dynsplit"]["selection"] > 0 and profiles["dynsplit"]["attention"] > 0
+    assert profiles["full"]["selection"] == 0 and profiles["full"]["rest"] == profiles["full"]["step_ms"]
+    assert "Where a decode step's time goes" in table
+    assert (tmp_path / "serve.png").stat().st_size > 0
 
 
 def test_server_flags_per_kv_entry():

@@ -20,6 +20,7 @@ import torch
 
 from dynsplit_sglang.block_table import ModelShape
 from dynsplit_sglang.config import KVConfig, PolicyOptions
+from dynsplit_sglang.decode_step import Selecting
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,14 @@ class KVPolicy(abc.ABC):
         lse:         [h, n] fp32 log-sum-exp of each query's logits over the keys it attended.
         """
 
+    def observe_step(self, layer_id: int, band_logits: torch.Tensor, lse: torch.Tensor) -> None:
+        """`observe` for every request of a decode step at once (one new query each).
+
+        band_logits: [h, R, W]; lse: [h, R]. By default, `observe` request by request.
+        """
+        for i in range(band_logits.shape[1]):
+            self.observe(layer_id, i, band_logits[:, i : i + 1], lse[:, i : i + 1])
+
     def observe_queries(self, layer_id: int, req_index: int, q: torch.Tensor, scale: float) -> None:
         """Queries [m, H, D] of the last m <= needs.query_window positions computed in this prefill
         forward for one request, in one of `query_layers` (after RoPE, as attention sees them);
@@ -203,15 +212,12 @@ class KVPolicy(abc.ABC):
         picks = [self.select(layer_id, i, q[k]) for k, i in enumerate(req_indices)]
         return stack_selections(len(picks), [(slice(k, k + 1), p[None], v[None]) for k, (p, v) in enumerate(picks)])
 
-    def select_slots_batch(
-        self, layer_id: int, req_indices: list[int], q: torch.Tensor, req_slots: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`select_batch` as KV slots: req_slots [R, max_len] int64 holds the req_to_token row of
-        each request (row k for req_indices[k]). returns slots [R, KvH, W] int64 and valid
-        [R, KvH, W] bool. The default maps `select_batch`'s positions; a policy with a GPU kernel
-        that writes slots directly overrides it."""
-        positions, valid = self.select_batch(layer_id, req_indices, q)
-        slots = req_slots.gather(1, positions.reshape(len(req_indices), -1)).view_as(positions)
+    def select_slots_batch(self, layer_id: int, sel: Selecting, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`select_batch` as KV slots, for the requests `sel` of a decode step (q [S, H, D] their
+        queries). returns slots [S, KvH, W] int64 and valid [S, KvH, W] bool, each row's valid
+        entries first. The default maps `select_batch`'s positions through `sel.slots`."""
+        positions, valid = self.select_batch(layer_id, list(sel.indices), q)
+        slots = sel.slots.gather(1, positions.reshape(len(sel), -1)).view_as(positions)
         return slots, valid
 
     def selection_counts(self, layer_id: int, req_indices: list[int]) -> list[int] | None:

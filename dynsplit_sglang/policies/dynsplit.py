@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -12,7 +13,13 @@ import torch
 from dynsplit_sglang.block_table import BlockTable, ModelShape
 from dynsplit_sglang.config import KVConfig, KVConfigError, PolicyOptions, check_choice, check_int, check_number, option
 from dynsplit_sglang.delimiters import candidate_token_mask
-from dynsplit_sglang.kernels.block_select import score_blocks, select_positions, select_positions_batched
+from dynsplit_sglang.kernels.block_select import (
+    most_blocks_taken,
+    score_blocks,
+    score_blocks_batched,
+    select_block_runs,
+    select_positions,
+)
 from dynsplit_sglang.kernels.dd_select import band_rows_from_logits, candidate_scores
 from dynsplit_sglang.kernels.window_scores import window_scores
 from dynsplit_sglang.layer_budgets import dynamickv
@@ -260,6 +267,53 @@ def closed_up(positions: torch.Tensor, prefix: int, kept: torch.Tensor) -> torch
     return torch.where(positions < prefix, positions, prefix + torch.searchsorted(kept, positions))
 
 
+@dataclass(frozen=True)
+class BlockStep:
+    """What every layer's selection reads of a decode step's R requests, built once per step.
+
+    records:     [R, NB] int64 record ids of each request's closed blocks in position order, -1 after.
+    first, cost: [R, NB] int64 first position a block gives and how many it gives (none of the
+                 always-kept head and tail; 0 for padding).
+    head, head_valid: [R, sink] int64 / bool the always-kept first positions.
+    tail, tail_valid: [R, Tl] int64 / bool the always-kept last ones (open block, recent window).
+    room:        [L, R] int64 budget left for blocks in each layer.
+    run_len:     the most positions any block gives; most_taken: the most blocks any row can take.
+    budgets:     per layer, each request's budget there (host); lengths: seq lengths (host).
+    seq_lens, tail_from: [R] int64.
+    """
+
+    records: torch.Tensor
+    first: torch.Tensor
+    cost: torch.Tensor
+    head: torch.Tensor
+    head_valid: torch.Tensor
+    tail: torch.Tensor
+    tail_valid: torch.Tensor
+    room: torch.Tensor
+    run_len: int
+    most_taken: int
+    budgets: list[list[int]]
+    lengths: list[int]
+    seq_lens: torch.Tensor
+    tail_from: torch.Tensor
+
+    def rows(self, index: torch.Tensor) -> BlockStep:
+        """The step of the requests `index` [S] only (the bounds stay the step's)."""
+        kept = index.tolist()
+        return BlockStep(
+            **{
+                f.name: getattr(self, f.name).index_select(0, index)
+                for f in dataclasses.fields(self)
+                if f.name not in ("room", "run_len", "most_taken", "budgets", "lengths")
+            },
+            room=self.room.index_select(1, index),
+            run_len=self.run_len,
+            most_taken=self.most_taken,
+            budgets=[[b[i] for i in kept] for b in self.budgets],
+            lengths=[self.lengths[i] for i in kept],
+        )
+
+
 class DynSplitPolicy(KVPolicy):
     """Decode-time: closed blocks get uniform records (per layer and KV head key min/max), and
     every decode step scores them against its query and attends to the best ones that fill the
@@ -323,49 +377,79 @@ class DynSplitPolicy(KVPolicy):
         self._trace = open(blocks.trace_path, "a", buffering=1) if blocks.trace_path else None
         self._reqs: list[RequestView] = []
         self._is_decode = False
-        self._rows: list[torch.Tensor] = []  # per request: [n, L] sum of DD rows over score layers
+        self._rows: list[torch.Tensor] | torch.Tensor = []  # per request: [n, L] sum of DD rows over score layers
         self._gpu_selection = False  # select_slots_batch on the Triton kernel ($DYNSPLIT_SELECTION)
-        self._decode_blocks: list[tuple] = []  # per request: (record ids, starts, ends, tail start, seq_len)
+        self._step: BlockStep | None = None  # the decode step's blocks
 
     def begin_forward(self, reqs: list[RequestView], is_decode: bool) -> None:
         self._reqs = reqs
         self._is_decode = is_decode
         L = self.blocks.lookahead
-        self._rows = [torch.zeros(r.seq_len - r.new_start, L, device=r.row_slots.device) for r in reqs]
+        if is_decode:  # [R, 1, L]: one new token each, observed for all at once (observe_step)
+            self._rows = torch.zeros(len(reqs), 1, L, device=self.table.band.device)
+        else:
+            self._rows = [torch.zeros(r.seq_len - r.new_start, L, device=r.row_slots.device) for r in reqs]
         if self.queries is not None and is_decode:
             self.queries.end_prompt(r.row for r in reqs)
         elif self.queries is not None:
             self.queries.begin(len(reqs))
         if is_decode:
-            self._decode_blocks = []
-            for r in reqs:
-                recs = self._blocks_of(r, r.row_slots)
-                starts, ends = self.table.rec_start[recs], self.table.rec_end[recs]
-                self._decode_blocks.append((recs, starts, ends, self.table.open_start(recs), r.seq_len))
-            self._step = self._step_tensors(reqs)
+            self._step = self._block_step(reqs)
 
-    def _step_tensors(self, reqs: list[RequestView]) -> dict:
-        """What `select_batch` needs for every request of a decode step, built once per step:
-        records [n, NB] (-1 padded), seq_lens, keep_tail_from [n] int64."""
-        device = self.table.rec_start.device
-        num_blocks = max((b[0].numel() for b in self._decode_blocks), default=0)
-        records = torch.full((len(reqs), num_blocks), -1, dtype=torch.int64, device=device)
-        for k, (recs, *_rest) in enumerate(self._decode_blocks):
-            records[k, : recs.numel()] = recs
-        seq_lens = [b[4] for b in self._decode_blocks]
-        tail_from = [max(0, min(b[3], b[4] - self.blocks.recent_tokens)) for b in self._decode_blocks]
-        return {
-            "records": records,
-            "seq_lens": torch.tensor(seq_lens, device=device),
-            "keep_tail_from": torch.tensor(tail_from, device=device),
-            "max_len": max(seq_lens, default=0),
-        }
+    def _block_step(self, reqs: list[RequestView]) -> BlockStep:
+        """Every request's closed blocks for this decode step, with what each can give."""
+        t, cfg, device = self.table, self.blocks, self.table.rec_start.device
+        # [R, NB] (NB >= 1: one padding column when no request has closed a block)
+        none = torch.empty(0, dtype=torch.int64, device=device)
+        records = torch.nn.utils.rnn.pad_sequence(
+            [self._blocks_of(r, r.row_slots) for r in reqs] + [none.new_full((1,), -1)],
+            batch_first=True,
+            padding_value=-1,
+        )[: len(reqs)]
+        lengths = [r.seq_len for r in reqs]
+        seq_lens = torch.tensor(lengths, device=device)
+        live = records >= 0
+        rec = records.clamp_min(0)
+        count = live.sum(dim=1)
+        last = rec.gather(1, (count - 1).clamp_min(0)[:, None])[:, 0]
+        open_start = torch.where(count > 0, t.rec_end[last] + 1, 0)
+        tail_from = open_start.minimum(seq_lens - cfg.recent_tokens).clamp_min(0)
+        head_n = tail_from.clamp_max(cfg.sink_tokens)
+        first = t.rec_start[rec].maximum(head_n[:, None])
+        cost = ((t.rec_end[rec].minimum(tail_from[:, None] - 1) - first + 1).clamp_min(0)) * live
+        head = torch.arange(cfg.sink_tokens, device=device)[None, :]
+        tail_width = int((seq_lens - tail_from).max()) if reqs else 0
+        tail = tail_from[:, None] + torch.arange(tail_width, device=device)
+        budgets = [[self.layer_budget(r, layer) for r in reqs] for layer in range(self.shape.num_layers)]
+        room = torch.tensor(budgets, device=device) - head_n - (seq_lens - tail_from)
+        return BlockStep(
+            records=records,
+            first=first,
+            cost=cost,
+            head=head.expand(len(reqs), -1),
+            head_valid=head < head_n[:, None],
+            tail=tail,
+            tail_valid=tail < seq_lens[:, None],
+            room=room,
+            run_len=int(cost.max()) if cost.numel() else 0,
+            most_taken=most_blocks_taken(cost, room.amax(dim=0)),
+            budgets=budgets,
+            lengths=lengths,
+            seq_lens=seq_lens,
+            tail_from=tail_from,
+        )
 
     def observe(self, layer_id, req_index, band_logits, lse) -> None:
         rows = band_rows_from_logits(
             band_logits, lse, self.blocks.lookahead, self.blocks.local_window, self.blocks.alpha
         )
         self._rows[req_index] += rows.mean(dim=0)
+
+    def observe_step(self, layer_id, band_logits, lse) -> None:
+        rows = band_rows_from_logits(
+            band_logits, lse, self.blocks.lookahead, self.blocks.local_window, self.blocks.alpha
+        )
+        self._rows[:, 0] += rows.mean(dim=0)
 
     def observe_queries(self, layer_id, req_index, q, scale) -> None:
         self.queries.add(req_index, layer_id, q, scale)
@@ -454,79 +538,89 @@ class DynSplitPolicy(KVPolicy):
         return budgets[layer_id] if budgets is not None and rid == r.rid else r.budget
 
     def select(self, layer_id, req_index, q):
-        recs, starts, ends, tail, seq_len = self._decode_blocks[req_index]
-        budget = self.layer_budget(self._reqs[req_index], layer_id)
+        """The reference rule (`select_positions`), one request at a time."""
+        step = self._step
+        seq_len, budget = step.lengths[req_index], step.budgets[layer_id][req_index]
         if seq_len <= budget:
             return all_positions(seq_len, self.shape.num_kv_heads, q.device)
         t = self.table
+        recs = step.records[req_index]
+        recs = recs[recs >= 0]
         scores = score_blocks(q, t.kmin[layer_id].index_select(0, recs), t.kmax[layer_id].index_select(0, recs))
-        keep_tail_from = max(0, min(tail, seq_len - self.blocks.recent_tokens))
-        return select_positions(scores, starts, ends, seq_len, self.blocks.sink_tokens, keep_tail_from, budget)
+        tail_from = int(step.tail_from[req_index])
+        return select_positions(
+            scores, t.rec_start[recs], t.rec_end[recs], seq_len, self.blocks.sink_tokens, tail_from, budget
+        )
 
     def select_batch(self, layer_id, req_indices, q):
-        """`select` for several requests: the same scores (request by request, so bit for bit
-        those of `select`) and one batched selection (`select_positions_batched`, same rule)."""
+        """`select` for several requests in one pass: their blocks scored together and the chosen
+        ones gathered as runs of positions (`select_block_runs`, the same rule)."""
+        index = torch.tensor(req_indices, device=q.device)
+        positions, counts = self._select_runs(layer_id, tuple(req_indices), index, q)
+        return positions, torch.arange(positions.shape[2], device=q.device) < counts[:, :, None]
+
+    def _select_runs(
+        self, layer_id: int, indices: tuple[int, ...], index: torch.Tensor, q: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [S, KvH, W] and counts [S, KvH] of the step's requests `indices` (`index` [S]
+        on the device; q [S, H, D] their queries)."""
         t, step = self.table, self._step
-        rows = torch.tensor(req_indices, device=t.rec_start.device)
-        records = step["records"].index_select(0, rows)
-        scores = torch.zeros(len(req_indices), self.shape.num_kv_heads, records.shape[1], device=q.device)
-        for k, i in enumerate(req_indices):
-            recs = self._decode_blocks[i][0]
-            if recs.numel():
-                scores[k, :, : recs.numel()] = score_blocks(
-                    q[k], t.kmin[layer_id].index_select(0, recs), t.kmax[layer_id].index_select(0, recs)
-                )
-        budgets = torch.tensor([self.layer_budget(self._reqs[i], layer_id) for i in req_indices], device=rows.device)
-        seq_lens = step["seq_lens"].index_select(0, rows)
-        positions, counts = select_positions_batched(
+        if indices != tuple(range(len(step.lengths))):  # not every request in order: theirs
+            step = step.rows(index)
+        records = step.records.clamp_min(0)
+        scores = score_blocks_batched(q, t.bounds_of(layer_id, t.kmin, records), t.bounds_of(layer_id, t.kmax, records))
+        return select_block_runs(
             scores,
-            records,
-            t.rec_start,
-            t.rec_end,
-            seq_lens,
-            torch.full_like(seq_lens, self.blocks.sink_tokens),
-            step["keep_tail_from"].index_select(0, rows),
-            budgets,
-            step["max_len"],
+            step.first,
+            step.cost,
+            step.head,
+            step.head_valid,
+            step.tail,
+            step.tail_valid,
+            step.room[layer_id],
+            step.run_len,
+            step.most_taken,
         )
-        valid = torch.arange(positions.shape[2], device=positions.device) < counts[:, :, None]
-        return positions, valid
+
+    def select_slots_batch(self, layer_id, sel, q):
+        """The selection as KV slots, on the Triton kernel with the GPU selection on (`select_slots`
+        scores, chooses and maps to slots for the whole batch in three launches: the same rule,
+        scores summed in another order, so near-ties may go the other way)."""
+        if self._gpu_selection:
+            return self._select_slots_triton(layer_id, sel, q)
+        positions, counts = self._select_runs(layer_id, sel.indices, sel.index, q)
+        slots = sel.slots.gather(1, positions.reshape(len(sel), -1)).view_as(positions)
+        return slots, torch.arange(positions.shape[2], device=q.device) < counts[:, :, None]
+
+    def selection_counts(self, layer_id, req_indices):
+        """Selection fills the budget: min(layer budget, seq_len) slots per KV head."""
+        step = self._step
+        return [min(step.budgets[layer_id][i], step.lengths[i]) for i in req_indices]
 
     def use_gpu_selection(self, on: bool) -> None:
         self._gpu_selection = on
 
-    def selection_counts(self, layer_id, req_indices):
-        """Selection fills the budget: min(layer budget, seq_len) slots per KV head."""
-        return [min(self.layer_budget(self._reqs[i], layer_id), self._decode_blocks[i][4]) for i in req_indices]
-
-    def select_slots_batch(self, layer_id, req_indices, q, req_slots):
-        """With the GPU selection on: the Triton kernel `select_slots` scores, chooses and maps to
-        slots for the whole batch in three launches (the same rule as `select_batch`; scores
-        summed in another order, so near-ties may go the other way)."""
-        if not self._gpu_selection:
-            return super().select_slots_batch(layer_id, req_indices, q, req_slots)
+    def _select_slots_triton(self, layer_id: int, sel, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from dynsplit_sglang.kernels.block_select_triton import select_slots
 
-        t, step = self.table, self._step
-        rows = torch.tensor(req_indices, device=t.rec_start.device)
-        budgets = [self.layer_budget(self._reqs[i], layer_id) for i in req_indices]
+        t, step, index = self.table, self._step, sel.index
         # Selection fills the budget, so the widest row is the largest min(budget, seq_len).
-        width = max(min(b, self._decode_blocks[i][4]) for b, i in zip(budgets, req_indices))
-        seq_lens = step["seq_lens"].index_select(0, rows)
-        slots = torch.empty(len(req_indices), self.shape.num_kv_heads, width, dtype=torch.int64, device=q.device)
-        counts = torch.empty(len(req_indices), self.shape.num_kv_heads, dtype=torch.int64, device=q.device)
+        width = max(self.selection_counts(layer_id, sel.indices))
+        seq_lens = step.seq_lens.index_select(0, index)
+        slots = torch.empty(len(sel), self.shape.num_kv_heads, width, dtype=torch.int64, device=q.device)
+        counts = torch.empty(len(sel), self.shape.num_kv_heads, dtype=torch.int64, device=q.device)
         select_slots(
             q,
             t.kmin[layer_id],
             t.kmax[layer_id],
-            step["records"].index_select(0, rows),
+            step.records.index_select(0, index),
             t.rec_start,
             t.rec_end,
-            req_slots.to(torch.int64),
+            sel.slots,
             seq_lens,
             torch.full_like(seq_lens, self.blocks.sink_tokens),
-            step["keep_tail_from"].index_select(0, rows),
-            torch.tensor(budgets, device=seq_lens.device),
+            step.tail_from.index_select(0, index),
+            torch.tensor([step.budgets[layer_id][i] for i in sel.indices], device=seq_lens.device),
             slots,
             counts,
         )

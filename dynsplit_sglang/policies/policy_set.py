@@ -45,6 +45,7 @@ class PolicySet(KVPolicy):
         self.members = members
         self.default = default
         self._reqs: list[RequestView] = []
+        self._subsets: dict[tuple[int, ...], list] = {}
         # What every member needs; when the score heads differ, the band holds all heads and
         # each member takes its own (their indices as a tensor, made once).
         self.needs = PolicyNeeds.union([p.needs for p in members.values()])
@@ -56,6 +57,7 @@ class PolicySet(KVPolicy):
 
     def begin_forward(self, reqs: list[RequestView], is_decode: bool) -> None:
         self._reqs = reqs
+        self._subsets = {}  # a decode step's Selecting -> [(member, its rows, their Selecting)]
         for p in self.members.values():
             p.begin_forward(reqs, is_decode)
 
@@ -70,6 +72,15 @@ class PolicySet(KVPolicy):
             if heads is not None:
                 band, member_lse = band[heads], lse[heads]
             p.observe(layer_id, req_index, band, member_lse)
+
+    def observe_step(self, layer_id: int, band_logits: torch.Tensor, lse: torch.Tensor) -> None:
+        for label, p in self.members.items():
+            if layer_id in p.needs.score_layers:
+                band, member_lse = band_logits[..., : p.needs.band_width], lse
+                heads = self._own_heads.get(label)
+                if heads is not None:
+                    band, member_lse = band[heads], lse[heads]
+                p.observe_step(layer_id, band, member_lse)
 
     def observe_queries(self, layer_id: int, req_index: int, q: torch.Tensor, scale: float) -> None:
         """q [m, H, D], m <= this set's query window; each member gets its own last rows."""
@@ -116,13 +127,18 @@ class PolicySet(KVPolicy):
             req_indices, lambda member, ks, at: member.select_batch(layer_id, [req_indices[k] for k in ks], q[at])
         )
 
-    def select_slots_batch(self, layer_id, req_indices, q, req_slots):
-        return self._by_member(
-            req_indices,
-            lambda member, ks, at: member.select_slots_batch(
-                layer_id, [req_indices[k] for k in ks], q[at], req_slots[at]
-            ),
-        )
+    def select_slots_batch(self, layer_id, sel, q):
+        groups = self._subsets.get(sel.indices)
+        if groups is None:  # the same for every layer that selects for these requests
+            groups = self._subsets[sel.indices] = [
+                (label, ks, sel.subset(ks)) for label, ks in self._rows_by_member(list(sel.indices)).items()
+            ]
+        picks = [
+            (ks, *self.members[label].select_slots_batch(layer_id, mine, q[mine_at(ks)])) for label, ks, mine in groups
+        ]
+        if len(picks) == 1:
+            return picks[0][1], picks[0][2]
+        return stack_selections(len(sel), [(mine_at(ks), s, v) for ks, s, v in picks])
 
     def _rows_by_member(self, req_indices: list[int]) -> dict[str, list[int]]:
         """label -> the rows k (positions in req_indices) of the requests that member answers."""
@@ -137,9 +153,7 @@ class PolicySet(KVPolicy):
         groups = self._rows_by_member(req_indices)
         picks = []
         for label, ks in groups.items():
-            # A member's requests usually sit together in the batch: a slice is a view, where a
-            # list index would copy the query and the req_to_token rows in every layer.
-            at = slice(ks[0], ks[-1] + 1) if ks[-1] - ks[0] + 1 == len(ks) else ks
+            at = mine_at(ks)
             picks.append((at, *select(self.members[label], ks, at)))
         if len(picks) == 1:
             return picks[0][1], picks[0][2]
@@ -178,3 +192,9 @@ class PolicySet(KVPolicy):
     def trace(self, event: dict) -> None:
         for p in self.members.values():
             p.trace(event)
+
+
+def mine_at(ks: list[int]):
+    """Index of rows ks of a batch tensor: a member's requests usually sit together in the batch,
+    and a slice is a view where a list index would copy the rows."""
+    return slice(ks[0], ks[-1] + 1) if ks[-1] - ks[0] + 1 == len(ks) else ks
