@@ -365,9 +365,9 @@ def test_policy_gpu_selection_is_its_torch_selection(name, device):
 
     shape = ModelShape(num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8)
     options = {
-        "dynsplit": DynSplitOptions(candidates="all"),
-        "fixed": DynSplitOptions(split="fixed_interval", candidates="all"),
-        "quest": QuestOptions(),
+        "dynsplit": DynSplitOptions(candidates="all", evict=False),
+        "fixed": DynSplitOptions(split="fixed_interval", candidates="all", evict=False),
+        "quest": QuestOptions(evict=False),
     }[name]
     kv = KVConfig(policy=options.policy, budget=64, options=options)
     kv.validate()

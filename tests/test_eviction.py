@@ -205,6 +205,8 @@ def test_decode_time_eviction_options_are_checked():
         DynSplitOptions(evict=True, layer_budgets="dynamickv").validate()
     with pytest.raises(KVConfigError, match="dense_layers"):
         QuestOptions(evict=True, dense_layers=2).validate()
+    with pytest.raises(KVConfigError, match="resident_rank"):
+        DynSplitOptions(evict=True, resident_rank="max").validate()
     policy = make_policy(DynSplitOptions(evict=True), 64)
     assert policy.needs.query_window == 32 and len(policy.needs.query_layers) == SHAPE.num_layers
     assert make_policy(DynSplitOptions(), 64).needs.query_window == 0  # nothing collected with eviction off
@@ -238,3 +240,17 @@ def test_a_request_with_nothing_to_free_reads_its_resident_set_in_place():
         original = {int(s): int(p) for s, p in zip(torch.arange(to, n), private)}  # moved slot -> position
         assert [{original.get(s, s) for s in h} for h in read_moved] == read_in_place
         assert all(h <= set(private.tolist()) | set(range(n, m)) for h in read_in_place)
+
+
+def test_per_head_ranking_keeps_what_one_head_needs():
+    """A block that one (layer, KV head) attends to sharply but the others ignore outranks one
+    that every head likes a little under "per_head"; summed over heads ("sum") it does not."""
+    from dynsplit_sglang.policies.dynsplit import block_order
+
+    starts, ends = torch.tensor([0, 10, 20, 30]), torch.tensor([9, 19, 29, 39])
+    mass = torch.full((8, 40), 0.01)
+    mass[:, 10:20] = 0.05  # block 1: every head a little
+    mass[3, 30:40] = 0.2  # block 3: one head, sharply
+    mass[:, 0:10] = 0.04  # block 0: a little less than block 1 everywhere
+    assert block_order(mass, starts, ends, "sum").tolist()[:2] == [1, 0]
+    assert block_order(mass, starts, ends, "per_head").tolist()[:2] == [1, 3]

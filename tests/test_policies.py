@@ -103,7 +103,7 @@ def test_sepllm_keeps_initial_separators_and_recent():
 
 
 def test_quest_picks_the_page_with_the_highest_bound():
-    policy = make_policy(QuestOptions(page_size=16), budget=40)
+    policy = make_policy(QuestOptions(page_size=16, evict=False), budget=40)
     q = torch.zeros(4, 8)
     q[:, 0] = 1.0
     keys = torch.randn(SLOTS, 2, 8) * 0.1
@@ -119,7 +119,7 @@ def test_quest_picks_the_page_with_the_highest_bound():
 
 def test_quest_dense_layers_attend_to_everything():
     """Quest's first `dense_layers` select for no request (the backend attends densely there)."""
-    policy = make_policy(QuestOptions(page_size=16, dense_layers=1), budget=40)
+    policy = make_policy(QuestOptions(page_size=16, dense_layers=1, evict=False), budget=40)
     keys = torch.randn(SLOTS, 2, 8)
     prefill(policy, keys, 100, 40)
     assert policy.sparse_in_layer(0, [0, 1]) == [] and policy.sparse_in_layer(1, [0, 1]) == [0, 1]
@@ -308,7 +308,9 @@ def test_a_prompt_is_ranked_once_by_its_last_chunk_and_alone_after_a_retraction(
 def test_a_released_row_drops_what_its_request_left(name):
     """The host releases the rows SGLang freed (and those new requests take) at each prefill:
     rankings, DynamicKV layer budgets and carried queries go, other rows' stay."""
-    options = DynSplitOptions(layer_budgets="dynamickv") if name == "dynsplit" else KVConfig(policy=name).options
+    options = (
+        DynSplitOptions(layer_budgets="dynamickv", evict=False) if name == "dynsplit" else KVConfig(policy=name).options
+    )
     policy = make_policy(options, budget=96)
     keys, queries = window_pattern(150, [3, 40])
     prefill(policy, keys, 100, 96, queries, prompt_len=150)  # an earlier chunk: queries carried
@@ -326,7 +328,9 @@ def test_dynsplit_layer_budgets_come_from_the_prompt_alone():
     """DynSplit-KV's DynamicKV layer budgets score the prompt with its last queries, also when a
     retracted request prefills its generated tokens with it (random data gives uniform budgets,
     so what the scoring is given is compared)."""
-    options = DynSplitOptions(split="fixed_interval", layer_budgets="dynamickv", sink_tokens=0, recent_tokens=8)
+    options = DynSplitOptions(
+        split="fixed_interval", layer_budgets="dynamickv", sink_tokens=0, recent_tokens=8, evict=False
+    )
     torch.manual_seed(0)
     keys, queries = torch.randn(SLOTS, 2, 8), torch.randn(190, 4, 8)
     given = []
@@ -344,7 +348,9 @@ def test_dynsplit_layer_budgets_come_from_the_prompt_alone():
 
 
 def test_dynsplit_with_dynamickv_layer_budgets():
-    options = DynSplitOptions(split="fixed_interval", layer_budgets="dynamickv", sink_tokens=0, recent_tokens=8)
+    options = DynSplitOptions(
+        split="fixed_interval", layer_budgets="dynamickv", sink_tokens=0, recent_tokens=8, evict=False
+    )
     policy = make_policy(options, budget=48)
     n = 160
     keys, queries = window_pattern(n, [3, 100])

@@ -265,7 +265,7 @@ def test_dense_layers_are_those_of_each_request_policy():
     """A member's dense layers (Quest's `dense_layers`) hold for its own requests only."""
     from dynsplit_sglang.policies import QuestOptions
 
-    kv = KVConfig("dynsplit", 64, DynSplitOptions(), variants={"q": QuestOptions(dense_layers=2)})
+    kv = KVConfig("dynsplit", 64, DynSplitOptions(), variants={"q": QuestOptions(dense_layers=2, evict=False)})
     kv.validate()
     ps = build_policy(kv, SHAPE, 256, torch.float32, "cpu", FakeTokens())
     reqs = [

@@ -120,9 +120,9 @@ def test_block_runs_are_the_reference_rule_on_random_batches(name, seed):
 
     shape = ModelShape(num_layers=3, num_heads=6, num_kv_heads=2, head_dim=8)
     options = {
-        "dynsplit": DynSplitOptions(candidates="all"),
-        "fixed": DynSplitOptions(split="fixed_interval", candidates="all"),
-        "quest": QuestOptions(),
+        "dynsplit": DynSplitOptions(candidates="all", evict=False),
+        "fixed": DynSplitOptions(split="fixed_interval", candidates="all", evict=False),
+        "quest": QuestOptions(evict=False),
     }[name]
     g = torch.Generator().manual_seed(seed)
     lens = [int(x) for x in torch.randint(30, 300, (5,), generator=g)] + [20]

@@ -51,11 +51,11 @@ class ResidentOptions(PolicyOptions):
     )
     resident: float = option(2.0, "with `evict`: prompt tokens kept resident, as a multiple of the budget (>= 1)")
     resident_rank: str = option(
-        "per_head",
+        "sum",
         'with `evict`: how blocks are ranked for the resident set: `"per_head"` (each layer\'s KV head ranks '
         "them by its own attention per token; a block goes by its best rank over heads, so every head keeps "
-        'its top blocks, as SnapKV keeps each head\'s tokens) or `"sum"` (attention per token summed over '
-        "layers and heads)",
+        "its top blocks, as SnapKV keeps each head's tokens; more accurate, but a radix hit may then answer "
+        'differently from a miss, docs/accuracy.md) or `"sum"` (attention per token summed over layers and heads)',
     )
 
     def validate(self) -> None:
@@ -245,9 +245,9 @@ def block_order(mass: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, ra
     """Blocks best first for the resident set.
 
     mass: [heads, n] window attention per (layer, KV head) and token; starts, ends: [B] inclusive
-    token ranges. Each block scores its attention per token. "sum": summed over heads. "per_head":
-    by its best rank among the heads (a block one retrieval head needs outranks one that every
-    head likes a little), ties by the sum. returns [B] block indices.
+    token ranges. Each block scores its attention per token. "sum": summed over heads.
+    "per_head": by its best rank among the heads (a block one retrieval head needs outranks one
+    that every head likes a little), ties by the sum. returns [B] block indices.
     """
     cumulative = torch.nn.functional.pad(mass.cumsum(dim=1), (1, 0))
     density = (cumulative[:, ends + 1] - cumulative[:, starts]) / (ends - starts + 1)  # [heads, B]
