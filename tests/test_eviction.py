@@ -212,12 +212,21 @@ def test_decode_time_eviction_options_are_checked():
     assert make_policy(DynSplitOptions(), 64).needs.query_window == 0  # nothing collected with eviction off
 
 
-def test_a_request_with_nothing_to_free_reads_its_resident_set_in_place():
+@pytest.mark.parametrize(
+    "options, attended",
+    [
+        (DynSplitOptions(evict=True, resident=1.0, candidates="all"), [5, 90, 150]),
+        # Quest keeps no recent window: the last closed page is not resident, and the open page
+        # starts after it, not after the last resident one
+        (QuestOptions(evict=True, resident=1.0), [5, 40, 90]),
+    ],
+)
+def test_a_request_with_nothing_to_free_reads_its_resident_set_in_place(options, attended):
     """A radix hit that leaves no private prompt to free (the backend then passes prefix = the
     prompt's end): nothing moves, and every step reads what a compacted twin reads."""
-    options, budget, n = DynSplitOptions(evict=True, resident=1.0, candidates="all"), 64, 200
+    budget, n = 64, 200
     torch.manual_seed(3)
-    keys, queries = window_pattern(n, [5, 90, 150])
+    keys, queries = window_pattern(n, attended)
     keys += 0.1 * torch.randn_like(keys)
     in_place, moved = make_policy(options, budget), make_policy(options, budget)
     for p in (in_place, moved):

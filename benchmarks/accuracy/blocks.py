@@ -118,16 +118,19 @@ def probe_selection() -> None:
     process selects nothing: left alone."""
     if multiprocessing.current_process().name == "MainProcess":
         return
+    import torch
+
     from dynsplit_sglang.policies.dynsplit import DynSplitPolicy
 
     with open(os.environ["BLOCKS_PROBE_SPANS"]) as f:
         spans = json.load(f)
-    select_batch = DynSplitPolicy.select_batch
+    select_runs = DynSplitPolicy._select_runs  # what select_batch and select_slots_batch both call
 
-    def logged(self, layer_id, req_indices, q):
-        positions, valid = select_batch(self, layer_id, req_indices, q)  # [R, KvH, B]
+    def logged(self, layer_id, indices, index, q):
+        positions, counts = select_runs(self, layer_id, indices, index, q)  # [R, KvH, B], [R, KvH]
+        valid = torch.arange(positions.shape[2], device=positions.device) < counts[:, :, None]
         with open(os.environ["BLOCKS_PROBE_LOG"], "a") as f:
-            for k, i in enumerate(req_indices):
+            for k, i in enumerate(indices):
                 r = self._reqs[i]
                 if r.rid not in spans:
                     continue
@@ -136,9 +139,9 @@ def probe_selection() -> None:
                 f.write(
                     json.dumps({"rid": r.rid, "seq_len": r.seq_len, "layer": layer_id, "kept": kept.tolist()}) + "\n"
                 )
-        return positions, valid
+        return positions, counts
 
-    DynSplitPolicy.select_batch = logged
+    DynSplitPolicy._select_runs = logged
 
 
 def kept_steps(log: str) -> dict[str, list[tuple[int, list[list[int]]]]]:

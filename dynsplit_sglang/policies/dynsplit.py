@@ -51,11 +51,11 @@ class ResidentOptions(PolicyOptions):
     )
     resident: float = option(2.0, "with `evict`: prompt tokens kept resident, as a multiple of the budget (>= 1)")
     resident_rank: str = option(
-        "sum",
+        "per_head",
         'with `evict`: how blocks are ranked for the resident set: `"per_head"` (each layer\'s KV head ranks '
         "them by its own attention per token; a block goes by its best rank over heads, so every head keeps "
-        "its top blocks, as SnapKV keeps each head's tokens; more accurate, but a radix hit may then answer "
-        'differently from a miss, docs/accuracy.md) or `"sum"` (attention per token summed over layers and heads)',
+        'its top blocks, as SnapKV keeps each head\'s tokens) or `"sum"` (attention per token summed over '
+        "layers and heads)",
     )
 
     def validate(self) -> None:
@@ -412,7 +412,8 @@ class DynSplitPolicy(KVPolicy):
         rec = records.clamp_min(0)
         count = live.sum(dim=1)
         last = rec.gather(1, (count - 1).clamp_min(0)[:, None])[:, 0]
-        open_start = torch.where(count > 0, t.rec_end[last] + 1, 0)
+        open_from = torch.tensor([self._row_open_from(r) for r in reqs], device=device)
+        open_start = torch.where(count > 0, t.rec_end[last] + 1, 0).maximum(open_from)
         tail_from = open_start.minimum(seq_lens - cfg.recent_tokens).clamp_min(0)
         head_n = tail_from.clamp_max(cfg.sink_tokens)
         first = t.rec_start[rec].maximum(head_n[:, None])
@@ -469,7 +470,7 @@ class DynSplitPolicy(KVPolicy):
                 t.is_candidate[new_slots] = self.candidate_mask[ids]
             if self.by_type:
                 self.token_ids[new_slots] = r.token_ids.to(self.token_ids.device)
-            start = t.open_start(self._blocks_of(r, r.row_slots[: r.new_start]))
+            start = self._open_start(r, self._blocks_of(r, r.row_slots[: r.new_start]))
             blocks = []
             if decision_position(start, cfg) <= r.seq_len - 1:
                 tail = r.row_slots[start:]
@@ -523,6 +524,16 @@ class DynSplitPolicy(KVPolicy):
         if kept is None or rid != r.rid:
             return recs
         return torch.cat([kept, recs[self.table.rec_start[recs] >= open_from]])
+
+    def _row_open_from(self, r: RequestView) -> int:
+        """Where a compacted request's open block started (0 if it is not compacted). Read in
+        place, its last resident block may end before that: the blocks between are not resident."""
+        rid, kept, open_from = self._row_records.get(r.row, (None, None, 0))
+        return open_from if kept is not None and rid == r.rid else 0
+
+    def _open_start(self, r: RequestView, recs: torch.Tensor) -> int:
+        """First position of request r's open block, after its closed blocks recs (`_blocks_of`)."""
+        return max(self.table.open_start(recs), self._row_open_from(r))
 
     def _write_trace(self, r: RequestView) -> None:
         recs = self._blocks_of(r, r.row_slots)
