@@ -486,7 +486,7 @@ def main(argv=None):
                     f"peak {row['peak_memory_gib']} GiB",
                     flush=True,
                 )
-            if profile is not None:
+            if profile is not None and not policy.startswith("full"):  # full runs SGLang's own backend: no labels
                 print(f"[{policy}] profiling decode steps of {profile.context} x {profile.batch} ...", flush=True)
                 trace_dir = os.path.join(log_dir, f"trace_{policy.replace(':', '_')}")
                 breakdown = profile_setting(url, profile.context, profile.batch, vocab, 99, trace_dir)
@@ -542,6 +542,8 @@ def markdown(result: dict) -> str:
             "| --- | ---: | " + " | ".join("---:" for _ in parts) + " |",
         ]
         for p in profiles:
+            if p["policy"].startswith("full"):  # no labelled parts (older runs profiled it)
+                continue
             cells = [f"{p[k]:.1f} ({100 * p[k] / p['step_ms']:.0f}%)" for k in parts]
             lines.append(f"| {p['policy']} | {p['step_ms']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\n{result['device']}, {result['date']}, commit {result['commit']}"
@@ -558,6 +560,14 @@ def plot(result: dict, path: str) -> None:
     fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.4), squeeze=False)
     policies = list(dict.fromkeys(r["policy"] for r in result["rows"]))
     for ax, batch in zip(axes[0], batches):
+        contexts = sorted({r["context"] for r in result["rows"] if r["batch"] == batch})
+        if len(contexts) == 1:  # one point per policy: bars read better than dots
+            rates = {r["policy"]: r["decode_tokens_per_s"] or 0 for r in result["rows"] if r["batch"] == batch}
+            ax.bar(list(rates), list(rates.values()), color=[f"C{policies.index(p)}" for p in rates])
+            ax.set_title(f"batch {batch}, context {contexts[0]}")
+            ax.set_ylabel("decode tokens/s")
+            ax.grid(alpha=0.3, axis="y")
+            continue
         for i, policy in enumerate(policies):
             rows = sorted(
                 (

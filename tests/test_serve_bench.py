@@ -76,9 +76,9 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
     assert "| dynsplit (128) | 512 | 2 |" in table and "| full | 1024 | 3 |" in table
     # the profile pass: SGLang's profiler traced decode steps of both servers
     profiles = {p["policy"]: p for p in saved["profile"]}
-    assert set(profiles) == {"full", "dynsplit"}
+    assert set(profiles) == {"dynsplit"}  # full runs SGLang's own backend, which labels nothing
     assert profiles["dynsplit"]["selection"] > 0 and profiles["dynsplit"]["attention"] > 0
-    assert profiles["full"]["selection"] == 0 and profiles["full"]["rest"] == profiles["full"]["step_ms"]
+    assert 0 < profiles["dynsplit"]["rest"] < profiles["dynsplit"]["step_ms"]
     assert "Where a decode step's time goes" in table
     assert (tmp_path / "serve.png").stat().st_size > 0
 

@@ -379,7 +379,7 @@ class DynSplitPolicy(KVPolicy):
         self._is_decode = False
         self._rows: list[torch.Tensor] | torch.Tensor = []  # per request: [n, L] sum of DD rows over score layers
         self._gpu_selection = False  # select_slots_batch on the Triton kernel ($DYNSPLIT_SELECTION)
-        self._step: BlockStep | None = None  # the decode step's blocks
+        self._blocks_now: BlockStep | None = None  # the decode step's blocks
 
     def begin_forward(self, reqs: list[RequestView], is_decode: bool) -> None:
         self._reqs = reqs
@@ -394,7 +394,7 @@ class DynSplitPolicy(KVPolicy):
         elif self.queries is not None:
             self.queries.begin(len(reqs))
         if is_decode:
-            self._step = self._block_step(reqs)
+            self._blocks_now = self._block_step(reqs)
 
     def _block_step(self, reqs: list[RequestView]) -> BlockStep:
         """Every request's closed blocks for this decode step, with what each can give."""
@@ -550,7 +550,7 @@ class DynSplitPolicy(KVPolicy):
 
     def select(self, layer_id, req_index, q):
         """The reference rule (`select_positions`), one request at a time."""
-        step = self._step
+        step = self._blocks_now
         seq_len, budget = step.lengths[req_index], step.budgets[layer_id][req_index]
         if seq_len <= budget:
             return all_positions(seq_len, self.shape.num_kv_heads, q.device)
@@ -575,7 +575,7 @@ class DynSplitPolicy(KVPolicy):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions [S, KvH, W] and counts [S, KvH] of the step's requests `indices` (`index` [S]
         on the device; q [S, H, D] their queries)."""
-        t, step = self.table, self._step
+        t, step = self.table, self._blocks_now
         if indices != tuple(range(len(step.lengths))):  # not every request in order: theirs
             step = step.rows(index)
         records = step.records.clamp_min(0)
@@ -605,7 +605,7 @@ class DynSplitPolicy(KVPolicy):
 
     def selection_counts(self, layer_id, req_indices):
         """Selection fills the budget: min(layer budget, seq_len) slots per KV head."""
-        step = self._step
+        step = self._blocks_now
         return [min(step.budgets[layer_id][i], step.lengths[i]) for i in req_indices]
 
     def use_gpu_selection(self, on: bool) -> None:
@@ -614,7 +614,7 @@ class DynSplitPolicy(KVPolicy):
     def _select_slots_triton(self, layer_id: int, sel, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from dynsplit_sglang.kernels.block_select_triton import select_slots
 
-        t, step, index = self.table, self._step, sel.index
+        t, step, index = self.table, self._blocks_now, sel.index
         # Selection fills the budget, so the widest row is the largest min(budget, seq_len).
         width = max(self.selection_counts(layer_id, sel.indices))
         seq_lens = step.seq_lens.index_select(0, index)
