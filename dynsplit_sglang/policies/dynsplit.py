@@ -400,9 +400,9 @@ class DynSplitPolicy(KVPolicy):
         """Every request's closed blocks for this decode step, with what each can give."""
         t, cfg, device = self.table, self.blocks, self.table.rec_start.device
         # [R, NB] (NB >= 1: one padding column when no request has closed a block)
-        none = torch.empty(0, dtype=torch.int64, device=device)
+        padding = torch.full((1,), -1, dtype=torch.int64, device=device)
         records = torch.nn.utils.rnn.pad_sequence(
-            [self._blocks_of(r, r.row_slots) for r in reqs] + [none.new_full((1,), -1)],
+            [self._blocks_of(r, r.row_slots) for r in reqs] + [padding],
             batch_first=True,
             padding_value=-1,
         )[: len(reqs)]
