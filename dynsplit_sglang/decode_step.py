@@ -36,12 +36,15 @@ class Selecting:
     @staticmethod
     def of(indices: tuple[int, ...], slots: torch.Tensor) -> Selecting:
         """The requests `indices` of a step whose requests' slots are `slots` [R, max_len]."""
-        device, num = slots.device, slots.shape[0]
-        index = torch.tensor(indices, dtype=torch.int64, device=device)
-        taken = torch.zeros(num, dtype=torch.bool, device=device)
-        taken[index] = True
-        rest = tuple(i for i in range(num) if i not in set(indices))
-        return Selecting(tuple(indices), index, torch.arange(num, device=device)[~taken], rest, slots[index])
+        chosen = set(indices)
+        rest = tuple(i for i in range(slots.shape[0]) if i not in chosen)
+        index = torch.tensor(indices, dtype=torch.int64, device=slots.device)
+        dense = torch.tensor(rest, dtype=torch.int64, device=slots.device)
+        return Selecting(tuple(indices), index, dense, rest, slots[index])
+
+    def slots_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """The KV slots of positions [S, KvH, W] of these requests (row k: the k-th request's)."""
+        return self.slots.gather(1, positions.reshape(len(self), -1)).view_as(positions)
 
     def subset(self, ks: list[int]) -> Selecting:
         """The requests at places ks of this one (for the members of a PolicySet)."""

@@ -359,19 +359,12 @@ def test_policy_gpu_selection_is_its_torch_selection(name, device):
     every score exact, so the two agree exactly (ties included). No SGLang import (the GPU box
     runs the cuda case)."""
     from dynsplit_sglang.block_table import ModelShape
-    from dynsplit_sglang.config import KVConfig
     from dynsplit_sglang.decode_step import Selecting
-    from dynsplit_sglang.policies import POLICY_CLASSES, DynSplitOptions, QuestOptions, RequestView
+    from dynsplit_sglang.policies import RequestView
+    from tests.test_selection import decode_time_policy
 
     shape = ModelShape(num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8)
-    options = {
-        "dynsplit": DynSplitOptions(candidates="all", evict=False),
-        "fixed": DynSplitOptions(split="fixed_interval", candidates="all", evict=False),
-        "quest": QuestOptions(evict=False),
-    }[name]
-    kv = KVConfig(policy=options.policy, budget=64, options=options)
-    kv.validate()
-    policy = POLICY_CLASSES[options.policy](kv, shape, 256, torch.float32, device)
+    policy = decode_time_policy(name, shape, 256, device)
     g = torch.Generator().manual_seed(7)
     keys = torch.randint(-3, 4, (256, shape.num_kv_heads, shape.head_dim), generator=g).float().to(device)
     lens, budgets, starts = [100, 70, 75], [64, 64, 72], [0, 101, 172]

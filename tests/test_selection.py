@@ -106,6 +106,22 @@ def test_batched_selection_is_the_per_request_selection():
         assert torch.equal(positions[b, :, : want.shape[1]], want)
 
 
+def decode_time_policy(name: str, shape, num_slots: int, device):
+    """A decode-time policy for selection tests ("dynsplit", "fixed": DynSplit-KV with rigid
+    blocks, "quest"), every token a candidate, eviction off (no prompt queries are fed), budget 64."""
+    from dynsplit_sglang.config import KVConfig
+    from dynsplit_sglang.policies import POLICY_CLASSES, DynSplitOptions, QuestOptions
+
+    options = {
+        "dynsplit": DynSplitOptions(candidates="all", evict=False),
+        "fixed": DynSplitOptions(split="fixed_interval", candidates="all", evict=False),
+        "quest": QuestOptions(evict=False),
+    }[name]
+    kv = KVConfig(policy=options.policy, budget=64, options=options)
+    kv.validate()
+    return POLICY_CLASSES[options.policy](kv, shape, num_slots, torch.float32, device)
+
+
 @pytest.mark.parametrize("name", ["dynsplit", "fixed", "quest"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_block_runs_are_the_reference_rule_on_random_batches(name, seed):
@@ -115,23 +131,15 @@ def test_block_runs_are_the_reference_rule_on_random_batches(name, seed):
     above its length, one with no closed block) and small integer keys and queries, so that
     scores tie often."""
     from dynsplit_sglang.block_table import ModelShape
-    from dynsplit_sglang.config import KVConfig
-    from dynsplit_sglang.policies import POLICY_CLASSES, DynSplitOptions, QuestOptions, RequestView
+    from dynsplit_sglang.policies import RequestView
 
     shape = ModelShape(num_layers=3, num_heads=6, num_kv_heads=2, head_dim=8)
-    options = {
-        "dynsplit": DynSplitOptions(candidates="all", evict=False),
-        "fixed": DynSplitOptions(split="fixed_interval", candidates="all", evict=False),
-        "quest": QuestOptions(evict=False),
-    }[name]
     g = torch.Generator().manual_seed(seed)
     lens = [int(x) for x in torch.randint(30, 300, (5,), generator=g)] + [20]
     budgets = [int(x) for x in torch.randint(48, 200, (6,), generator=g)]
     budgets[1] = lens[1] + 5  # fits: every position
-    kv = KVConfig(policy=options.policy, budget=64, options=options)
-    kv.validate()
     slots = sum(lens) + len(lens)
-    policy = POLICY_CLASSES[options.policy](kv, shape, slots, torch.float32, "cpu")
+    policy = decode_time_policy(name, shape, slots, "cpu")
     keys = torch.randint(-2, 3, (slots, shape.num_kv_heads, shape.head_dim), generator=g).float()
     starts = [sum(lens[:k]) + k for k in range(len(lens))]
     rows = [torch.arange(s, s + n + 1) for s, n in zip(starts, lens)]  # prompt + one decode slot

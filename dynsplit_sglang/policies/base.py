@@ -217,8 +217,7 @@ class KVPolicy(abc.ABC):
         queries). returns slots [S, KvH, W] int64 and valid [S, KvH, W] bool, each row's valid
         entries first. The default maps `select_batch`'s positions through `sel.slots`."""
         positions, valid = self.select_batch(layer_id, list(sel.indices), q)
-        slots = sel.slots.gather(1, positions.reshape(len(sel), -1)).view_as(positions)
-        return slots, valid
+        return sel.slots_at(positions), valid
 
     def selection_counts(self, layer_id: int, req_indices: list[int]) -> list[int] | None:
         """How many slots `select_slots_batch` will give each of these requests in this layer (the

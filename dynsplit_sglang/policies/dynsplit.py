@@ -441,16 +441,17 @@ class DynSplitPolicy(KVPolicy):
         )
 
     def observe(self, layer_id, req_index, band_logits, lse) -> None:
-        rows = band_rows_from_logits(
-            band_logits, lse, self.blocks.lookahead, self.blocks.local_window, self.blocks.alpha
-        )
-        self._rows[req_index] += rows.mean(dim=0)
+        self._rows[req_index] += self._dd_rows(band_logits, lse)
 
     def observe_step(self, layer_id, band_logits, lse) -> None:
+        self._rows[:, 0] += self._dd_rows(band_logits, lse)
+
+    def _dd_rows(self, band_logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """DD-Select rows [n, L] of n queries from their band [h, n, W] and lse [h, n], mean over heads."""
         rows = band_rows_from_logits(
             band_logits, lse, self.blocks.lookahead, self.blocks.local_window, self.blocks.alpha
         )
-        self._rows[:, 0] += rows.mean(dim=0)
+        return rows.mean(dim=0)
 
     def observe_queries(self, layer_id, req_index, q, scale) -> None:
         self.queries.add(req_index, layer_id, q, scale)
@@ -600,8 +601,7 @@ class DynSplitPolicy(KVPolicy):
         if self._gpu_selection:
             return self._select_slots_triton(layer_id, sel, q)
         positions, counts = self._select_runs(layer_id, sel.indices, sel.index, q)
-        slots = sel.slots.gather(1, positions.reshape(len(sel), -1)).view_as(positions)
-        return slots, torch.arange(positions.shape[2], device=q.device) < counts[:, :, None]
+        return sel.slots_at(positions), torch.arange(positions.shape[2], device=q.device) < counts[:, :, None]
 
     def selection_counts(self, layer_id, req_indices):
         """Selection fills the budget: min(layer budget, seq_len) slots per KV head."""

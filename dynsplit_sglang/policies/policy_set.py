@@ -64,6 +64,16 @@ class PolicySet(KVPolicy):
     def observe(self, layer_id: int, req_index: int, band_logits: torch.Tensor, lse: torch.Tensor) -> None:
         """band_logits [h, n, W] over `needs.score_heads` and this set's band width; each member
         gets its own heads and its own width (the first columns: keys q, q-1, ...)."""
+        for p, band, member_lse in self._members_band(layer_id, band_logits, lse):
+            p.observe(layer_id, req_index, band, member_lse)
+
+    def observe_step(self, layer_id: int, band_logits: torch.Tensor, lse: torch.Tensor) -> None:
+        for p, band, member_lse in self._members_band(layer_id, band_logits, lse):
+            p.observe_step(layer_id, band, member_lse)
+
+    def _members_band(self, layer_id: int, band_logits: torch.Tensor, lse: torch.Tensor):
+        """(member, its band, its lse) for each member that scores this layer: its own width
+        (the first columns: keys q, q-1, ...) and its own heads."""
         for label, p in self.members.items():
             if layer_id not in p.needs.score_layers:
                 continue
@@ -71,16 +81,7 @@ class PolicySet(KVPolicy):
             heads = self._own_heads.get(label)
             if heads is not None:
                 band, member_lse = band[heads], lse[heads]
-            p.observe(layer_id, req_index, band, member_lse)
-
-    def observe_step(self, layer_id: int, band_logits: torch.Tensor, lse: torch.Tensor) -> None:
-        for label, p in self.members.items():
-            if layer_id in p.needs.score_layers:
-                band, member_lse = band_logits[..., : p.needs.band_width], lse
-                heads = self._own_heads.get(label)
-                if heads is not None:
-                    band, member_lse = band[heads], lse[heads]
-                p.observe_step(layer_id, band, member_lse)
+            yield p, band, member_lse
 
     def observe_queries(self, layer_id: int, req_index: int, q: torch.Tensor, scale: float) -> None:
         """q [m, H, D], m <= this set's query window; each member gets its own last rows."""
