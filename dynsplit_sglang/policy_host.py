@@ -132,6 +132,8 @@ class PolicyHost:
             return free(free_index)
 
         def clear_and_reset():
+            with self._lock:  # what finished requests left (dropped at each prefill) goes first
+                self._release_rows(set())
             before = {**self.policy.stats(), **self._plan.stats()}
             result = clear()
             with self._lock:

@@ -59,13 +59,13 @@ def test_quick_mode(tmp_path, tiny_model):
         p: len(QUICK["tasks"]) for p in labels if p != "dynsplit"
     }
     # one prefill per prompt: every answer after the first found the prompt in the radix cache, all
-    # but the last tokens its policy ranks with (SnapKV's 32-token window, recomputed on a hit) or
-    # the very last one (SGLang always computes it)
+    # but the last tokens its policy ranks with (the 32-token window of SnapKV and of DynSplit-KV's
+    # resident set, recomputed on a hit) or, for full, the very last one (SGLang always computes it)
     for task in QUICK["tasks"]:
         rs = sorted((r for r in records if r["task"] == task), key=lambda r: r["cached_tokens"])
         assert rs[0]["cached_tokens"] < rs[0]["prompt_tokens"] // 2, rs[0]
         for r in rs[1:]:
-            assert r["cached_tokens"] == r["prompt_tokens"] - (32 if r["policy"] == "snapkv" else 1), r
+            assert r["cached_tokens"] == r["prompt_tokens"] - (1 if r["policy"] == "full" else 32), r
     assert (tmp_path / "accuracy_quick.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "accuracy_quick_split_rule.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "accuracy_quick.partial.jsonl").exists(), "a finished run removes its resume file"

@@ -3,7 +3,9 @@
 The invariants of the design: dense equivalence when the budget covers the sequence; identical
 block boundaries and greedy output whether a prompt is prefilled at once, in small chunks, or
 partly from the radix cache (also after another request shared and then left its prefix); no KV
-slot or block record leaks.
+slot or block record leaks. The block traces are read with eviction off (with it, a request's
+positions close up after its prompt and a resend hits only its intact prefix;
+tests/test_eviction_server.py holds eviction's own invariants); the leak check runs both ways.
 """
 
 import pytest
@@ -37,10 +39,15 @@ def test_budget_covering_the_sequence_is_identical_to_full(tiny_model, prompts):
 
 @pytest.fixture(scope="module")
 def uncached(tiny_model, prompts, tmp_path_factory):
-    """Reference: each prompt prefilled at once, no radix cache, sparse decode (budget 128)."""
+    """Reference: each prompt prefilled at once, no radix cache, sparse decode (budget 128), the
+    whole KV resident."""
     trace = tmp_path_factory.mktemp("uncached") / "trace.jsonl"
     with engine(
-        tiny_model, kv="dynsplit", kv_budget=BUDGET, disable_radix_cache=True, kv_config={"trace_path": str(trace)}
+        tiny_model,
+        kv="dynsplit",
+        kv_budget=BUDGET,
+        disable_radix_cache=True,
+        kv_config={"trace_path": str(trace), "evict": False},
     ) as eng:
         outputs, metas = generate(eng, prompts)
         flush(eng)
@@ -83,18 +90,40 @@ def test_blocks_end_at_the_tokenizers_delimiters(tiny_model, prompts, uncached):
     assert checked >= 30
 
 
-def test_no_leak_without_radix_cache(uncached):
-    _, _, flushes = uncached
+def check_nothing_held(flushes) -> None:
+    """Once every request has finished, no block record is held (a flush drops what finished
+    requests left first, as the next prefill would) and every KV slot is free again."""
     (flush,) = flushes
     assert flush["before"]["records_in_use"] == 0 == flush["before"]["records_owned"]
     assert flush["kv_available"] == flush["kv_available_at_start"]
+
+
+def test_no_leak_without_radix_cache(uncached):
+    check_nothing_held(uncached[2])
+
+
+def test_no_leak_with_eviction_without_radix_cache(tiny_model, prompts, tmp_path):
+    """The default: evicting requests hold row-owned copies of their resident blocks' records."""
+    trace = tmp_path / "trace.jsonl"
+    kv_config = {"trace_path": str(trace), "evict": True}
+    with engine(tiny_model, kv="dynsplit", kv_budget=BUDGET, disable_radix_cache=True, kv_config=kv_config) as eng:
+        generate(eng, prompts)
+        flush(eng)
+    blocks, flushes = read_trace(trace)
+    assert len(blocks) == len(prompts)
+    assert flushes[0]["before"]["evicted_requests"] == len(prompts)
+    check_nothing_held(flushes)
 
 
 def test_chunked_prefill_and_radix_hits_match_one_uncached_run(tiny_model, prompts, uncached, tmp_path):
     ref_out, ref_blocks, _ = uncached
     trace = tmp_path / "trace.jsonl"
     with engine(
-        tiny_model, kv="dynsplit", kv_budget=BUDGET, chunked_prefill_size=64, kv_config={"trace_path": str(trace)}
+        tiny_model,
+        kv="dynsplit",
+        kv_budget=BUDGET,
+        chunked_prefill_size=64,
+        kv_config={"trace_path": str(trace), "evict": False},
     ) as eng:
         # 1) chunked prefill, all prompts in one batch of mixed lengths
         out, metas = generate(eng, prompts)

@@ -201,15 +201,18 @@ def test_decode_time_compaction_keeps_whole_blocks_and_the_sequence_closes_up(op
 def test_decode_time_eviction_options_are_checked():
     with pytest.raises(KVConfigError, match="resident"):
         DynSplitOptions(evict=True, resident=0.5).validate()
-    with pytest.raises(KVConfigError, match="layer_budgets"):
-        DynSplitOptions(evict=True, layer_budgets="dynamickv").validate()
-    with pytest.raises(KVConfigError, match="dense_layers"):
-        QuestOptions(evict=True, dense_layers=2).validate()
+    # eviction is on by default: the options it cannot serve say how to turn it off
+    with pytest.raises(KVConfigError, match='layer_budgets.*add "evict": false'):
+        DynSplitOptions(layer_budgets="dynamickv").validate()
+    with pytest.raises(KVConfigError, match='dense_layers.*add "evict": false'):
+        QuestOptions(dense_layers=2).validate()
+    DynSplitOptions(layer_budgets="dynamickv", evict=False).validate()
+    QuestOptions(dense_layers=2, evict=False).validate()
     with pytest.raises(KVConfigError, match="resident_rank"):
         DynSplitOptions(evict=True, resident_rank="max").validate()
     policy = make_policy(DynSplitOptions(evict=True), 64)
     assert policy.needs.query_window == 32 and len(policy.needs.query_layers) == SHAPE.num_layers
-    assert make_policy(DynSplitOptions(), 64).needs.query_window == 0  # nothing collected with eviction off
+    assert make_policy(DynSplitOptions(evict=False), 64).needs.query_window == 0  # nothing collected with eviction off
 
 
 @pytest.mark.parametrize(

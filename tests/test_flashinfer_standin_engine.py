@@ -43,23 +43,25 @@ def test_sglangs_flashinfer_backend_on_the_standins_matches_torch_native(tiny_mo
         assert g_lp == pytest.approx(w_lp, abs=1e-4)
 
 
-def test_dynsplit_on_the_flashinfer_backend_matches_the_torch_backend(tiny_model, monkeypatch):
+@pytest.mark.parametrize("evict", [False, True], ids=["resident", "evicting"])
+def test_dynsplit_on_the_flashinfer_backend_matches_the_torch_backend(tiny_model, monkeypatch, evict):
     """`--kv dynsplit --attention-backend dynsplit_flashinfer` (the FlashInferAttnBackend subclass)
     against the torch backend: the same blocks and selections, so the same tokens, and logprobs
     within the two attention implementations' rounding. A batch mixing a request within its
-    budget (dense rows in the folded decode) and sparse ones, then a radix hit."""
+    budget (dense rows in the folded decode) and sparse ones, then a radix hit: of the whole
+    first prompt with the KV resident, of its intact prefix only when the first request evicted
+    (the decode then reads a closed-up sequence)."""
     monkeypatch.setenv("SGLANG_FLASHINFER_WORKSPACE_SIZE", str(8 << 20))
     ids = AutoTokenizer.from_pretrained(tiny_model)(SAMPLE_TEXT * 10, add_special_tokens=False).input_ids
     first = [ids[:300], ids[5:105], ids[9:420]]  # 100 tokens + 8 fit the budget of 128
     hit = [ids[:300] + ids[430:470]]
-    with engine(tiny_model, kv="dynsplit", kv_budget=128) as eng:
+    kv = {"kv": "dynsplit", "kv_budget": 128, "kv_config": {"evict": evict}}
+    with engine(tiny_model, **kv) as eng:
         want = answers(eng, first) + answers(eng, hit)
-    with (
-        in_sglang_processes(STANDINS),
-        engine(tiny_model, kv="dynsplit", kv_budget=128, attention_backend="dynsplit_flashinfer") as eng,
-    ):
+    with in_sglang_processes(STANDINS), engine(tiny_model, attention_backend="dynsplit_flashinfer", **kv) as eng:
         got = answers(eng, first) + answers(eng, hit)
-    assert got[3][2] >= 256
+    assert [g[2] for g in got] == [w[2] for w in want]
+    assert got[3][2] >= (32 if evict else 256)
     for (g_ids, g_lp, _), (w_ids, w_lp, _) in zip(got, want):
         assert g_ids == w_ids
         assert g_lp == pytest.approx(w_lp, abs=1e-4)

@@ -28,7 +28,7 @@ BUDGET = 96
 COMMON = ("--chunked-prefill-size", "128")
 ALONE = ("dynsplit", "snapkv")
 VARIANTS = {
-    "dynsplit+dynamickv": {"policy": "dynsplit", "layer_budgets": "dynamickv"},
+    "dynsplit+dynamickv": {"policy": "dynsplit", "layer_budgets": "dynamickv", "evict": False},
     "quest": {},
     "snapkv": {},
     "pyramidkv": {},
@@ -36,7 +36,8 @@ VARIANTS = {
     "windowkv": {},
     "streamingllm": {},
     "sepllm": {},
-    "quest-dense": {"policy": "quest", "dense_layers": 30},  # SmolLM2's 30 layers: dense everywhere
+    # SmolLM2's 30 layers: dense everywhere (a dense layer reads the whole prompt: no eviction)
+    "quest-dense": {"policy": "quest", "dense_layers": 30, "evict": False},
 }
 _alone_outputs: dict[str, list] = {}
 

@@ -44,7 +44,7 @@ class ResidentOptions(PolicyOptions):
     step selects within the resident set (see docs/design.md, "Eviction")."""
 
     evict: bool = option(
-        False,
+        True,
         "free the prompt KV outside a resident set of whole blocks (`resident` x budget tokens, the blocks "
         f"the prompt's last {RESIDENT_WINDOW} queries attend to most), chosen when the prompt is in; "
         "each step then selects within it",
@@ -199,8 +199,8 @@ class DynSplitOptions(ResidentOptions):
         check_choice("layer_budgets", self.layer_budgets, LAYER_BUDGETS)
         if self.evict and self.layer_budgets != "uniform":
             raise KVConfigError(
-                "--kv-config: 'evict' needs 'layer_budgets' \"uniform\" (a layer's dynamickv share may "
-                "outgrow the resident set); turn one of them off"
+                "--kv-config: 'layer_budgets' \"dynamickv\" needs 'evict' false (a layer's dynamickv share may "
+                'outgrow the resident set, which is on by default); add "evict": false'
             )
         for name in ("score_layers", "score_heads"):
             value = getattr(self, name)

@@ -32,8 +32,8 @@ class QuestOptions(ResidentOptions):
         check_int("dense_layers", self.dense_layers, 0)
         if self.evict and self.dense_layers:
             raise KVConfigError(
-                "--kv-config: 'evict' needs 'dense_layers' 0 (a dense layer reads the whole prompt); "
-                "turn one of them off"
+                "--kv-config: 'dense_layers' needs 'evict' false (a dense layer reads the whole prompt, "
+                'which eviction, on by default, frees); add "evict": false'
             )
 
     def min_budget(self) -> int:
