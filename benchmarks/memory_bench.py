@@ -37,6 +37,8 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
+from benchmarks import agent_load
+from benchmarks.agent_load import AgentLoad, summary
 from benchmarks.common import RESULTS, ratio_text, run_info, save_result
 from benchmarks.serve_bench import Stream, stream_request
 from dynsplit_sglang.policies import POLICY_CLASSES
@@ -142,42 +144,13 @@ def generate(url: str, ids: list[int], new: int) -> dict:
         return json.load(r)
 
 
-def run_agents(url: str, agents: int, turns: int, system: int, tool: int, new: int, vocab: int, seed: int) -> dict:
-    rng = random.Random(seed)
-    shared = [rng.randrange(vocab) for _ in range(system)]
-    tools = [[[rng.randrange(vocab) for _ in range(tool)] for _ in range(turns)] for _ in range(agents)]
-    records: list[tuple[int, int]] = []  # (prompt tokens, cached tokens) per request
-    errors: list[str] = []
-    lock = threading.Lock()
-
-    def agent(a: int) -> None:
-        history = list(shared)
-        try:
-            for k in range(turns):
-                history += tools[a][k]
-                reply = generate(url, history, new)
-                with lock:
-                    records.append((len(history), int(reply["meta_info"].get("cached_tokens", 0))))
-                history += reply["output_ids"]
-        except OSError as e:
-            errors.append(f"agent {a}: {type(e).__name__}: {e}")
-
-    threads = [threading.Thread(target=agent, args=(a,)) for a in range(agents)]
+def run_agents(url: str, load: AgentLoad, vocab: int) -> dict:
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise RuntimeError(f"agent load: {errors[0]}")
-    prompt_tokens = sum(p for p, _ in records)
-    return {
-        "wall_s": round(time.perf_counter() - t0, 2),
-        "requests": len(records),
-        "cached_share": round(sum(c for _, c in records) / prompt_tokens, 3),
-        "system_prompt_cached_share": round(sum(min(c, system) for _, c in records) / (system * len(records)), 3),
-        "prefilled_tokens": prompt_tokens - sum(c for _, c in records),
-    }
+    report = summary(agent_load.run(url, load, vocab), load)
+    if report["failed"]:
+        raise RuntimeError(f"agent load: {report['failures'][0]}")
+    keep = ("requests", "cached_share", "system_prompt_cached_share", "prefilled_tokens")
+    return {"wall_s": round(time.perf_counter() - t0, 2), **{k: report[k] for k in keep}}
 
 
 def main(argv=None):
@@ -233,9 +206,8 @@ def main(argv=None):
                 if load == "distinct":
                     measured = run_distinct(url, args.requests, args.prompt, args.new_tokens, vocab, seed=1)
                 elif load == "agent":
-                    measured = run_agents(
-                        url, args.agents, args.turns, args.system, args.tool, args.answer, vocab, seed=2
-                    )
+                    agents = AgentLoad(args.agents, args.turns, args.system, args.tool, args.answer, seed=2)
+                    measured = run_agents(url, agents, vocab)
                 else:
                     raise SystemExit(f"--loads: unknown load {load!r} (distinct, agent)")
                 running, kv_tokens = decode_log.peaks()

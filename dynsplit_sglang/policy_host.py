@@ -134,7 +134,7 @@ class PolicyHost:
         def clear_and_reset():
             with self._lock:  # what finished requests left (dropped at each prefill) goes first
                 self._release_rows(set())
-            before = {**self.policy.stats(), **self._plan.stats()}
+            before = self._stats()
             result = clear()
             with self._lock:
                 self.policy.reset()
@@ -145,13 +145,18 @@ class PolicyHost:
                     "kv_available": allocator.available_size(),
                     "kv_available_at_start": self._kv_available_at_start,
                     "before": before,
-                    "after": {**self.policy.stats(), **self._plan.stats()},
+                    "after": self._stats(),
                 }
             )
             return result
 
         allocator.free = free_and_release
         allocator.clear = clear_and_reset
+
+    def _stats(self) -> dict:
+        """Counters of every per-request table (the policy's, the eviction plan's, the host's
+        request per row): a leak check reads them at a cache flush, when no request runs."""
+        return {**self.policy.stats(), **self._plan.stats(), "row_requests": len(self._row_request)}
 
     # --- per-batch metadata -------------------------------------------------------------------
     def _begin_forward(self, forward_batch, num_rows: int | None = None) -> None:

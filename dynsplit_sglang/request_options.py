@@ -58,8 +58,15 @@ def configure(kv: KVConfig | None, context_length: int | None) -> None:
 
 
 def check(custom_params) -> None:
-    """Raise ValueError naming the problem if custom_params.kv_budget or kv_policy is not usable."""
-    if not isinstance(custom_params, dict) or not (set(KEYS) & custom_params.keys()):
+    """Raise ValueError naming the problem if custom_params.kv_budget, kv_policy or kv_evict is not
+    usable, or a kv_ key is none of them (a misspelt option would otherwise be ignored; other keys
+    belong to other custom_params users, such as custom logit processors)."""
+    if not isinstance(custom_params, dict):
+        return
+    unknown = sorted(k for k in custom_params if isinstance(k, str) and k.startswith("kv_") and k not in KEYS)
+    if unknown:
+        raise ValueError(f"unknown custom_params key {unknown[0]!r}; the KV options are {', '.join(KEYS)}")
+    if not (set(KEYS) & custom_params.keys()):
         return
     given = [f"custom_params.{k}" for k in KEYS if k in custom_params]
     if _server is None or _server.policy == "full":

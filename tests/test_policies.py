@@ -406,6 +406,8 @@ def test_request_budget_is_checked_against_the_policy():
     ]:
         with pytest.raises(ValueError, match=message):
             request_options.check({"kv_budget": bad})
+    with pytest.raises(ValueError, match="unknown custom_params key 'kv_budgt'; the KV options are kv_budget"):
+        request_options.check({"kv_budgt": 256})
     request_options.configure(None, None)
     with pytest.raises(ValueError, match="this server runs --kv full"):
         request_options.check({"kv_budget": 256})

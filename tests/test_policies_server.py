@@ -74,6 +74,8 @@ def refused(url, prompt, custom):
 @pytest.fixture(scope="module")
 def full_outputs(smollm2, prompts):
     with launch_server(smollm2, "--attention-backend", "torch_native", *COMMON) as url:
+        # KV options mean nothing to --kv full: refused, not ignored
+        assert "this server runs --kv full" in refused(url, prompts[0], {"kv_budget": 64})
         return generate(url, prompts)
 
 

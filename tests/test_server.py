@@ -1,5 +1,6 @@
 """The HTTP server with `--kv dynsplit` on the embedded SmolLM2-135M-Instruct: OpenAI chat API on
-a long passkey prompt, the frontend language, and clean one-line startup errors."""
+a long passkey prompt, the frontend language, malformed requests (a 400 naming the problem, the
+server serving on), and clean one-line startup errors."""
 
 import subprocess
 import sys
@@ -71,6 +72,51 @@ def test_frontend_language_fork_shares_the_prefix(server):
     state = two_answers.run(context="The grass is green. The sky is blue. " * 60)
     first, second = state["answers"]
     assert first == second and first.strip()
+
+
+# (what a client sends to /generate, what the 400 says)
+MALFORMED = [
+    (
+        {"custom_params": {"kv_budget": "many"}},
+        "custom_params.kv_budget must be a positive number of tokens, got 'many'",
+    ),
+    ({"custom_params": {"kv_budget": 0}}, "custom_params.kv_budget must be a positive number of tokens, got 0"),
+    ({"custom_params": {"kv_budget": 1.5}}, "custom_params.kv_budget must be a positive number of tokens, got 1.5"),
+    ({"custom_params": {"kv_budget": 100000}}, "custom_params.kv_budget 100000 is larger than the model's context"),
+    ({"custom_params": {"kv_budget": 4}}, "custom_params.kv_budget 4 is too small for dynsplit"),
+    ({"custom_params": {"kv_evict": "yes"}}, "custom_params.kv_evict must be true or false, got 'yes'"),
+    ({"custom_params": {"kv_policy": "h2o"}}, "custom_params.kv_policy 'h2o' is not a policy of this server"),
+    ({"custom_params": {"kv_budgt": 64}}, "unknown custom_params key 'kv_budgt'; the KV options are kv_budget"),
+    ({"max_new_tokens": -1}, "max_new_tokens must be at least 0"),
+]
+
+
+@pytest.mark.server
+def test_malformed_requests_get_a_400_naming_the_problem(server, smollm2):
+    url, _ = server
+    prompt = {"text": "The sky is blue. " * 20}
+    for params, message in MALFORMED:
+        reply = requests.post(url + "/generate", json={**prompt, "sampling_params": params}, timeout=60)
+        assert reply.status_code == 400 and message in reply.text, (params, reply.status_code, reply.text)
+    for body, message in [
+        ({"input_ids": []}, "input_ids cannot be empty"),
+        ({"input_ids": [1] * 9000}, "The input (9000 tokens) is longer than the model's context length (8192"),
+    ]:
+        reply = requests.post(url + "/generate", json={**body, "sampling_params": {"max_new_tokens": 4}}, timeout=60)
+        assert reply.status_code == 400 and message in reply.text, (reply.status_code, reply.text)
+    # the OpenAI API takes custom_params too, and refuses a bad one the same way
+    reply = requests.post(
+        url + "/v1/chat/completions",
+        json={"model": "default", "messages": [{"role": "user", "content": "Hi"}], "custom_params": {"kv_budget": 0}},
+        timeout=60,
+    )
+    assert reply.status_code == 400 and "custom_params.kv_budget must be a positive number" in reply.text, reply.text
+    # ... and the server answers as before, with a valid per-request budget too
+    for params in ({}, {"custom_params": {"kv_budget": 64, "kv_evict": False}}):
+        reply = requests.post(
+            url + "/generate", json={**prompt, "sampling_params": {"max_new_tokens": 4, **params}}, timeout=120
+        )
+        assert reply.status_code == 200 and reply.json()["meta_info"]["completion_tokens"] == 4, reply.text
 
 
 @pytest.mark.parametrize(

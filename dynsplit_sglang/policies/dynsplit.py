@@ -751,6 +751,8 @@ class DynSplitPolicy(KVPolicy):
             "records_in_use": t.records_in_use,
             "records_owned": t.records_owned() + sum(recs.numel() for _, recs, _ in self._row_records.values()),
             "records_capacity": t.capacity,
+            "resident_sets": len(self._resident),
+            "window_masses": len(self._window_mass),
             **carried,
         }
 
