@@ -43,6 +43,16 @@ def device_name() -> str:
     return f"CPU: {model}, {os.cpu_count()} cores"
 
 
+def cpu_model(smoke: bool) -> tuple[str, int]:
+    """(model folder, vocabulary size) of the CPU benchmarks: SmolLM2-135M-Instruct, or the tiny
+    random Llama for --smoke."""
+    from dynsplit_sglang.default_model import smollm2_path, tiny_model_path
+
+    model = str(tiny_model_path() if smoke else smollm2_path())
+    with open(os.path.join(model, "config.json")) as f:
+        return model, json.load(f)["vocab_size"]
+
+
 def ratio_text(value, reference) -> str:
     """'1.23x' of value over reference; '' when either is missing or zero."""
     return f"{value / reference:.2f}x" if value and reference else ""

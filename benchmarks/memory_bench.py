@@ -39,10 +39,10 @@ from dataclasses import dataclass
 
 from benchmarks import agent_load
 from benchmarks.agent_load import AgentLoad, summary
-from benchmarks.common import RESULTS, ratio_text, run_info, save_result
+from benchmarks.common import RESULTS, cpu_model, ratio_text, run_info, save_result
 from benchmarks.serve_bench import Stream, stream_request
 from dynsplit_sglang.policies import POLICY_CLASSES
-from dynsplit_sglang.testing.server import CPU_ARGS, start_server
+from dynsplit_sglang.testing.server import cpu_args, flush_cache, start_server
 
 DECODE_LINE = re.compile(r"Decode batch.*?#running-req: (\d+), #token: (\d+)")
 STEP_GAP_S = 0.010  # token chunks closer than this belong to one decode step
@@ -172,19 +172,10 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.smoke:
-        from dynsplit_sglang.default_model import tiny_model_path
-
-        model = str(tiny_model_path())
         args.kv_budget, args.pool_tokens, args.requests, args.prompt, args.new_tokens = 128, 4096, 6, 900, 8
         args.agents, args.turns, args.system, args.tool, args.answer = 3, 2, 300, 100, 4
-    else:
-        from dynsplit_sglang.default_model import smollm2_path
-
-        model = str(smollm2_path())
-    device_args = list(CPU_ARGS)
-    device_args[device_args.index("--max-total-tokens") + 1] = str(args.pool_tokens)
-    with open(os.path.join(model, "config.json")) as f:
-        vocab = json.load(f)["vocab_size"]
+    model, vocab = cpu_model(args.smoke)
+    device_args = cpu_args(args.pool_tokens)
     loads = [x.strip() for x in args.loads.split(",") if x.strip()]
     out = args.out or os.path.join(RESULTS, "memory_bench_smoke.json" if args.smoke else "memory_bench.json")
     log_dir = out.removesuffix(".json") + "_logs"
@@ -198,7 +189,7 @@ def main(argv=None):
         flags = config.server_args(args.kv_budget) + ["--decode-log-interval", "1"]
         with start_server(model, *flags, device_args=device_args, timeout=1800, log_path=log) as (url, _):
             generate(url, list(range(100, 100 + min(args.prompt, 1024))), 4)  # warm-up: lazy initialisation
-            requests_flush(url)
+            flush_cache(url)
             decode_log = DecodeLog(log)
             for load in loads:
                 print(f"[{config.name}] {load} load ...", flush=True)
@@ -215,7 +206,7 @@ def main(argv=None):
                 row.update(max_running=running, peak_kv_tokens=kv_tokens)
                 rows.append(row)
                 print(f"[{config.name}]   {row}", flush=True)
-                requests_flush(url)
+                flush_cache(url)
 
     result = {
         **info,
@@ -227,12 +218,6 @@ def main(argv=None):
     }
     save_result(out, result, markdown(result))
     return result
-
-
-def requests_flush(url: str) -> None:
-    """Empty the radix cache between loads, so one load's prompts do not serve the next."""
-    with urllib.request.urlopen(urllib.request.Request(url + "/flush_cache?timeout=120", method="POST"), timeout=180):
-        pass
 
 
 def markdown(result: dict) -> str:

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.common import RESULTS, ratio_text, run_info, save_result
-from dynsplit_sglang.testing.server import CPU_ARGS, start_server
+from dynsplit_sglang.testing.server import cpu_args, start_server
 
 # Llama-3.1-8B's shape (config.json of meta-llama/Llama-3.1-8B-Instruct, weights not needed).
 LLAMA_8B_SHAPE = dict(
@@ -422,18 +422,16 @@ def main(argv=None):
         policies = [p for p in policies if ":" not in p]  # no FlashInfer on the CPU
         from dynsplit_sglang.default_model import tiny_model_path
 
-        model, device_args = str(tiny_model_path()), list(CPU_ARGS)
+        model, device_args = str(tiny_model_path()), cpu_args(4096)
         settings, new_tokens, budget = [Setting(512, 2), Setting(1024, None)], 16, 128
         args.profile = args.profile or "512x2"
-        device_args[device_args.index("--max-total-tokens") + 1] = "4096"
     elif args.cpu:
         policies = [p for p in policies if ":" not in p]  # no FlashInfer on the CPU
         from dynsplit_sglang.default_model import smollm2_path
 
-        model, device_args = args.model_path or str(smollm2_path()), list(CPU_ARGS)
+        model, device_args = args.model_path or str(smollm2_path()), cpu_args(args.max_total_tokens or 32768)
         if args.max_position:
             model = str(longer_context(Path(model), args.max_position))
-        device_args[device_args.index("--max-total-tokens") + 1] = str(args.max_total_tokens or 32768)
         settings, new_tokens, budget = parse_settings(args.settings), args.new_tokens, args.kv_budget
     else:
         model = args.model_path or str(llama_8b_shape_path())

@@ -27,9 +27,9 @@ import time
 
 from benchmarks import agent_load
 from benchmarks.agent_load import AgentLoad, summary
-from benchmarks.common import RESULTS, run_info, save_result
+from benchmarks.common import RESULTS, cpu_model, run_info, save_result
 from benchmarks.memory_bench import DecodeLog
-from dynsplit_sglang.testing.server import CPU_ARGS, start_server
+from dynsplit_sglang.testing.server import cpu_args, flush_cache, start_server
 
 VARIANTS = ("quest", "snapkv", "dynamickv", "streamingllm")
 # counters of a flush event that are not per-request state: capacities and running totals
@@ -43,18 +43,6 @@ def server_args(server: str, budget: int, evict: bool, trace: str) -> list[str]:
     if server == "variants":
         args += ["--kv-variants", json.dumps({p: {"evict": evict} for p in VARIANTS})]
     return args + ["--decode-log-interval", "1"]
-
-
-def flush(url: str, wait_s: float = 120) -> None:
-    """Flush the radix cache once the server is idle (it refuses while a request runs; a dropped
-    stream is aborted ~2 s after its client left)."""
-    import requests
-
-    deadline = time.time() + wait_s
-    while (reply := requests.post(url + "/flush_cache?timeout=30", timeout=60)).status_code != 200:
-        if time.time() > deadline:
-            raise RuntimeError(f"the cache never flushed: {reply.status_code} {reply.text}")
-        time.sleep(1)
 
 
 def leaks(trace: str) -> dict:
@@ -91,19 +79,10 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.smoke:
-        from dynsplit_sglang.default_model import tiny_model_path
-
-        model = str(tiny_model_path())
         args.kv_budget, args.pool_tokens, args.agents, args.turns = 128, 6000, 4, 2
         args.system, args.tool, args.new_tokens, args.cancel_every = 300, 100, 4, 3
-    else:
-        from dynsplit_sglang.default_model import smollm2_path
-
-        model = str(smollm2_path())
-    device_args = list(CPU_ARGS)
-    device_args[device_args.index("--max-total-tokens") + 1] = str(args.pool_tokens)
-    with open(os.path.join(model, "config.json")) as f:
-        vocab = json.load(f)["vocab_size"]
+    model, vocab = cpu_model(args.smoke)
+    device_args = cpu_args(args.pool_tokens)
     out = args.out or os.path.join(RESULTS, "soak_smoke.json" if args.smoke else "soak.json")
     log_dir = out.removesuffix(".json") + "_logs"
     os.makedirs(log_dir, exist_ok=True)
@@ -141,7 +120,7 @@ def main(argv=None):
                 report = summary(agent_load.run(url, load, vocab), load)
                 wall = time.perf_counter() - t0
                 running, kv_tokens = decode_log.peaks()
-                flush(url)
+                flush_cache(url)
             with open(log, errors="replace") as f:
                 retractions = f.read().count(RETRACTED)
             row = {

@@ -12,7 +12,6 @@ Once on `--kv dynsplit`, once on a server running several policies side by side.
 """
 
 import json
-import time
 from dataclasses import replace
 
 import pytest
@@ -20,7 +19,7 @@ import requests
 from transformers import AutoConfig
 
 from benchmarks.agent_load import AgentLoad, run, summary
-from dynsplit_sglang.testing.server import launch_server
+from dynsplit_sglang.testing.server import flush_cache, launch_server
 from tests.engine_utils import read_trace
 
 pytestmark = pytest.mark.server
@@ -44,18 +43,6 @@ SERVERS = {
 }
 # counters that are not per-request state: capacities and running totals
 NOT_PER_REQUEST = ("records_capacity", "records_in_use", "records_owned", "evicted_requests", "evicted_tokens")
-
-
-def flush_when_idle(url: str, wait_s: float = 60) -> None:
-    """Flush the radix cache once the server is idle (a dropped stream is aborted ~2 s after the
-    client left, and SGLang refuses a flush while anything runs)."""
-    deadline = time.time() + wait_s
-    while True:
-        reply = requests.post(url + "/flush_cache?timeout=30", timeout=60)
-        if reply.status_code == 200:
-            return
-        assert time.time() < deadline, f"the cache never flushed: {reply.status_code} {reply.text}"
-        time.sleep(1)
 
 
 @pytest.mark.parametrize("server", SERVERS)
@@ -83,7 +70,7 @@ def test_agent_load_with_cancellations_leaves_nothing_behind(server, tiny_model,
         assert sum(o.cached_tokens >= load.system_tokens for o in later) >= 0.9 * len(later), report
         reply = requests.post(url + "/generate", json={"text": "Hello", "sampling_params": {"max_new_tokens": 4}})
         assert reply.status_code == 200 and reply.json()["meta_info"]["completion_tokens"] == 4, reply.text
-        flush_when_idle(url)
+        flush_cache(url)
     assert "#retracted_reqs: " in log.read_text(errors="replace"), "SGLang never retracted a request"
     _, flushes = read_trace(trace)
     (flush,) = flushes

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
@@ -17,6 +18,28 @@ from dynsplit_sglang.testing import process_setup
 
 # The CPU recipe: fp32 (bf16 matmuls are slow on CPUs without AMX) and a small KV pool.
 CPU_ARGS = ("--device", "cpu", "--dtype", "float32", "--max-total-tokens", "20000")
+
+
+def cpu_args(pool_tokens: int) -> list[str]:
+    """The CPU recipe with a KV pool of this many tokens."""
+    args = list(CPU_ARGS)
+    args[args.index("--max-total-tokens") + 1] = str(pool_tokens)
+    return args
+
+
+def flush_cache(url: str, wait_s: float = 120) -> None:
+    """Empty the server's radix cache once it is idle: SGLang refuses a flush while a request
+    runs (and aborts a dropped stream only ~2 s after its client left)."""
+    deadline = time.time() + wait_s
+    while True:
+        request = urllib.request.Request(url + "/flush_cache?timeout=30", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=60):
+                return
+        except urllib.error.HTTPError as e:
+            if time.time() > deadline:
+                raise RuntimeError(f"the cache never flushed: {e.code} {e.read().decode(errors='replace')}") from None
+        time.sleep(1)
 
 
 def _die_with_parent() -> None:
