@@ -45,20 +45,27 @@ def server_args(server: str, budget: int, evict: bool, trace: str) -> list[str]:
     return args + ["--decode-log-interval", "1"]
 
 
+def per_request_tables(stats: dict) -> dict:
+    """The entries of a flush event's counters (`before`) that are per-request state: every one
+    is 0 once the finished requests' state is dropped."""
+    return {k: v for k, v in stats.items() if not k.endswith(NOT_PER_REQUEST)}
+
+
+def unowned_records(stats: dict) -> dict:
+    """Per policy: block records in use beyond those the radix tree's slots own (0: none)."""
+    return {k: stats[k] - stats[k.replace("in_use", "owned")] for k in stats if k.endswith("records_in_use")}
+
+
 def leaks(trace: str) -> dict:
     """From the last flush event: KV slots missing from the allocator and per-request table
     entries left behind (both 0 when nothing leaked)."""
     with open(trace) as f:
         event = [e for e in map(json.loads, f) if e["event"] == "flush"][-1]
     before = event["before"]
-    tables = {k: v for k, v in before.items() if not k.endswith(NOT_PER_REQUEST)}
-    records = {
-        k: before[k] - before[k.replace("in_use", "owned")] for k in before if k.endswith("records_in_use")
-    }  # block records held beyond what the radix tree's slots own
     return {
         "kv_slots_leaked": event["kv_available_at_start"] - event["kv_available"],
-        "table_entries_left": sum(tables.values()),
-        "records_unowned": sum(records.values()),
+        "table_entries_left": sum(per_request_tables(before).values()),
+        "records_unowned": sum(unowned_records(before).values()),
     }
 
 

@@ -19,7 +19,8 @@ import requests
 from transformers import AutoConfig
 
 from benchmarks.agent_load import AgentLoad, run, summary
-from dynsplit_sglang.testing.server import flush_cache, launch_server
+from benchmarks.soak import per_request_tables, unowned_records
+from dynsplit_sglang.testing.server import cpu_args, flush_cache, launch_server
 from tests.engine_utils import read_trace
 
 pytestmark = pytest.mark.server
@@ -41,8 +42,6 @@ SERVERS = {
     "dynsplit": ((), ()),
     "variants": (("--kv-variants", json.dumps(VARIANTS)), ("dynsplit", *VARIANTS)),
 }
-# counters that are not per-request state: capacities and running totals
-NOT_PER_REQUEST = ("records_capacity", "records_in_use", "records_owned", "evicted_requests", "evicted_tokens")
 
 
 @pytest.mark.parametrize("server", SERVERS)
@@ -54,11 +53,11 @@ def test_agent_load_with_cancellations_leaves_nothing_behind(server, tiny_model,
     trace, log = tmp_path / "trace.jsonl", tmp_path / "server.log"
     args = (
         *("--kv", "dynsplit", "--kv-budget", "128", "--kv-config", json.dumps({"trace_path": str(trace)})),
-        *("--max-total-tokens", "8000", "--chunked-prefill-size", "256"),
+        *("--chunked-prefill-size", "256"),
         *extra,
     )
     vocab = AutoConfig.from_pretrained(tiny_model).vocab_size
-    with launch_server(tiny_model, *args, log_path=str(log)) as url:
+    with launch_server(tiny_model, *args, device_args=cpu_args(8000), log_path=str(log)) as url:
         outcomes = run(url, load, vocab)
         report = summary(outcomes, load)
         assert report["failed"] == 0, report["failures"]
@@ -76,7 +75,7 @@ def test_agent_load_with_cancellations_leaves_nothing_behind(server, tiny_model,
     (flush,) = flushes
     assert flush["kv_available"] == flush["kv_available_at_start"], "KV slots leaked"
     before = flush["before"]
-    held = {k: v for k, v in before.items() if not k.endswith(NOT_PER_REQUEST)}
+    held = per_request_tables(before)
     assert held and not any(held.values()), held  # what finished requests left is gone
-    for key in (k for k in before if k.endswith("records_in_use")):  # block records: only the tree's
-        assert before[key] == before[key.replace("in_use", "owned")], before
+    unowned = unowned_records(before)  # block records: only the tree's
+    assert unowned and not any(unowned.values()), before
