@@ -12,7 +12,9 @@ chunked prefill. The pool is small for the load, so SGLang retracts requests und
 
 Reported per server: requests answered / cancelled / failed, the cached share of the shared system
 prompt, p50/p99 latency of the answered requests, the most requests running and the peak KV tokens
-they held (SGLang's decode-batch log), the wall time, how often SGLang retracted, and the leak
+they held (SGLang's decode-batch log), what compression did (the server's own metrics: KV tokens
+decode steps attended and held, as shares of their context), the wall time, how often SGLang
+retracted, and the leak
 counters after a cache flush: KV slots not back in the allocator and per-request entries left in
 the backend's tables (from the `trace_path` flush event). Prints a table and writes
 benchmarks/results/soak.json (soak_smoke.json for --smoke) with the machine, commit, date and command.
@@ -29,7 +31,7 @@ from benchmarks import agent_load
 from benchmarks.agent_load import AgentLoad, summary
 from benchmarks.common import RESULTS, cpu_model, run_info, save_result
 from benchmarks.memory_bench import DecodeLog
-from dynsplit_sglang.testing.server import cpu_args, flush_cache, start_server
+from dynsplit_sglang.testing.server import cpu_args, flush_cache, scrape_metrics, start_server
 
 VARIANTS = ("quest", "snapkv", "dynamickv", "streamingllm")
 # counters of a flush event that are not per-request state: capacities and running totals
@@ -42,7 +44,18 @@ def server_args(server: str, budget: int, evict: bool, trace: str) -> list[str]:
     args = ["--kv", "dynsplit", "--kv-budget", str(budget), "--kv-config", json.dumps(config)]
     if server == "variants":
         args += ["--kv-variants", json.dumps({p: {"evict": evict} for p in VARIANTS})]
-    return args + ["--decode-log-interval", "1"]
+    return args + ["--decode-log-interval", "1", "--enable-metrics"]
+
+
+def compression_shares(url: str) -> dict:
+    """KV tokens decode steps attended and held, as shares of their context (every policy's)."""
+    metrics = scrape_metrics(url)
+    tokens = {
+        k: sum(metrics.get(f"sglang:kv_compression_{k}_tokens_total", {}).values())
+        for k in ("attended", "held", "context")
+    }
+    context = tokens["context"] or 1
+    return {"attended_share": round(tokens["attended"] / context, 3), "held_share": round(tokens["held"] / context, 3)}
 
 
 def per_request_tables(stats: dict) -> dict:
@@ -127,6 +140,7 @@ def main(argv=None):
                 report = summary(agent_load.run(url, load, vocab), load)
                 wall = time.perf_counter() - t0
                 running, kv_tokens = decode_log.peaks()
+                shares = compression_shares(url)
                 flush_cache(url)
             with open(log, errors="replace") as f:
                 retractions = f.read().count(RETRACTED)
@@ -136,6 +150,7 @@ def main(argv=None):
                 **{k: v for k, v in report.items() if k != "failures"},
                 "max_running": running,
                 "peak_kv_tokens": kv_tokens,
+                **shares,
                 "retractions": retractions,
                 "wall_s": round(wall, 1),
                 **leaks(trace),
@@ -152,14 +167,16 @@ def main(argv=None):
 def markdown(result: dict) -> str:
     head = (
         "| server | evict | answered | cancelled | failed | system prompt cached | p50 s | p99 s "
-        "| most running | peak KV tokens | retractions | wall s | KV slots leaked | table entries left |"
+        "| most running | peak KV tokens | attended / context | held / context | retractions | wall s "
+        "| KV slots leaked | table entries left |"
     )
-    lines = [head, "| " + " | ".join(["---"] * 14) + " |"]
+    lines = [head, "| " + " | ".join(["---"] * 16) + " |"]
     for r in result["rows"]:
         lines.append(
             f"| {r['server']} | {'on' if r['evict'] else 'off'} | {r['answered']} | {r['cancelled']} | {r['failed']} "
             f"| {r['system_prompt_cached_share']} | {r['latency_p50_s']} | {r['latency_p99_s']} | {r['max_running']} "
-            f"| {r['peak_kv_tokens']} | {r['retractions']} | {r['wall_s']} | {r['kv_slots_leaked']} "
+            f"| {r['peak_kv_tokens']} | {r['attended_share']} | {r['held_share']} | {r['retractions']} "
+            f"| {r['wall_s']} | {r['kv_slots_leaked']} "
             f"| {r['table_entries_left'] + r['records_unowned']} |"
         )
     return "\n".join(lines)

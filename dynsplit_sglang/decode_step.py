@@ -58,28 +58,42 @@ class Selecting:
 class DecodeStep:
     """A decode step's requests, for every layer.
 
-    seq_lens:  [R] int64 (each request's view), and on the host `lengths`.
-    slots:     [R, max_len] int64 KV slots by position of every request, 0 past its length.
-    selecting: per layer, its Selecting (the same object for layers with the same requests),
-               or None where every request attends densely.
+    seq_lens:     [R] int64 (each request's view), and on the host `lengths`.
+    slots:        [R, max_len] int64 KV slots by position of every request, 0 past its length.
+    selecting:    per layer, its Selecting (the same object for layers with the same requests),
+                  or None where every request attends densely.
+    rows:         [R] int64 each request's req_to_token row.
+    dense_layers: per request, in how many layers it attends densely (to its whole view).
     """
 
     lengths: tuple[int, ...]
     seq_lens: torch.Tensor
     slots: torch.Tensor
     selecting: tuple[Selecting | None, ...]
+    rows: torch.Tensor
+    dense_layers: tuple[int, ...]
 
     @staticmethod
-    def build(row_slots: list[torch.Tensor], sparse_by_layer: list[list[int]], device) -> DecodeStep:
-        """row_slots: per request [n_i] int64 KV slots; sparse_by_layer: per layer the requests
-        that select there (ascending)."""
+    def build(row_slots: list[torch.Tensor], rows: list[int], sparse_by_layer: list[list[int]], device) -> DecodeStep:
+        """row_slots: per request [n_i] int64 KV slots; rows: their req_to_token rows;
+        sparse_by_layer: per layer the requests that select there (ascending)."""
         lengths = tuple(s.numel() for s in row_slots)
+        dense_layers = [len(sparse_by_layer)] * len(row_slots)
         slots = torch.nn.utils.rnn.pad_sequence(row_slots, batch_first=True).to(device)
         made: dict[tuple[int, ...], Selecting] = {}
         selecting = []
         for sparse in sparse_by_layer:
+            for i in sparse:
+                dense_layers[i] -= 1
             key = tuple(sparse)
             if key and key not in made:
                 made[key] = Selecting.of(key, slots)
             selecting.append(made.get(key))
-        return DecodeStep(lengths, torch.tensor(lengths, device=device), slots, tuple(selecting))
+        return DecodeStep(
+            lengths,
+            torch.tensor(lengths, device=device),
+            slots,
+            tuple(selecting),
+            torch.tensor(rows, dtype=torch.int64, device=device),
+            tuple(dense_layers),
+        )

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from dynsplit_sglang import request_options
+from dynsplit_sglang import metrics, request_options
 from dynsplit_sglang.policies.base import forget_rows
 
 
@@ -52,6 +52,7 @@ class Eviction:
     gap_end:   for a policy whose positions close up after compaction (the decode-time ones): its
                kept tokens are [gap_end, prompt_end) and the request's sequence, as the backend
                shows it to the policy, leaves [prefix, gap_end) out (`view`); None: positions stay.
+    policy:    its policy's label (for the metrics).
     """
 
     rid: str | None
@@ -63,6 +64,7 @@ class Eviction:
     compacted: bool = False
     published: bool = False
     gap_end: int | None = None
+    policy: str = ""
 
     def view(self, row_slots: torch.Tensor) -> torch.Tensor:
         """The request's KV slots [n - gap] as its policy reads them: the hit, then from gap_end on."""
@@ -129,9 +131,9 @@ class EvictionPlan:
         return self.evicts(asked.policy, asked.evict), start
 
     # --- requests that evict ----------------------------------------------------------------------
-    def begin(self, row: int, generation: int, rid: str | None, prefix: int, start: int) -> Eviction:
+    def begin(self, row: int, generation: int, rid: str | None, prefix: int, start: int, policy: str = "") -> Eviction:
         with self._lock:
-            self._rows[row] = Eviction(rid, generation, prefix, start)
+            self._rows[row] = Eviction(rid, generation, prefix, start, policy=policy)
             return self._rows[row]
 
     def of(self, row: int, generation: int, rid: str | None) -> Eviction | None:
@@ -148,6 +150,7 @@ class EvictionPlan:
             ev.published = True
             self.published += 1
             self.released += ev.start - ev.prefix
+        metrics.evicted(ev.policy or self.default, ev.start - ev.prefix)
 
     def newly_released(self) -> bool:
         """Whether requests gave KV back since the last call (patches/evict_kv.py)."""

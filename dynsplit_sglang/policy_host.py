@@ -18,8 +18,9 @@ from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool
 from torch.profiler import record_function
 
-from dynsplit_sglang import eviction, request_options
+from dynsplit_sglang import compression_stats, eviction, metrics, request_options
 from dynsplit_sglang.block_table import ModelShape
+from dynsplit_sglang.compression_stats import CompressionStats
 from dynsplit_sglang.config import KVConfig
 from dynsplit_sglang.decode_step import DecodeStep, Selecting
 from dynsplit_sglang.delimiters import TokenTexts
@@ -103,6 +104,9 @@ class PolicyHost:
         )
         eviction.install(self._plan)
         self._row_request: dict[int, RowRequest] = {}
+        self._compression = CompressionStats(self.req_to_token_pool.req_to_token.shape[0], pool.layer_num, self.device)
+        compression_stats.install(self._compression)
+        self._clock = metrics.SelectionClock(self.device) if metrics.enabled() else None
         self._lock = threading.Lock()
         self._reqs: list[RequestView] = []
         self._step: DecodeStep | None = None  # the decode step's requests, for every layer
@@ -139,6 +143,7 @@ class PolicyHost:
             with self._lock:
                 self.policy.reset()
                 self._plan.reset()
+                self._compression.reset()
             self.policy.trace(
                 {
                     "event": "flush",
@@ -156,7 +161,12 @@ class PolicyHost:
     def _stats(self) -> dict:
         """Counters of every per-request table (the policy's, the eviction plan's, the host's
         request per row): a leak check reads them at a cache flush, when no request runs."""
-        return {**self.policy.stats(), **self._plan.stats(), "row_requests": len(self._row_request)}
+        return {
+            **self.policy.stats(),
+            **self._plan.stats(),
+            "row_requests": len(self._row_request),
+            "compression_rows": len(self._compression),
+        }
 
     # --- per-batch metadata -------------------------------------------------------------------
     def _begin_forward(self, forward_batch, num_rows: int | None = None) -> None:
@@ -193,6 +203,8 @@ class PolicyHost:
                 renewed.add(row)
             slots, ev = req_to_token[row, :n].to(torch.int64), known.eviction
             gap = 0 if ev is None or not is_decode else ev.gap  # a decode-time policy's compacted prompt
+            released = ev.start - ev.prefix if ev is not None and ev.published else 0
+            self._compression.forward(row, n, released, is_decode)
             reqs.append(
                 RequestView(
                     ev.view(slots) if gap else slots,
@@ -217,9 +229,11 @@ class PolicyHost:
                 longer = [i for i, r in enumerate(reqs) if r.seq_len > r.budget]
                 self._step = DecodeStep.build(
                     [r.row_slots for r in reqs],
+                    rows,
                     [self.policy.sparse_in_layer(layer, longer) for layer in range(self.shape.num_layers)],
                     self.device,
                 )
+                self._compression.dense(self._step)
 
     def _release_rows(self, renewed: set[int]) -> None:
         """Drop the per-request state (prefill-time rankings, layer budgets, options) of the
@@ -231,6 +245,7 @@ class PolicyHost:
         self.policy.release_rows(free | renewed)
         self._plan.forget(free)
         forget_rows(self._row_request, free)
+        self._compression.drop(free)
 
     def _request_in(self, row: int, rid, generation: int, prefix: int | None) -> tuple[RowRequest, bool]:
         """(the request in this row, whether it is new to the host): its custom_params.kv_budget,
@@ -248,16 +263,19 @@ class PolicyHost:
             req = request_options.request(rid)
             evict, start = (False, None) if req is None or prefix is None else self._plan.of_request(req, prefix)
             self._plan.forget({row})  # the row's previous request
+            budget = self.kv.budget if asked.budget is None else asked.budget
+            policy = asked.policy or self.kv.policy
             known = RowRequest(
                 rid,
-                self.kv.budget if asked.budget is None else asked.budget,
-                asked.policy or self.kv.policy,
+                budget,
+                policy,
                 request_options.prompt_len(rid),
                 generation,
                 evict,
-                None if start is None else self._plan.begin(row, generation, rid, prefix, start),
+                None if start is None else self._plan.begin(row, generation, rid, prefix, start, policy),
             )
             self._row_request[row] = known
+            self._compression.begin(row, rid, policy, budget, evict)
         return known, changed
 
     def _check_layer(self, layer) -> None:
@@ -275,6 +293,8 @@ class PolicyHost:
             with self._lock, record_function("dynsplit:end_step"):
                 self.policy.end_forward(self._reqs, key_buffers)
                 self._compact()
+            if self._clock is not None and self._step is not None:
+                metrics.selection_seconds(self.kv.policy, self._clock.end_step())
 
     def _compact(self) -> None:
         """Eviction (eviction.py): each request whose prompt this forward ranked moves the kept
@@ -387,8 +407,13 @@ class PolicyHost:
 
     def _select_slots(self, q3, layer, sel: Selecting) -> tuple[torch.Tensor, torch.Tensor]:
         """KV slots and valid mask [S, KvH, W] the requests `sel` attend to in this layer."""
+        mark = None if self._clock is None else self._clock.start()
         with record_function("dynsplit:select"):
-            return self.policy.select_slots_batch(layer.layer_id, sel, q3.index_select(0, sel.index))
+            slots, valid = self.policy.select_slots_batch(layer.layer_id, sel, q3.index_select(0, sel.index))
+        if mark is not None:
+            self._clock.stop(mark)
+        self._compression.selected(self._step.rows[sel.index], valid)
+        return slots, valid
 
     def _observe_decode(self, q3, layer, lse: torch.Tensor, missing) -> None:
         """The DD-Select rows of this step's new tokens in a score layer, for every request at

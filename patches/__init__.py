@@ -26,6 +26,10 @@ Hooks, by module: target (kind): why.
   and prefill graphs.
 - pool_memory: DefaultPoolConfigurator._compute_cell_size (after): size the KV pool with the
   policy's per-slot tables included, so they fit beside it.
+- kv_observability: SchedulerMetricsCollector.__init__ (after): our metrics beside SGLang's
+  (--enable-metrics); Scheduler.get_output_streamer_class (after): meta_info["kv_compression"]
+  of each finished request; SchedulerInternalStateController.get_internal_state (after): the
+  --kv config in /server_info.
 - cpu_rotary_import: the import system, only without CUDA and without vllm: SGLang's
   RotaryEmbedding imports vllm._custom_ops on a plain CPU, then never calls it.
 """
@@ -39,13 +43,20 @@ from dynsplit_sglang.patches import (
     cuda_graph,
     evict_kv,
     kv_cli,
+    kv_observability,
     pool_memory,
     prefix_reserve,
     request_budget,
 )
 
 HOOKS = (
-    kv_cli.HOOKS + cuda_graph.HOOKS + pool_memory.HOOKS + prefix_reserve.HOOKS + evict_kv.HOOKS + request_budget.HOOKS
+    kv_cli.HOOKS
+    + cuda_graph.HOOKS
+    + pool_memory.HOOKS
+    + prefix_reserve.HOOKS
+    + evict_kv.HOOKS
+    + request_budget.HOOKS
+    + kv_observability.HOOKS
 )
 ATTRIBUTES = ["sglang.srt.entrypoints.engine.Engine.server_args_class"]
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dynsplit_sglang import eviction, request_options
+from dynsplit_sglang.compression_stats import CompressionStats
 from dynsplit_sglang.config import KVConfig
 from dynsplit_sglang.policies import POLICY_CLASSES, SnapKVOptions
 from dynsplit_sglang.policy_host import PolicyHost
@@ -55,6 +56,7 @@ class Host(PolicyHost):
         self.policy.release_rows = lambda rows: (self.released.append(set(rows)), forget(rows))
         self._plan = eviction.EvictionPlan({"snapkv": lambda b, n: b}, {"snapkv": True}, "snapkv", BUDGET, 1)
         self._row_request, self._lock = {}, None
+        self._compression, self._clock = CompressionStats(ROWS, SHAPE.num_layers, "cpu"), None
         self.req_to_token_pool = SimpleNamespace(
             req_to_token=torch.arange(ROWS * ROW_LEN).reshape(ROWS, ROW_LEN),
             req_generation=torch.zeros(ROWS, dtype=torch.int64),
@@ -112,6 +114,7 @@ def test_a_request_cancelled_before_its_first_decode_leaves_nothing(host):
     assert host.state() == {5: "b"} and host._plan.stats()["evicting"] == 1
     assert 3 in host.released[-1]
     assert host._plan.of(3, 1, "a") is None
+    assert len(host._compression) == 1  # a's figures went to the metrics with its row
 
 
 def test_a_row_taken_in_the_step_its_request_left_starts_clean(host):
@@ -131,3 +134,4 @@ def test_a_row_taken_in_the_step_its_request_left_starts_clean(host):
     host.admit("d", 0, 30)
     host.prefill(("d", 0, 30))
     assert host.state() == {0: "d"} and host._plan.stats()["evicting"] == 0  # d is within its budget
+    assert len(host._compression) == 1

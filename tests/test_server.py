@@ -1,7 +1,9 @@
 """The HTTP server with `--kv dynsplit` on the embedded SmolLM2-135M-Instruct: OpenAI chat API on
-a long passkey prompt, the frontend language, malformed requests (a 400 naming the problem, the
-server serving on), and clean one-line startup errors."""
+a long passkey prompt, the frontend language, what compression did (meta_info, /metrics,
+/server_info), malformed requests (a 400 naming the problem, the server serving on), and clean
+one-line startup errors."""
 
+import json
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ import requests
 from transformers import AutoTokenizer
 
 from dynsplit_sglang.passkey import is_correct, make_sample
-from dynsplit_sglang.testing.server import launch_server
+from dynsplit_sglang.testing.server import launch_server, scrape_metrics
 
 PROMPT_TOKENS = 2048
 
@@ -29,7 +31,8 @@ def samples(smollm2):
 def server(smollm2, samples, tmp_path_factory):
     budget = min(s.num_tokens for s in samples) // 4
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with launch_server(smollm2, "--kv", "dynsplit", "--kv-budget", str(budget), log_path=str(log)) as url:
+    args = ("--kv", "dynsplit", "--kv-budget", str(budget), "--enable-metrics")
+    with launch_server(smollm2, *args, log_path=str(log)) as url:
         yield url, budget
 
 
@@ -72,6 +75,64 @@ def test_frontend_language_fork_shares_the_prefix(server):
     state = two_answers.run(context="The grass is green. The sky is blue. " * 60)
     first, second = state["answers"]
     assert first == second and first.strip()
+
+
+@pytest.mark.server
+def test_compression_shows_in_meta_info_metrics_and_server_info(server, samples):
+    url, budget = server
+    sample = samples[0]
+    # the OpenAI chat API, with SGLang's return_meta_info
+    reply = requests.post(
+        url + "/v1/chat/completions",
+        json={
+            "model": "default",
+            "messages": sample.messages,
+            "max_tokens": 8,
+            "temperature": 0,
+            "return_meta_info": True,
+        },
+        timeout=300,
+    ).json()
+    figures = reply["choices"][0]["meta_info"]["kv_compression"]
+    prompt, completion = reply["usage"]["prompt_tokens"], reply["usage"]["completion_tokens"]
+    assert len(figures) == 1
+    kv = figures[0]
+    assert (kv["policy"], kv["budget"], kv["evict"]) == ("dynsplit", budget, True)
+    assert kv["decode_steps"] == completion - 1  # the first token comes from the prefill
+    assert budget / 2 <= kv["mean_attended_tokens"] <= budget
+    assert kv["evicted_tokens"] > prompt / 2  # eviction gave most of the prompt back
+    # what it held at its last step, and what eviction gave back: its whole sequence
+    assert kv["resident_tokens"] + kv["evicted_tokens"] == prompt + completion - 1
+    assert kv["mean_attended_tokens"] <= kv["mean_held_tokens"] < prompt
+
+    # /generate, streamed: the last chunk carries it; a prompt within the budget attends densely
+    with requests.post(
+        url + "/generate",
+        json={"text": "The sky is blue.", "sampling_params": {"max_new_tokens": 6, "ignore_eos": True}, "stream": True},
+        stream=True,
+        timeout=120,
+    ) as r:
+        chunks = [line for line in r.iter_lines() if line.startswith(b"data: {")]
+    short = json.loads(chunks[-1][len(b"data: ") :])["meta_info"]["kv_compression"][0]
+    assert short["decode_steps"] == 5 and short["evicted_tokens"] == 0
+    assert short["mean_attended_tokens"] == short["mean_held_tokens"]
+
+    metrics = scrape_metrics(url)
+    assert metrics["sglang:kv_compression_attended_tokens_total"]["dynsplit"] > 0
+    tokens = {
+        k: metrics[f"sglang:kv_compression_{k}_tokens_total"]["dynsplit"] for k in ("attended", "held", "context")
+    }
+    assert tokens["context"] > 2 * tokens["attended"] and tokens["context"] > tokens["held"] >= tokens["attended"]
+    assert metrics["sglang:kv_compression_evicted_tokens_total"]["dynsplit"] >= kv["evicted_tokens"]
+    assert metrics["sglang:kv_compression_blocks_closed_total"]["dynsplit"] > prompt / 32
+    assert metrics["sglang:kv_compression_selection_seconds_count"]["dynsplit"] >= kv["decode_steps"]
+    assert metrics["sglang:kv_compression_selection_seconds_sum"]["dynsplit"] > 0
+    # SGLang's own metrics are all there, the tokenizer's too (prometheus_client is imported late)
+    assert "sglang:num_running_reqs" in metrics and "sglang:prompt_tokens_total" in metrics
+
+    state = requests.get(url + "/server_info", timeout=30).json()["internal_states"][0]["kv"]
+    assert (state["policy"], state["budget"], state["options"]["block_size"]) == ("dynsplit", budget, 16)
+    assert state["evicted_tokens"] >= kv["evicted_tokens"] and state["evicted_requests"] >= 1
 
 
 # (what a client sends to /generate, what the 400 says)

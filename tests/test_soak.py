@@ -7,7 +7,8 @@ aborted during a long chunked prefill (benchmarks/agent_load.py). The KV pool is
 SGLANG_TEST_RETRACT makes SGLang retract decoding requests besides; SGLang checks its pools after
 every busy step. Once the load is through, every request that was not cancelled has its answer,
 the server answers a plain request, a cache flush succeeds, every KV slot is free again and no
-per-request state is left in the backend (policy tables, eviction plans, requests per row).
+per-request state is left in the backend (policy tables, eviction plans, requests per row,
+compression figures), and the compression metrics counted every policy's requests.
 Once on `--kv dynsplit`, once on a server running several policies side by side.
 """
 
@@ -20,7 +21,7 @@ from transformers import AutoConfig
 
 from benchmarks.agent_load import AgentLoad, run, summary
 from benchmarks.soak import per_request_tables, unowned_records
-from dynsplit_sglang.testing.server import cpu_args, flush_cache, launch_server
+from dynsplit_sglang.testing.server import cpu_args, flush_cache, launch_server, scrape_metrics
 from tests.engine_utils import read_trace
 
 pytestmark = pytest.mark.server
@@ -53,7 +54,7 @@ def test_agent_load_with_cancellations_leaves_nothing_behind(server, tiny_model,
     trace, log = tmp_path / "trace.jsonl", tmp_path / "server.log"
     args = (
         *("--kv", "dynsplit", "--kv-budget", "128", "--kv-config", json.dumps({"trace_path": str(trace)})),
-        *("--chunked-prefill-size", "256"),
+        *("--chunked-prefill-size", "256", "--enable-metrics"),
         *extra,
     )
     vocab = AutoConfig.from_pretrained(tiny_model).vocab_size
@@ -69,6 +70,13 @@ def test_agent_load_with_cancellations_leaves_nothing_behind(server, tiny_model,
         assert sum(o.cached_tokens >= load.system_tokens for o in later) >= 0.9 * len(later), report
         reply = requests.post(url + "/generate", json={"text": "Hello", "sampling_params": {"max_new_tokens": 4}})
         assert reply.status_code == 200 and reply.json()["meta_info"]["completion_tokens"] == 4, reply.text
+        # the metrics counted every policy's decode steps, each request's read at most what it held
+        metrics = scrape_metrics(url)
+        attended, held, context = (
+            metrics[f"sglang:kv_compression_{k}_tokens_total"] for k in ("attended", "held", "context")
+        )
+        assert set(context) == set(policies or ["dynsplit"])
+        assert all(0 < attended[p] <= held[p] <= context[p] for p in context), metrics
         flush_cache(url)
     assert "#retracted_reqs: " in log.read_text(errors="replace"), "SGLang never retracted a request"
     _, flushes = read_trace(trace)

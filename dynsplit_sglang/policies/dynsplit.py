@@ -10,6 +10,7 @@ from typing import ClassVar
 
 import torch
 
+from dynsplit_sglang import metrics
 from dynsplit_sglang.block_table import BlockTable, ModelShape
 from dynsplit_sglang.config import KVConfig, KVConfigError, PolicyOptions, check_choice, check_int, check_number, option
 from dynsplit_sglang.delimiters import candidate_token_mask
@@ -458,6 +459,7 @@ class DynSplitPolicy(KVPolicy):
 
     def end_forward(self, reqs: list[RequestView], key_buffers: list[torch.Tensor]) -> None:
         t, cfg = self.table, self.blocks
+        closed = 0
         for i, (r, rows) in enumerate(zip(reqs, self._rows)):
             new_slots = r.row_slots[r.new_start :]
             # A reused slot's old record is stale whatever path freed the slot.
@@ -485,6 +487,7 @@ class DynSplitPolicy(KVPolicy):
                     self._type_prior(r.row_slots, start) if self.by_type else None,
                 )
                 t.add_blocks(r.row_slots, blocks, key_buffers)
+                closed += len(blocks)
             if self.queries is not None and not self._is_decode and self.answers(r):
                 window = self.queries.take(i, r)
                 if r.ends_prompt() and self.evicts:  # the prompt alone, as the prefill-time policies rank it
@@ -497,6 +500,7 @@ class DynSplitPolicy(KVPolicy):
                 blocks or (not self._is_decode and r.ends_prompt()) or r.seq_len - r.new_start > 1
             ):
                 self._write_trace(r)
+        metrics.blocks_closed(self.label or self.kv.policy, closed)
 
     def _type_prior(self, row_slots: torch.Tensor, start: int) -> dict:
         """Per delimiter type, (score sum, count) of the candidates before position `start`."""

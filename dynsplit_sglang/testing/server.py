@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -40,6 +41,22 @@ def flush_cache(url: str, wait_s: float = 120) -> None:
             if time.time() > deadline:
                 raise RuntimeError(f"the cache never flushed: {e.code} {e.read().decode(errors='replace')}") from None
         time.sleep(1)
+
+
+def scrape_metrics(url: str) -> dict[str, dict[str, float]]:
+    """The server's SGLang metrics (/metrics, --enable-metrics): name -> the kv_policy label of
+    each series ("" without one) -> its value, summed over the other labels."""
+    found: dict[str, dict[str, float]] = {}
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    for line in text.splitlines():
+        m = re.match(r"^(sglang:\w+)(?:\{(.*)\})? (\S+)$", line)
+        if m:
+            policy = re.search(r'kv_policy="([^"]*)"', m.group(2) or "")
+            series = found.setdefault(m.group(1), {})
+            label = policy.group(1) if policy else ""
+            series[label] = series.get(label, 0.0) + float(m.group(3))
+    return found
 
 
 def _die_with_parent() -> None:
