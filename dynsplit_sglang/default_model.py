@@ -5,7 +5,7 @@ The package ships a Q4_1 GGUF file; SGLang loads Hugging Face folders, so it is 
 folder: $DYNSPLIT_CACHE, else ~/.cache/dynsplit-sglang. No model hub is contacted.
 
     python -m dynsplit_sglang.default_model            # prints the folder, converting if needed
-    python -m dynsplit_sglang.default_model --tiny     # a 2-layer random Llama for fast tests
+    python -m dynsplit_sglang.default_model --tiny     # a 4-layer random Llama for fast tests
 """
 
 from __future__ import annotations
@@ -78,32 +78,56 @@ def smollm2_path() -> Path:
     return _publish(_convert_smollm2, SMOLLM2)
 
 
-def _build_tiny(out: Path) -> None:
+TINY_FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+def _build_tiny(out: Path, family: str = "llama") -> None:
+    """A random 4-layer model of `family` with SmolLM2's tokenizer (grouped-query attention, 2 KV
+    heads of 32 dims); Qwen2 with its q/k/v biases, Qwen3 with attention bias and q/k norms."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import transformers
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     torch.manual_seed(0)
-    config = LlamaConfig(
+    shape = dict(
         vocab_size=len(tokenizer),
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=32,
         max_position_embeddings=8192,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    LlamaForCausalLM(config).to(torch.float32).save_pretrained(out)
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(head_dim=32, **shape))
+    elif family == "qwen2":  # head_dim: hidden / heads = 32
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape))
+    elif family == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=32, attention_bias=True, **shape))
+    else:
+        raise ValueError(f"no tiny {family!r} model; one of {', '.join(TINY_FAMILIES)}")
+    # Hugging Face starts biases at 0 and norm weights at 1: random ones, so a backend that
+    # dropped them would show in the tokens
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".self_attn." in name and name.endswith(".bias"):
+                param.normal_(0.0, 0.02)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+    model.to(torch.float32).save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 
-def tiny_model_path() -> Path:
-    """A 4-layer random Llama with SmolLM2's tokenizer: junk text, but fast and deterministic."""
-    return _publish(_build_tiny, TINY)
+def tiny_model_path(family: str = "llama") -> Path:
+    """A 4-layer random model (Llama, or Qwen2/Qwen3 attention) with SmolLM2's tokenizer: junk
+    text, but fast and deterministic."""
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"no tiny {family!r} model; one of {', '.join(TINY_FAMILIES)}")
+    return _publish(lambda out: _build_tiny(out, family), TINY if family == "llama" else f"tiny-random-{family}")
 
 
 def main(argv=None) -> None:

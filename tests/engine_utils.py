@@ -84,11 +84,12 @@ def _keep_sigterm(eng, handler) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def generate(eng, prompts, max_new_tokens=12):
+def generate(eng, prompts, max_new_tokens=12, custom_params=None):
     """Greedy generation; returns (output token ids, meta_info) per prompt."""
-    out = eng.generate(
-        input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
-    )
+    params = {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
+    if custom_params:
+        params["custom_params"] = custom_params
+    out = eng.generate(input_ids=prompts, sampling_params=params)
     return [o["output_ids"] for o in out], [o["meta_info"] for o in out]
 
 
