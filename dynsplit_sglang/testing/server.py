@@ -72,6 +72,76 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive free ports (serve_dp's gateway, replicas, metrics)."""
+    for _ in range(100):
+        base = free_port()
+        if base + count > 65535:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+@contextlib.contextmanager
+def start_dp(model_path: str, replicas: int, *args: str, log_dir: str, device_args=CPU_ARGS, timeout: float = 600):
+    """`python -m dynsplit_sglang.serve_dp`: replicas of a CPU server behind SGLang's gateway.
+    yields (the gateway's URL, the replicas' URLs); stops them all after."""
+    port = free_port_run(replicas + 2)
+    cmd = [
+        sys.executable,
+        "-m",
+        "dynsplit_sglang.serve_dp",
+        "--replicas",
+        str(replicas),
+        "--port",
+        str(port),
+        "--log-dir",
+        log_dir,
+        "--",
+        "--model-path",
+        model_path,
+        *device_args,
+        "--skip-server-warmup",
+        *args,
+    ]
+    out = open(os.path.join(log_dir, "serve_dp.log"), "w")
+    proc = subprocess.Popen(
+        cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve_dp exited with {proc.returncode}{_tail(out.name)}")
+            try:
+                with urllib.request.urlopen(url + "/readiness", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise TimeoutError(f"serve_dp not ready after {timeout} s{_tail(out.name)}")
+            time.sleep(1)
+        yield url, [f"http://127.0.0.1:{port + 1 + i}" for i in range(replicas)]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)  # the launcher stops its replicas and the gateway
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        out.close()
+
+
 def _tail(log_path: str | None, lines: int = 20) -> str:
     if not log_path:
         return ""
