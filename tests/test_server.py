@@ -80,13 +80,15 @@ def test_frontend_language_fork_shares_the_prefix(server):
 @pytest.mark.server
 def test_compression_shows_in_meta_info_metrics_and_server_info(server, samples):
     url, budget = server
-    sample = samples[0]
+    # another system message than the passkey test's: a prompt the radix cache has not seen,
+    # so eviction has a private part to give back
+    messages = [{"role": "system", "content": "Find the pass key."}, *samples[0].messages]
     # the OpenAI chat API, with SGLang's return_meta_info
     reply = requests.post(
         url + "/v1/chat/completions",
         json={
             "model": "default",
-            "messages": sample.messages,
+            "messages": messages,
             "max_tokens": 8,
             "temperature": 0,
             "return_meta_info": True,
@@ -101,7 +103,9 @@ def test_compression_shows_in_meta_info_metrics_and_server_info(server, samples)
     # the first token comes from the prefill; the overlap scheduler may run one step past the last
     assert kv["decode_steps"] in (completion - 1, completion)
     assert budget / 2 <= kv["mean_attended_tokens"] <= budget
-    assert kv["evicted_tokens"] > prompt / 2  # eviction gave most of the prompt back
+    # eviction gave back all of the prompt but its resident set (2 x the budget; the few tokens of
+    # the chat template's start may be a radix hit, which stays)
+    assert prompt - 2 * budget - 32 <= kv["evicted_tokens"] <= prompt - 2 * budget
     # what it held at its last step, and what eviction gave back: its whole sequence
     assert kv["resident_tokens"] + kv["evicted_tokens"] == prompt + kv["decode_steps"]
     assert kv["mean_attended_tokens"] <= kv["mean_held_tokens"] < prompt

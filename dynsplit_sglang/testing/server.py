@@ -117,19 +117,7 @@ def start_dp(model_path: str, replicas: int, *args: str, log_dir: str, device_ar
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"serve_dp exited with {proc.returncode}{_tail(out.name)}")
-            try:
-                with urllib.request.urlopen(url + "/readiness", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise TimeoutError(f"serve_dp not ready after {timeout} s{_tail(out.name)}")
-            time.sleep(1)
+        _wait_ready(proc, url + "/readiness", "serve_dp", timeout, out.name)
         yield url, [f"http://127.0.0.1:{port + 1 + i}" for i in range(replicas)]
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -140,6 +128,24 @@ def start_dp(model_path: str, replicas: int, *args: str, log_dir: str, device_ar
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         out.close()
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, what: str, timeout: float, log_path: str | None) -> None:
+    """Until `url` answers 200; an error naming `what` (and its log's tail) if the process exits
+    or the time runs out first."""
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}{_tail(log_path)}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() > deadline:
+            raise TimeoutError(f"{what} not ready after {timeout} s{_tail(log_path)}")
+        time.sleep(1)
 
 
 def _tail(log_path: str | None, lines: int = 20) -> str:
@@ -190,19 +196,7 @@ def start_server(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: {' '.join(cmd)}{_tail(log_path)}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise TimeoutError(f"server not ready after {timeout} s")
-            time.sleep(1)
+        _wait_ready(proc, url + "/health", f"server ({' '.join(cmd)})", timeout, log_path)
         yield url, proc
     finally:
         with contextlib.suppress(ProcessLookupError):
