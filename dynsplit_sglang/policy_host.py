@@ -279,12 +279,19 @@ class PolicyHost:
         return known, changed
 
     def _check_layer(self, layer) -> None:
+        """One clear error for a layer the policies cannot serve, at its first forward."""
         if layer.is_cross_attention or layer.qk_head_dim != layer.v_head_dim:
             raise ValueError(f"--kv {self.kv.policy} does not support cross attention or MLA-style heads")
-        if layer.attn_type == AttentionType.ENCODER_ONLY or (layer.sliding_window_size or -1) > -1:
-            kind = "bidirectional" if layer.attn_type == AttentionType.ENCODER_ONLY else "sliding-window"
+        bidirectional = layer.attn_type in (AttentionType.ENCODER_ONLY, AttentionType.DECODER_BIDIRECTIONAL)
+        if bidirectional or (layer.sliding_window_size or -1) > -1:
+            kind = "bidirectional" if bidirectional else "sliding-window"
             raise ValueError(
                 f"--kv {self.kv.policy} supports causal full-attention layers only; layer {layer.layer_id} is {kind}"
+            )
+        if (getattr(layer, "logit_cap", 0.0) or 0.0) > 0:  # Gemma 2: our attention ops do not soft-cap
+            raise ValueError(
+                f"--kv {self.kv.policy} does not support attention logit soft-capping (layer {layer.layer_id}: "
+                f"logit_cap {layer.logit_cap})"
             )
 
     def _finish_layer(self, layer) -> None:

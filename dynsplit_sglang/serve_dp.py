@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import os
 import shlex
 import shutil
@@ -112,18 +113,34 @@ def gateway_command(replica_urls: list[str], host: str, port: int, metrics_port:
     ]
 
 
-def _wait(url: str, proc: subprocess.Popen, what: str, timeout: float, log: str) -> None:
+def gateway_ready(url: str, replicas: int) -> bool:
+    """Whether the gateway at `url` routes to all its replicas: its /readiness says ready as soon
+    as one is healthy, and a load sent then would pin every conversation to that one."""
+    with contextlib.suppress(OSError, ValueError):
+        with urllib.request.urlopen(url + "/readiness", timeout=5) as r:
+            return r.status == 200 and json.loads(r.read()).get("healthy_workers") == replicas
+    return False
+
+
+def _wait(ready, proc: subprocess.Popen, what: str, timeout: float, log: str) -> None:
+    """Until ready() is true; exits naming `what` if its process dies or the time runs out."""
     deadline = time.time() + timeout
     while True:
         if proc.poll() is not None:
             raise SystemExit(f"{what} exited with {proc.returncode}; its log: {log}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return
+        if ready():
+            return
         if time.time() > deadline:
             raise SystemExit(f"{what} not ready after {timeout:.0f} s; its log: {log}")
         time.sleep(1)
+
+
+def answers(url: str) -> bool:
+    """Whether `url` answers 200 now."""
+    with contextlib.suppress(OSError):
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status == 200
+    return False
 
 
 def _child_setup(cores: list[int] | None):
@@ -207,7 +224,8 @@ def main(argv=None) -> None:
             print(f"replica {i}: {shlex.join(cmd)}  [{where}, log {log}]", flush=True)
             urls.append(f"http://{args.host}:{args.port + 1 + i}")
         for i, (url, proc) in enumerate(zip(urls, procs)):
-            _wait(url + "/health", proc, f"replica {i}", args.timeout, os.path.join(args.log_dir, f"replica-{i}.log"))
+            log = os.path.join(args.log_dir, f"replica-{i}.log")
+            _wait(lambda u=url: answers(u + "/health"), proc, f"replica {i}", args.timeout, log)
         metrics_port = args.metrics_port or args.port + args.replicas + 1
         cmd = gateway_command(urls, args.host, args.port, metrics_port, shlex.split(args.gateway_args))
         log = os.path.join(args.log_dir, "gateway.log")
@@ -218,7 +236,8 @@ def main(argv=None) -> None:
             )
         )
         print(f"gateway: {shlex.join(cmd)}  [log {log}]", flush=True)
-        _wait(f"http://{args.host}:{args.port}/readiness", procs[-1], "the gateway", 120, log)
+        gateway = f"http://{args.host}:{args.port}"
+        _wait(lambda: gateway_ready(gateway, args.replicas), procs[-1], "the gateway", 120, log)
         print(f"ready: http://{args.host}:{args.port} ({args.replicas} replicas, cache-aware routing)", flush=True)
         while all(p.poll() is None for p in procs):
             time.sleep(1)
