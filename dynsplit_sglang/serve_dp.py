@@ -122,16 +122,17 @@ def gateway_ready(url: str, replicas: int) -> bool:
     return False
 
 
-def _wait(ready, proc: subprocess.Popen, what: str, timeout: float, log: str) -> None:
-    """Until ready() is true; exits naming `what` if its process dies or the time runs out."""
+def wait_until(ready, proc: subprocess.Popen, what: str, timeout: float, hint=lambda: "") -> None:
+    """Until ready() is true. RuntimeError naming `what` if its process exits first, TimeoutError
+    when the time runs out; hint() is appended (e.g. where its log is)."""
     deadline = time.time() + timeout
     while True:
         if proc.poll() is not None:
-            raise SystemExit(f"{what} exited with {proc.returncode}; its log: {log}")
+            raise RuntimeError(f"{what} exited with {proc.returncode}{hint()}")
         if ready():
             return
         if time.time() > deadline:
-            raise SystemExit(f"{what} not ready after {timeout:.0f} s; its log: {log}")
+            raise TimeoutError(f"{what} not ready after {timeout:.0f} s{hint()}")
         time.sleep(1)
 
 
@@ -225,7 +226,13 @@ def main(argv=None) -> None:
             urls.append(f"http://{args.host}:{args.port + 1 + i}")
         for i, (url, proc) in enumerate(zip(urls, procs)):
             log = os.path.join(args.log_dir, f"replica-{i}.log")
-            _wait(lambda u=url: answers(u + "/health"), proc, f"replica {i}", args.timeout, log)
+            wait_until(
+                lambda u=url: answers(u + "/health"),
+                proc,
+                f"replica {i}",
+                args.timeout,
+                lambda g=log: f"; its log: {g}",
+            )
         metrics_port = args.metrics_port or args.port + args.replicas + 1
         cmd = gateway_command(urls, args.host, args.port, metrics_port, shlex.split(args.gateway_args))
         log = os.path.join(args.log_dir, "gateway.log")
@@ -237,7 +244,9 @@ def main(argv=None) -> None:
         )
         print(f"gateway: {shlex.join(cmd)}  [log {log}]", flush=True)
         gateway = f"http://{args.host}:{args.port}"
-        _wait(lambda: gateway_ready(gateway, args.replicas), procs[-1], "the gateway", 120, log)
+        wait_until(
+            lambda: gateway_ready(gateway, args.replicas), procs[-1], "the gateway", 120, lambda: f"; its log: {log}"
+        )
         print(f"ready: http://{args.host}:{args.port} ({args.replicas} replicas, cache-aware routing)", flush=True)
         while all(p.poll() is None for p in procs):
             time.sleep(1)
@@ -245,6 +254,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"{'the gateway' if dead[0] == len(procs) - 1 else f'replica {dead[0]}'} exited; stopping")
     except KeyboardInterrupt:
         pass
+    except (RuntimeError, TimeoutError) as error:
+        raise SystemExit(str(error)) from None
     finally:
         _stop(procs)
 

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
-from dynsplit_sglang.serve_dp import answers, gateway_ready
+from dynsplit_sglang.serve_dp import answers, gateway_ready, wait_until
 from dynsplit_sglang.testing import process_setup
 
 # The CPU recipe: fp32 (bf16 matmuls are slow on CPUs without AMX) and a small KV pool.
@@ -118,7 +118,7 @@ def start_dp(model_path: str, replicas: int, *args: str, log_dir: str, device_ar
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(proc, lambda: gateway_ready(url, replicas), "serve_dp", timeout, out.name)
+        wait_until(lambda: gateway_ready(url, replicas), proc, "serve_dp", timeout, lambda: _tail(out.name))
         yield url, [f"http://127.0.0.1:{port + 1 + i}" for i in range(replicas)]
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -129,20 +129,6 @@ def start_dp(model_path: str, replicas: int, *args: str, log_dir: str, device_ar
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         out.close()
-
-
-def _wait_ready(proc: subprocess.Popen, ready, what: str, timeout: float, log_path: str | None) -> None:
-    """Until ready() is true; an error naming `what` (and its log's tail) if the process exits or
-    the time runs out first."""
-    deadline = time.time() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}{_tail(log_path)}")
-        if ready():
-            return
-        if time.time() > deadline:
-            raise TimeoutError(f"{what} not ready after {timeout} s{_tail(log_path)}")
-        time.sleep(1)
 
 
 def _tail(log_path: str | None, lines: int = 20) -> str:
@@ -193,7 +179,9 @@ def start_server(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(proc, lambda: answers(url + "/health"), f"server ({' '.join(cmd)})", timeout, log_path)
+        wait_until(
+            lambda: answers(url + "/health"), proc, f"server ({' '.join(cmd)})", timeout, lambda: _tail(log_path)
+        )
         yield url, proc
     finally:
         with contextlib.suppress(ProcessLookupError):
