@@ -41,6 +41,16 @@ if TYPE_CHECKING:
 SELECTION_BUCKETS = tuple(round(5e-5 * 2**k, 7) for k in range(16))
 
 
+# counter name (after "sglang:kv_compression_", before "_total") -> its help text
+COUNTERS = {
+    "attended_tokens": "KV tokens attended by decode steps (mean over layers and KV heads), summed over steps.",
+    "held_tokens": "KV tokens held in the pool by the requests of the same decode steps, summed over steps.",
+    "context_tokens": "Sequence length of the requests of the same decode steps, summed over steps.",
+    "evicted_tokens": "Prompt KV tokens eviction gave back to the pool or the radix tree.",
+    "blocks_closed": "Blocks closed by DynSplit's splitter.",
+}
+
+
 class KVMetrics:
     """The metric objects of one scheduler process."""
 
@@ -51,31 +61,10 @@ class KVMetrics:
         histogram = collector._histogram_cls or Histogram
         self.labels = dict(collector.labels)
         names = list(self.labels) + ["kv_policy"]
-        self.attended = counter(
-            name="sglang:kv_compression_attended_tokens",
-            documentation="KV tokens attended by decode steps (mean over layers and KV heads), summed over steps.",
-            labelnames=names,
-        )
-        self.held = counter(
-            name="sglang:kv_compression_held_tokens",
-            documentation="KV tokens held in the pool by the requests of the same decode steps, summed over steps.",
-            labelnames=names,
-        )
-        self.context = counter(
-            name="sglang:kv_compression_context_tokens",
-            documentation="Sequence length of the requests of the same decode steps, summed over steps.",
-            labelnames=names,
-        )
-        self.evicted = counter(
-            name="sglang:kv_compression_evicted_tokens",
-            documentation="Prompt KV tokens eviction gave back to the pool or the radix tree.",
-            labelnames=names,
-        )
-        self.blocks_closed = counter(
-            name="sglang:kv_compression_blocks_closed",
-            documentation="Blocks closed by DynSplit's splitter.",
-            labelnames=names,
-        )
+        self.counters = {
+            key: counter(name=f"sglang:kv_compression_{key}", documentation=text, labelnames=names)
+            for key, text in COUNTERS.items()
+        }
         self.selection = histogram(
             name="sglang:kv_compression_selection_seconds",
             documentation="Time a decode step spent selecting KV (all layers).",
@@ -83,8 +72,8 @@ class KVMetrics:
             buckets=SELECTION_BUCKETS,
         )
 
-    def of(self, metric, policy: str):
-        return metric.labels(**self.labels, kv_policy=policy)
+    def add(self, key: str, policy: str, amount: float) -> None:
+        self.counters[key].labels(**self.labels, kv_policy=policy).inc(amount)
 
 
 _metrics: KVMetrics | None = None
@@ -107,25 +96,26 @@ def requests_ended(figures: Iterable[RequestCompression]) -> None:
         return
     for c in figures:
         if c.decode_steps:
-            _metrics.of(_metrics.attended, c.policy).inc(c.attended_tokens)
-            _metrics.of(_metrics.held, c.policy).inc(c.held_tokens)
-            _metrics.of(_metrics.context, c.policy).inc(c.context_tokens)
+            _metrics.add("attended_tokens", c.policy, c.attended_tokens)
+            _metrics.add("held_tokens", c.policy, c.held_tokens)
+            _metrics.add("context_tokens", c.policy, c.context_tokens)
 
 
 def evicted(policy: str, tokens: int) -> None:
     if _metrics is not None and tokens > 0:
-        _metrics.of(_metrics.evicted, policy).inc(tokens)
+        _metrics.add("evicted_tokens", policy, tokens)
 
 
 def blocks_closed(policy: str, count: int) -> None:
     if _metrics is not None and count > 0:
-        _metrics.of(_metrics.blocks_closed, policy).inc(count)
+        _metrics.add("blocks_closed", policy, count)
 
 
 def selection_seconds(policy: str, seconds: Iterable[float]) -> None:
     if _metrics is not None:
+        series = _metrics.selection.labels(**_metrics.labels, kv_policy=policy)
         for s in seconds:
-            _metrics.of(_metrics.selection, policy).observe(s)
+            series.observe(s)
 
 
 class SelectionClock:

@@ -27,9 +27,8 @@ META_INFO_KEY = "kv_compression"
 
 
 def create_metrics(result, collector, *args, server_args=None, **kwargs):
-    if server_args is None:
-        server_args = kwargs.get("server_args") or (args[1] if len(args) > 1 else None)
-    metrics.install(collector, server_args)
+    # SGLang passes it by keyword; positionally it follows `labels`
+    metrics.install(collector, server_args if server_args is not None else args[1] if len(args) > 1 else None)
     return result
 
 

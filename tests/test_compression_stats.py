@@ -90,9 +90,9 @@ def test_a_requests_figures_from_its_forwards_dense_layers_and_selections(record
     assert b["mean_attended_tokens"] == b["mean_held_tokens"] == 41.5 and b["evicted_tokens"] == 0
     assert len(stats) == 0 and stats.end(["a"]) == {}
     # the metrics got both requests, by policy
-    assert recorded.attended.values == pytest.approx({"dynsplit": (83 + 84) / LAYERS, "quest": 83.0})
-    assert recorded.held.values == {"dynsplit": 83, "quest": 83}
-    assert recorded.context.values == {"dynsplit": 203, "quest": 83}
+    assert recorded.counters["attended_tokens"].values == pytest.approx({"dynsplit": (83 + 84) / LAYERS, "quest": 83.0})
+    assert recorded.counters["held_tokens"].values == {"dynsplit": 83, "quest": 83}
+    assert recorded.counters["context_tokens"].values == {"dynsplit": 203, "quest": 83}
 
 
 def test_a_request_that_leaves_without_an_output_is_counted_once(recorded):
@@ -101,14 +101,14 @@ def test_a_request_that_leaves_without_an_output_is_counted_once(recorded):
     stats.forward(1, 50, 0, is_decode=True)
     stats.dense(step([50], [1], [[]] * LAYERS))
     stats.drop({0, 1, 2})  # a prefill found its row free (retracted or aborted)
-    assert len(stats) == 0 and recorded.held.values == {"dynsplit": 50}
+    assert len(stats) == 0 and recorded.counters["held_tokens"].values == {"dynsplit": 50}
     # retracted and prefilled again into another row: counted afresh, the row's sum zeroed
     stats.begin(1, "next", "dynsplit", 16, False)
     stats.forward(1, 10, 0, is_decode=True)
     stats.dense(step([10], [1], [[]] * LAYERS))
     stats.begin(1, "after", "dynsplit", 16, False)  # a new request took the row: "next" is counted
-    assert recorded.held.values == {"dynsplit": 60}
-    assert recorded.attended.values == {"dynsplit": 60.0}
+    assert recorded.counters["held_tokens"].values == {"dynsplit": 60}
+    assert recorded.counters["attended_tokens"].values == {"dynsplit": 60.0}
     assert stats.end(["after"])["after"].meta_info()["mean_attended_tokens"] is None
 
 
@@ -133,6 +133,8 @@ def test_evicted_tokens_blocks_and_selection_time_series(recorded):
     clock.stop(mark)
     seconds = clock.end_step()
     metrics.selection_seconds("dynsplit", seconds)
-    assert recorded.evicted.values == {"snapkv": 120} and recorded.blocks_closed.values == {"dynsplit": 3}
+    assert recorded.counters["evicted_tokens"].values == {"snapkv": 120} and recorded.counters[
+        "blocks_closed"
+    ].values == {"dynsplit": 3}
     assert len(recorded.selection.values["dynsplit"]) == 1 and seconds[0] > 0
     assert list(metrics.SELECTION_BUCKETS) == sorted(metrics.SELECTION_BUCKETS)
