@@ -144,9 +144,10 @@ def answers(url: str) -> bool:
     return False
 
 
-def _child_setup(cores: list[int] | None):
-    """In each child before exec: its CPU cores, and SIGKILL when the launcher dies (Linux), so
-    a killed launcher leaves no replica or gateway behind."""
+def _start(cmd: list[str], log: str, env: dict, cores: list[int] | None) -> subprocess.Popen:
+    """Start a replica or the gateway in its own process group, its output in `log`; in the child
+    before exec: its CPU cores, and SIGKILL when the launcher dies (Linux), so a killed launcher
+    leaves no replica or gateway behind."""
 
     def setup() -> None:
         if cores is not None:
@@ -154,7 +155,10 @@ def _child_setup(cores: list[int] | None):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
-    return setup
+    with open(log, "w") as out:  # the child keeps its own copy of the file
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=setup
+        )
 
 
 def _interrupt(signum, frame):
@@ -202,7 +206,7 @@ def main(argv=None) -> None:
     procs: list[subprocess.Popen] = []
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        urls = []
+        urls, logs = [], []
         for i, cmd in enumerate(replica_commands(server_args, args.replicas, args.host, args.port)):
             env = dict(os.environ)
             if gpu:
@@ -210,22 +214,12 @@ def main(argv=None) -> None:
             else:
                 env["OMP_NUM_THREADS"] = str(len(shares[i]))
             log = os.path.join(args.log_dir, f"replica-{i}.log")
-            out = open(log, "w")
-            procs.append(
-                subprocess.Popen(
-                    cmd,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,
-                    preexec_fn=_child_setup(None if gpu else shares[i]),
-                )
-            )
+            procs.append(_start(cmd, log, env, None if gpu else shares[i]))
+            logs.append(log)
             where = f"GPU {i}" if gpu else f"cores {','.join(map(str, shares[i]))}"
             print(f"replica {i}: {shlex.join(cmd)}  [{where}, log {log}]", flush=True)
             urls.append(f"http://{args.host}:{args.port + 1 + i}")
-        for i, (url, proc) in enumerate(zip(urls, procs)):
-            log = os.path.join(args.log_dir, f"replica-{i}.log")
+        for i, (url, proc, log) in enumerate(zip(urls, procs, logs)):
             wait_until(
                 lambda u=url: answers(u + "/health"),
                 proc,
@@ -236,12 +230,7 @@ def main(argv=None) -> None:
         metrics_port = args.metrics_port or args.port + args.replicas + 1
         cmd = gateway_command(urls, args.host, args.port, metrics_port, shlex.split(args.gateway_args))
         log = os.path.join(args.log_dir, "gateway.log")
-        out = open(log, "w")
-        procs.append(
-            subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_child_setup(None)
-            )
-        )
+        procs.append(_start(cmd, log, dict(os.environ), None))
         print(f"gateway: {shlex.join(cmd)}  [log {log}]", flush=True)
         gateway = f"http://{args.host}:{args.port}"
         wait_until(
