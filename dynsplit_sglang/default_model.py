@@ -78,7 +78,12 @@ def smollm2_path() -> Path:
     return _publish(_convert_smollm2, SMOLLM2)
 
 
-TINY_FAMILIES = ("llama", "qwen2", "qwen3")
+# family -> (model class, config class, config keys beyond the shared shape), in transformers
+TINY_FAMILIES = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", {"head_dim": 32}),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {}),  # head_dim: hidden / heads = 32
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {"head_dim": 32, "attention_bias": True}),
+}
 
 
 def _build_tiny(out: Path, family: str = "llama") -> None:
@@ -90,7 +95,8 @@ def _build_tiny(out: Path, family: str = "llama") -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     torch.manual_seed(0)
-    shape = dict(
+    model_class, config_class, extra = TINY_FAMILIES[family]
+    config = getattr(transformers, config_class)(
         vocab_size=len(tokenizer),
         hidden_size=128,
         intermediate_size=256,
@@ -101,15 +107,9 @@ def _build_tiny(out: Path, family: str = "llama") -> None:
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **extra,
     )
-    if family == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(head_dim=32, **shape))
-    elif family == "qwen2":  # head_dim: hidden / heads = 32
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape))
-    elif family == "qwen3":
-        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=32, attention_bias=True, **shape))
-    else:
-        raise ValueError(f"no tiny {family!r} model; one of {', '.join(TINY_FAMILIES)}")
+    model = getattr(transformers, model_class)(config)
     # Hugging Face starts biases at 0 and norm weights at 1: random ones, so a backend that
     # dropped them would show in the tokens
     with torch.no_grad():
