@@ -58,6 +58,15 @@ def ratio_text(value, reference) -> str:
     return f"{value / reference:.2f}x" if value and reference else ""
 
 
+def output_paths(name: str, out: str | None, smoke: bool) -> tuple[str, str]:
+    """(the JSON to write: `out`, else results/NAME.json or NAME_smoke.json; the folder beside it
+    for the servers' logs, created)."""
+    out = out or os.path.join(RESULTS, f"{name}_smoke.json" if smoke else f"{name}.json")
+    log_dir = out.removesuffix(".json") + "_logs"
+    os.makedirs(log_dir, exist_ok=True)
+    return out, log_dir
+
+
 def save_result(out: str, result: dict, table: str) -> None:
     """Write a benchmark's JSON and print its table."""
     with open(out, "w") as f:

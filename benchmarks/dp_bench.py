@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 
 from benchmarks import agent_load
 from benchmarks.agent_load import AgentLoad, summary
-from benchmarks.common import RESULTS, cpu_model, run_info, save_result
+from benchmarks.common import cpu_model, output_paths, run_info, save_result
 from dynsplit_sglang.testing.server import cpu_args, start_dp, start_server
 
 
@@ -47,9 +47,7 @@ def main(argv=None):
         args.systems, args.system, args.tool, args.new_tokens = 2, 200, 64, 4
 
     model, vocab = cpu_model(args.smoke)
-    out = args.out or os.path.join(RESULTS, "dp_bench_smoke.json" if args.smoke else "dp_bench.json")
-    log_dir = out.removesuffix(".json") + "_logs"
-    os.makedirs(log_dir, exist_ok=True)
+    out, log_dir = output_paths("dp_bench", args.out, args.smoke)
     load = AgentLoad(
         args.agents, args.turns, args.system, args.tool, args.new_tokens, systems=args.systems, seed=11, timeout_s=3600
     )

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from benchmarks import agent_load
 from benchmarks.agent_load import AgentLoad, summary
-from benchmarks.common import RESULTS, cpu_model, ratio_text, run_info, save_result
+from benchmarks.common import cpu_model, output_paths, ratio_text, run_info, save_result
 from benchmarks.serve_bench import Stream, stream_request
 from dynsplit_sglang.policies import POLICY_CLASSES
 from dynsplit_sglang.testing.server import cpu_args, flush_cache, start_server
@@ -177,9 +177,7 @@ def main(argv=None):
     model, vocab = cpu_model(args.smoke)
     device_args = cpu_args(args.pool_tokens)
     loads = [x.strip() for x in args.loads.split(",") if x.strip()]
-    out = args.out or os.path.join(RESULTS, "memory_bench_smoke.json" if args.smoke else "memory_bench.json")
-    log_dir = out.removesuffix(".json") + "_logs"
-    os.makedirs(log_dir, exist_ok=True)
+    out, log_dir = output_paths("memory_bench", args.out, args.smoke)
     info = run_info()
 
     rows = []

@@ -29,7 +29,7 @@ import time
 
 from benchmarks import agent_load
 from benchmarks.agent_load import AgentLoad, summary
-from benchmarks.common import RESULTS, cpu_model, run_info, save_result
+from benchmarks.common import cpu_model, output_paths, run_info, save_result
 from benchmarks.memory_bench import DecodeLog
 from dynsplit_sglang.testing.server import cpu_args, flush_cache, scrape_metrics, start_server
 
@@ -103,9 +103,7 @@ def main(argv=None):
         args.system, args.tool, args.new_tokens, args.cancel_every = 300, 100, 4, 3
     model, vocab = cpu_model(args.smoke)
     device_args = cpu_args(args.pool_tokens)
-    out = args.out or os.path.join(RESULTS, "soak_smoke.json" if args.smoke else "soak.json")
-    log_dir = out.removesuffix(".json") + "_logs"
-    os.makedirs(log_dir, exist_ok=True)
+    out, log_dir = output_paths("soak", args.out, args.smoke)
     info = run_info()
 
     rows = []
