@@ -61,6 +61,13 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
             return "flashinfer", op
 
         self._init_policy(model_runner, kv, make_sparse_attention)
+        if self._window:
+            # decode runs the folded sparse op for every layer and skips SGLang's decode plan,
+            # which is what its sliding-window wrapper would need
+            raise ValueError(
+                f"--attention-backend {BACKEND_NAME} does not support sliding-window layers yet "
+                f"(this model's layers other than {list(self._compressed)}); drop the flag (torch backend)"
+            )
 
     def init_forward_metadata(self, forward_batch):
         # Decode attends through the folded sparse decode only: SGLang's decode plan (a gather of
@@ -79,7 +86,7 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         self._check_layer(layer)
         q3 = q.contiguous().view(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        if layer.layer_id in self._score_layers:  # the same dense attention, plus each query's row lse
+        if self._policy_layer(layer) in self._score_layers:  # the same dense attention, plus each query's row lse
             o, lse = self._extend_with_lse(q3, k, v, layer, forward_batch, save_kv_cache)
             lengths = forward_batch.extend_seq_lens_cpu
             lengths = [int(n) for n in (forward_batch.extend_seq_lens.tolist() if lengths is None else lengths)]
@@ -131,13 +138,13 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
         self._save_kv(layer, fb, k, v, save_kv_cache)
         n = len(self._reqs)
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        sel = self._sparse_requests(layer.layer_id)
+        sel = self._sparse_requests(layer)
         slots, valid = self._step_slots(q3, layer, sel)
         keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         values = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         counts = self._step_counts(layer, sel)
         out, lse = self._sparse_attention(q3[:n], keys, values, slots, valid, layer.scaling, counts=counts)
-        if layer.layer_id in self._score_layers:  # every row's lse is over what it attended
+        if self._policy_layer(layer) in self._score_layers:  # every row's lse is over what it attended
             self._observe_decode(q3, layer, lse, ())
         self._finish_layer(layer)
         if q3.shape[0] == n:
@@ -151,7 +158,7 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
         a dense request's, the policy's count for a sparse one; None if the policy cannot say."""
         counts = list(self._step.lengths)
         if sel is not None:
-            picked = self.policy.selection_counts(layer.layer_id, sel.indices)
+            picked = self.policy.selection_counts(self._policy_layer(layer), sel.indices)
             if picked is None:
                 return None
             for i, c in zip(sel.indices, picked):

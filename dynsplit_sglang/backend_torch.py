@@ -42,7 +42,10 @@ class SparseTorchAttnBackend(PolicyHost, TorchNativeAttnBackend):
         """Dense causal attention of the new tokens (`extend_attention`); the policy gets the last
         queries of its query layers and the band logits and row lse of its score layers."""
         self._check_layer(layer)
-        o = self._dense_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        if self._policy_layer(layer) is None:  # a sliding-window layer: SGLang's own attention
+            o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        else:
+            o = self._dense_extend(q, k, v, layer, forward_batch, save_kv_cache)
         self._finish_layer(layer)
         return o
 
@@ -62,12 +65,18 @@ class SparseTorchAttnBackend(PolicyHost, TorchNativeAttnBackend):
         if self._graph_capture:  # the dummy batch of a capture: only the output buffer counts
             return q.new_zeros(q.shape[0], H * D)
         q3 = q.reshape(-1, H, D)
-        sel = self._sparse_requests(layer.layer_id)
+        index = self._policy_layer(layer)
+        if index is None:  # a sliding-window layer: SGLang's own windowed decode, nothing to observe
+            o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+            self._finish_layer(layer)
+            o[len(self._reqs) :] = 0
+            return o
+        sel = self._sparse_requests(layer)
         if sel is None:
             o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
         else:
             o, sparse_lse = self._forward_decode_mixed(q3, k, v, layer, forward_batch, save_kv_cache, sel)
-        if layer.layer_id in self._score_layers:
+        if index in self._score_layers:
             lse = torch.zeros(q3.shape[0], H, device=q3.device)  # the sparse requests'; the others' come next
             if sel is not None:
                 lse[sel.index] = sparse_lse
@@ -108,7 +117,7 @@ class SparseTorchAttnBackend(PolicyHost, TorchNativeAttnBackend):
             o3[idx] = o_dense
         slots, valid = self._select_slots(q3, layer, sel)
         # Known on the host, the counts spare the op a device read (and plan FlashInfer's decode).
-        counts = self.policy.selection_counts(layer.layer_id, sel.indices)
+        counts = self.policy.selection_counts(self._policy_layer(layer), sel.indices)
         with record_function("dynsplit:attention"):
             out, lse = self._sparse_attention(q3[sel.index], keys, values, slots, valid, layer.scaling, counts=counts)
         o3[sel.index] = out

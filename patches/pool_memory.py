@@ -16,6 +16,7 @@ from sglang.srt.plugins.hook_registry import HookType
 
 from dynsplit_sglang.block_table import ModelShape
 from dynsplit_sglang.config import KVConfig
+from dynsplit_sglang.hybrid_layers import compressed_layers
 from dynsplit_sglang.policy_memory import bytes_per_slot
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def charge_policy_tables(result, configurator, kvc, num_layers):
     tp = get_parallel().attn_tp_size
     mc = kvc.model_config
     shape = ModelShape(
-        num_layers=num_layers,
+        num_layers=len(compressed_layers(mc.hf_text_config, num_layers)),  # tables for compressed layers only
         num_heads=mc.num_attention_heads // tp,
         num_kv_heads=mc.get_num_kv_heads(tp),
         head_dim=mc.head_dim,

@@ -93,6 +93,20 @@ def generate(eng, prompts, max_new_tokens=12, custom_params=None):
     return [o["output_ids"] for o in out], [o["meta_info"] for o in out]
 
 
+def scored(eng, prompts, max_new_tokens=12, **custom):
+    """Greedy tokens, their logprobs [prompts, new] and what compression did (meta_info's
+    kv_compression, None under --kv full), per prompt; `custom` goes to custom_params."""
+    import torch
+
+    params = {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
+    if custom:
+        params["custom_params"] = custom
+    out = eng.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
+    tokens = [o["output_ids"] for o in out]
+    logprobs = torch.tensor([[lp for lp, *_ in o["meta_info"]["output_token_logprobs"]] for o in out])
+    return tokens, logprobs, [o["meta_info"].get("kv_compression", [None])[0] for o in out]
+
+
 def flush(eng, timeout_s=60.0):
     """Flush the radix cache and KV pool, waiting for the scheduler to go idle.
 

@@ -13,9 +13,9 @@ from dynsplit_sglang.policies import DynSplitOptions, QuestOptions, RequestView
 from tests.test_policies import PREFILL_TIME, SHAPE, SLOTS, make_policy, prefill, window_pattern
 
 
-def plan(bound=lambda budget, n: budget, evict=True, page_size=1):
+def plan(bound=lambda budget, n: budget, evict=True, page_size=1, min_kept=0):
     return eviction.EvictionPlan(
-        {"snapkv": bound, "quest": lambda b, n: None}, {"snapkv": evict}, "snapkv", 64, page_size
+        {"snapkv": bound, "quest": lambda b, n: None}, {"snapkv": evict}, "snapkv", 64, page_size, min_kept
     )
 
 
@@ -26,6 +26,13 @@ def test_start_leaves_the_bound_on_a_page_after_the_hit():
     assert p.start(None, 64, 1000, None, prefix=936) is None  # the private part is what would be kept
     assert p.start(None, 1000, 1000, None, prefix=0) is None  # the budget covers the prompt
     assert plan(page_size=16).start(None, 64, 1000, None, prefix=0) == 928  # rounded down to a page
+
+
+def test_start_stays_a_sliding_window_back():
+    """A hybrid model's sliding layers read the prompt's last tokens: never given back."""
+    assert plan(min_kept=512).start(None, 64, 1000, None, prefix=0) == 488
+    assert plan(min_kept=16).start(None, 64, 1000, None, prefix=0) == 936  # the bound is wider
+    assert plan(min_kept=1000).start(None, 64, 1000, None, prefix=0) is None
 
 
 def test_start_follows_the_option_the_request_and_the_policy():

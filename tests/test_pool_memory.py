@@ -1,5 +1,6 @@
 """The KV pool is sized with the policy's per-slot tables included (patches/pool_memory.py)."""
 
+import dataclasses
 import types
 
 import torch
@@ -39,7 +40,10 @@ def test_the_hook_adds_the_tables_to_the_kv_cell(monkeypatch):
     import sglang.srt.runtime_context as rc
 
     monkeypatch.setattr(rc, "get_parallel", lambda: types.SimpleNamespace(attn_tp_size=1))
-    model = types.SimpleNamespace(num_attention_heads=4, head_dim=8, get_num_kv_heads=lambda tp: 2 // tp)
+    text = types.SimpleNamespace(num_hidden_layers=4, layer_types=None)
+    model = types.SimpleNamespace(
+        num_attention_heads=4, head_dim=8, get_num_kv_heads=lambda tp: 2 // tp, hf_text_config=text
+    )
 
     def kvc(kv):
         args = types.SimpleNamespace(_kv_config=None if kv is None else kv.to_dict())
@@ -57,3 +61,7 @@ def test_the_hook_adds_the_tables_to_the_kv_cell(monkeypatch):
     assert got == kv_cell + bytes_per_slot(dynsplit, SHAPE, torch.float32)
     assert pool_memory.charge_policy_tables(kv_cell, None, kvc(None), 4) is None  # --kv not given
     assert pool_memory.charge_policy_tables(kv_cell, None, kvc(KVConfig("full", 64, None)), 4) is None
+    # a hybrid model: tables for its full-attention layers only (here 2 of 4)
+    text.layer_types = ["sliding_attention", "full_attention"] * 2
+    hybrid = bytes_per_slot(dynsplit, dataclasses.replace(SHAPE, num_layers=2), torch.float32)
+    assert pool_memory.charge_policy_tables(kv_cell, None, kvc(dynsplit), 4) == kv_cell + hybrid

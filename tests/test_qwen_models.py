@@ -10,24 +10,13 @@ import torch
 from transformers import AutoTokenizer
 
 from dynsplit_sglang.default_model import tiny_model_path
-from tests.engine_utils import SAMPLE_TEXT, engine
+from tests.engine_utils import SAMPLE_TEXT, engine, scored
 
 pytestmark = pytest.mark.server
 
 LENGTHS = (300, 517)
 BUDGET = 96
 NEW = 12
-
-
-def run(eng, prompts, **custom):
-    """Greedy tokens, their logprobs and what compression did, per prompt."""
-    params = {"temperature": 0, "max_new_tokens": NEW, "ignore_eos": True}
-    if custom:
-        params["custom_params"] = custom
-    out = eng.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
-    tokens = [o["output_ids"] for o in out]
-    logprobs = torch.tensor([[lp for lp, *_ in o["meta_info"]["output_token_logprobs"]] for o in out])
-    return tokens, logprobs, [o["meta_info"].get("kv_compression", [None])[0] for o in out]
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
@@ -37,10 +26,10 @@ def test_qwen_attention_under_kv(family):
     ids = tok(SAMPLE_TEXT * 40, add_special_tokens=False).input_ids
     prompts = [ids[7 * i : 7 * i + n] for i, n in enumerate(LENGTHS)]
     with engine(model, kv="full") as eng:
-        full, full_logprobs, _ = run(eng, prompts)
+        full, full_logprobs, _ = scored(eng, prompts, NEW)
     with engine(model, kv="dynsplit", kv_budget=BUDGET, kv_variants={"snapkv": {}}) as eng:
-        covering, covering_logprobs, _ = run(eng, prompts, kv_budget=2048)
-        sparse = {policy: run(eng, prompts, kv_policy=policy) for policy in ("dynsplit", "snapkv")}
+        covering, covering_logprobs, _ = scored(eng, prompts, NEW, kv_budget=2048)
+        sparse = {policy: scored(eng, prompts, NEW, kv_policy=policy) for policy in ("dynsplit", "snapkv")}
     assert covering == full, f"{family}: a covering budget must give --kv full's tokens"
     torch.testing.assert_close(covering_logprobs, full_logprobs, atol=1e-4, rtol=0)
     for policy, (tokens, logprobs, figures) in sparse.items():

@@ -14,6 +14,7 @@ from dynsplit_sglang import metrics
 from dynsplit_sglang.block_table import BlockTable, ModelShape
 from dynsplit_sglang.config import KVConfig, KVConfigError, PolicyOptions, check_choice, check_int, check_number, option
 from dynsplit_sglang.delimiters import candidate_token_mask
+from dynsplit_sglang.hybrid_layers import compressed_layers
 from dynsplit_sglang.kernels.block_select import (
     most_blocks_taken,
     score_blocks,
@@ -213,10 +214,15 @@ class DynSplitOptions(ResidentOptions):
                 )
 
     def check_model(self, hf_config: dict, flag: str) -> None:
-        for key, name in (("num_hidden_layers", "score_layers"), ("num_attention_heads", "score_heads")):
-            limit, chosen = hf_config.get(key), getattr(self, name)
+        layers = len(compressed_layers(hf_config)) if hf_config.get("num_hidden_layers") else None
+        what = "compressed (full-attention) layers" if hf_config.get("layer_types") else "layers (num_hidden_layers)"
+        for name, limit, unit in (
+            ("score_layers", layers, what),
+            ("score_heads", hf_config.get("num_attention_heads"), "heads (num_attention_heads)"),
+        ):
+            chosen = getattr(self, name)
             if limit and chosen and max(chosen) >= limit:
-                raise KVConfigError(f"{flag}: '{name}' {list(chosen)} out of range; the model has {limit} ({key})")
+                raise KVConfigError(f"{flag}: '{name}' {list(chosen)} out of range; the model has {limit} {unit}")
 
 
 # DynamicKV's own defaults, used when `layer_budgets` is "dynamickv".
