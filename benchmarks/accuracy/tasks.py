@@ -91,8 +91,14 @@ class Sample:
 
 
 def render(tokenizer, messages) -> str:
-    """The prompt text the engine gets: chat template applied, ending where the model writes."""
+    """The prompt text the engine gets: chat template applied, ending where the model writes.
+
+    A base model (no chat template, e.g. Gemma-3-270M) gets the same text as a completion: the
+    user's prompt, a blank line, then the answer prefix it continues (every task has one), after
+    its BOS token (prompts are tokenized without special tokens; a chat template writes it)."""
     messages = list(messages)
+    if not getattr(tokenizer, "chat_template", None):
+        return (tokenizer.bos_token or "") + "\n\n".join(m["content"] for m in messages)
     if messages[-1]["role"] == "assistant":
         return tokenizer.apply_chat_template(messages, continue_final_message=True, tokenize=False)
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
