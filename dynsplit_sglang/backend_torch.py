@@ -17,6 +17,7 @@ from torch.profiler import record_function
 
 from dynsplit_sglang.config import KVConfig
 from dynsplit_sglang.gpu_path import sparse_attention_op
+from dynsplit_sglang.kernels.dense_attention import sliding_window_attention
 from dynsplit_sglang.policy_host import PolicyHost
 
 
@@ -42,12 +43,33 @@ class SparseTorchAttnBackend(PolicyHost, TorchNativeAttnBackend):
         """Dense causal attention of the new tokens (`extend_attention`); the policy gets the last
         queries of its query layers and the band logits and row lse of its score layers."""
         self._check_layer(layer)
-        if self._policy_layer(layer) is None:  # a sliding-window layer: SGLang's own attention
-            o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        if self._policy_layer(layer) is None:  # a sliding-window layer: not compressed
+            o = self._sliding_extend(q, k, v, layer, forward_batch, save_kv_cache)
         else:
             o = self._dense_extend(q, k, v, layer, forward_batch, save_kv_cache)
         self._finish_layer(layer)
         return o
+
+    def _sliding_extend(self, q, k, v, layer, fb, save_kv_cache) -> torch.Tensor:
+        """A sliding-window layer's prefill: each new query over its window only (SGLang's
+        torch-native path attends the whole sequence under an N x N mask). returns [T, H * D]."""
+        self._save_kv(layer, fb, k, v, save_kv_cache)
+        q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        o = torch.empty_like(q3)
+        sliding_window_attention(
+            q3,
+            o,
+            self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+            self.req_to_token_pool.req_to_token,
+            fb.req_pool_indices,
+            fb.seq_lens,
+            fb.extend_prefix_lens,
+            fb.extend_seq_lens,
+            layer.scaling,
+            layer.sliding_window_size,
+        )
+        return o.view(q3.shape[0], -1)
 
     # --- decode -------------------------------------------------------------------------------
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
@@ -66,10 +88,15 @@ class SparseTorchAttnBackend(PolicyHost, TorchNativeAttnBackend):
             return q.new_zeros(q.shape[0], H * D)
         q3 = q.reshape(-1, H, D)
         index = self._policy_layer(layer)
-        if index is None:  # a sliding-window layer: SGLang's own windowed decode, nothing to observe
-            o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        if index is None:  # a sliding-window layer: the window's slots, nothing to observe
+            self._save_kv(layer, forward_batch, k, v, save_kv_cache)
+            n, w = len(self._reqs), self._step.sliding
+            keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+            values = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+            out, _ = self._sparse_attention(q3[:n], keys, values, w.slots, w.valid, layer.scaling, counts=w.counts)
             self._finish_layer(layer)
-            o[len(self._reqs) :] = 0
+            o = q.new_zeros(q3.shape[0], H * D)
+            o[:n] = out.reshape(n, H * D)
             return o
         sel = self._sparse_requests(layer)
         if sel is None:

@@ -55,6 +55,20 @@ class Selecting:
 
 
 @dataclass(frozen=True)
+class SlidingWindow:
+    """What a decode step's queries read in a hybrid model's sliding-window layers: each request's
+    last min(n, window + 1) positions of its real req_to_token row (not the view its policy
+    reads: eviction keeps those positions in place).
+
+    slots, valid: [R, KvH, window + 1] (each row's valid entries first); counts: valid per request.
+    """
+
+    slots: torch.Tensor
+    valid: torch.Tensor
+    counts: list[int]
+
+
+@dataclass(frozen=True)
 class DecodeStep:
     """A decode step's requests, for every layer.
 
@@ -64,6 +78,7 @@ class DecodeStep:
                   or None where every request attends densely.
     rows:         [R] int64 each request's req_to_token row.
     dense_layers: per request, in how many layers it attends densely (to its whole view).
+    sliding:      the sliding-window layers' reads (a hybrid model), else None.
     """
 
     lengths: tuple[int, ...]
@@ -72,11 +87,18 @@ class DecodeStep:
     selecting: tuple[Selecting | None, ...]
     rows: torch.Tensor
     dense_layers: tuple[int, ...]
+    sliding: SlidingWindow | None = None
 
     @staticmethod
-    def build(row_slots: list[torch.Tensor], rows: list[int], sparse_by_layer: list[list[int]], device) -> DecodeStep:
+    def build(
+        row_slots: list[torch.Tensor],
+        rows: list[int],
+        sparse_by_layer: list[list[int]],
+        device,
+        sliding: SlidingWindow | None = None,
+    ) -> DecodeStep:
         """row_slots: per request [n_i] int64 KV slots; rows: their req_to_token rows;
-        sparse_by_layer: per layer the requests that select there (ascending)."""
+        sparse_by_layer: per compressed layer the requests that select there (ascending)."""
         lengths = tuple(s.numel() for s in row_slots)
         dense_layers = [len(sparse_by_layer)] * len(row_slots)
         slots = torch.nn.utils.rnn.pad_sequence(row_slots, batch_first=True).to(device)
@@ -96,4 +118,5 @@ class DecodeStep:
             tuple(selecting),
             torch.tensor(rows, dtype=torch.int64, device=device),
             tuple(dense_layers),
+            sliding,
         )

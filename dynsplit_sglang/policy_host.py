@@ -22,12 +22,12 @@ from dynsplit_sglang import compression_stats, eviction, metrics, request_option
 from dynsplit_sglang.block_table import ModelShape
 from dynsplit_sglang.compression_stats import CompressionStats
 from dynsplit_sglang.config import KVConfig
-from dynsplit_sglang.decode_step import DecodeStep, Selecting
+from dynsplit_sglang.decode_step import DecodeStep, Selecting, SlidingWindow
 from dynsplit_sglang.delimiters import TokenTexts
 from dynsplit_sglang.gpu_path import selection_kernel
 from dynsplit_sglang.hybrid_layers import compressed_layers
 from dynsplit_sglang.kernels.dd_select import band_logits, decode_band_logits, row_lse
-from dynsplit_sglang.kernels.dense_attention import extend_attention
+from dynsplit_sglang.kernels.dense_attention import extend_attention, window_slots
 from dynsplit_sglang.patches import prefix_reserve
 from dynsplit_sglang.policies import RequestView
 from dynsplit_sglang.policies.base import forget_rows
@@ -251,8 +251,24 @@ class PolicyHost:
                     rows,
                     [self.policy.sparse_in_layer(layer, longer) for layer in range(self.shape.num_layers)],
                     self.device,
+                    self._sliding_window(forward_batch, len(reqs), seq_lens) if self._window else None,
                 )
                 self._compression.dense(self._step)
+
+    def _sliding_window(self, forward_batch, num_rows: int, seq_lens: list[int]) -> SlidingWindow:
+        """The slots this decode step's queries read in the sliding-window layers."""
+        slots, valid = window_slots(
+            self.req_to_token_pool.req_to_token,
+            forward_batch.req_pool_indices[:num_rows],
+            forward_batch.seq_lens[:num_rows],
+            self._window - 1,
+        )
+        heads = self.shape.num_kv_heads
+        return SlidingWindow(
+            slots[:, None].expand(-1, heads, -1),
+            valid[:, None].expand(-1, heads, -1),
+            [min(n, self._window) for n in seq_lens],
+        )
 
     def _release_rows(self, renewed: set[int]) -> None:
         """Drop the per-request state (prefill-time rankings, layer budgets, options) of the

@@ -47,6 +47,50 @@ def extend_attention(
     return lses
 
 
+def sliding_window_attention(
+    query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, prefix_lens, extend_lens, scale, window
+) -> None:
+    """Sliding-window causal attention of each request's new tokens (a hybrid model's local
+    layers), written into output: the query at position p reads the keys at [p - window, p]
+    (SGLang's convention: `window` is the model's sliding_window - 1). Arguments as in
+    `extend_attention`.
+
+    In blocks of queries, each against only the keys its window reaches: n x (block + window)
+    work, where SGLang's torch-native path builds an N x N mask and attends every pair (minutes
+    per layer at 32k on a CPU)."""
+    q_all = query.movedim(0, 1)  # [H, T, D]
+    block = max(window + 1, 1024)
+    start = 0
+    for row, total, prefix, n in zip(
+        req_pool_indices.tolist(), seq_lens.tolist(), prefix_lens.tolist(), extend_lens.tolist()
+    ):
+        for a in range(prefix, total, block):
+            b = min(a + block, total)
+            lo = max(0, a - window)
+            slots = req_to_token[row, lo:b]
+            k, v = k_cache[slots].movedim(0, 1)[None], v_cache[slots].movedim(0, 1)[None]
+            q_pos = torch.arange(a, b, device=query.device)[:, None]
+            k_pos = torch.arange(lo, b, device=query.device)[None, :]
+            mask = (k_pos <= q_pos) & (k_pos >= q_pos - window)  # [b - a, b - lo], True: attend
+            q = q_all[None, :, start + a - prefix : start + b - prefix]
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+            )
+            output[start + a - prefix : start + b - prefix] = out[0].movedim(0, 1).to(output.dtype)
+        start += n
+
+
+def window_slots(req_to_token, rows: torch.Tensor, seq_lens: torch.Tensor, window: int):
+    """The KV slots a decode query reads in a sliding-window layer: each request's last
+    min(n, window + 1) positions. rows, seq_lens: [R] int64. returns slots, valid [R, window + 1]
+    (each row's valid entries first)."""
+    first = (seq_lens - (window + 1)).clamp(min=0)
+    positions = first[:, None] + torch.arange(window + 1, device=seq_lens.device)
+    valid = positions < seq_lens[:, None]
+    slots = req_to_token[rows[:, None], positions.clamp(max=req_to_token.shape[1] - 1)].to(torch.int64)
+    return torch.where(valid, slots, 0), valid
+
+
 def attention_with_lse(q, k, v, scale, causal):
     """Softmax attention and its log-sum-exp.
 
