@@ -8,7 +8,8 @@
   mean_attended_tokens, mean_held_tokens, resident_tokens, evicted_tokens}]` (SGLang's customized
   output info: a list per request, one entry, sent with its last output).
 - SchedulerInternalStateController.get_internal_state (after): `internal_states[i]["kv"]` of
-  /server_info: the --kv policy, budget, options and variants, and eviction's totals
+  /server_info: the --kv policy, budget, options and variants, the model layers it compresses
+  (compressed_layers: all but a hybrid model's sliding-window ones), and eviction's totals
   (evicted_requests, evicted_tokens).
 """
 
@@ -20,6 +21,7 @@ import logging
 from sglang.srt.plugins.hook_registry import HookType
 
 from dynsplit_sglang import compression_stats, eviction, metrics
+from dynsplit_sglang.hybrid_layers import compressed_layers
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +76,9 @@ def add_kv_state(result, controller, *args, **kwargs):
     if kv and getattr(result, "internal_state", None) is not None:
         plan = eviction.current()
         totals = {k: v for k, v in (plan.stats() if plan is not None else {}).items() if k.startswith("evicted_")}
-        result.internal_state["kv"] = {**kv, **totals}
+        config = getattr(getattr(controller.scheduler, "model_config", None), "hf_text_config", None)
+        layers = {} if config is None else {"compressed_layers": list(compressed_layers(config))}
+        result.internal_state["kv"] = {**kv, **layers, **totals}
     return result
 
 

@@ -138,6 +138,7 @@ def test_compression_shows_in_meta_info_metrics_and_server_info(server, samples)
     state = requests.get(url + "/server_info", timeout=30).json()["internal_states"][0]["kv"]
     assert (state["policy"], state["budget"], state["options"]["block_size"]) == ("dynsplit", budget, 16)
     assert state["evicted_tokens"] >= kv["evicted_tokens"] and state["evicted_requests"] >= 1
+    assert state["compressed_layers"] == list(range(30))  # SmolLM2: every layer
 
 
 # (what a client sends to /generate, what the 400 says)
