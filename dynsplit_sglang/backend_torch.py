@@ -6,6 +6,8 @@ layers, and commits its per-request state after the last layer. At decode, a req
 sequence fits the budget takes SGLang's dense decode path unchanged (`--kv full`'s tokens); a
 longer one attends only to the positions the policy selects, per KV head, with the original
 positions (the `req_to_token` row is never compacted, so RoPE and the radix cache are untouched).
+A hybrid model's sliding-window layers are not compressed (hybrid_layers.py): they attend over
+their window only, at prefill in query blocks and at decode over each request's last window slots.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from torch.profiler import record_function
 
 from dynsplit_sglang.config import KVConfig
 from dynsplit_sglang.gpu_path import sparse_attention_op
-from dynsplit_sglang.kernels.dense_attention import sliding_window_attention
 from dynsplit_sglang.policy_host import PolicyHost
 
 
@@ -43,33 +44,9 @@ class SparseTorchAttnBackend(PolicyHost, TorchNativeAttnBackend):
         """Dense causal attention of the new tokens (`extend_attention`); the policy gets the last
         queries of its query layers and the band logits and row lse of its score layers."""
         self._check_layer(layer)
-        if self._policy_layer(layer) is None:  # a sliding-window layer: not compressed
-            o = self._sliding_extend(q, k, v, layer, forward_batch, save_kv_cache)
-        else:
-            o = self._dense_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        o = self._dense_extend(q, k, v, layer, forward_batch, save_kv_cache)
         self._finish_layer(layer)
         return o
-
-    def _sliding_extend(self, q, k, v, layer, fb, save_kv_cache) -> torch.Tensor:
-        """A sliding-window layer's prefill: each new query over its window only (SGLang's
-        torch-native path attends the whole sequence under an N x N mask). returns [T, H * D]."""
-        self._save_kv(layer, fb, k, v, save_kv_cache)
-        q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        o = torch.empty_like(q3)
-        sliding_window_attention(
-            q3,
-            o,
-            self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-            self.token_to_kv_pool.get_value_buffer(layer.layer_id),
-            self.req_to_token_pool.req_to_token,
-            fb.req_pool_indices,
-            fb.seq_lens,
-            fb.extend_prefix_lens,
-            fb.extend_seq_lens,
-            layer.scaling,
-            layer.sliding_window_size,
-        )
-        return o.view(q3.shape[0], -1)
 
     # --- decode -------------------------------------------------------------------------------
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):

@@ -27,7 +27,7 @@ from dynsplit_sglang.delimiters import TokenTexts
 from dynsplit_sglang.gpu_path import selection_kernel
 from dynsplit_sglang.hybrid_layers import compressed_layers
 from dynsplit_sglang.kernels.dd_select import band_logits, decode_band_logits, row_lse
-from dynsplit_sglang.kernels.dense_attention import extend_attention, window_slots
+from dynsplit_sglang.kernels.dense_attention import extend_attention, sliding_window_attention, window_slots
 from dynsplit_sglang.patches import prefix_reserve
 from dynsplit_sglang.policies import RequestView
 from dynsplit_sglang.policies.base import forget_rows
@@ -409,11 +409,13 @@ class PolicyHost:
     # --- prefill ------------------------------------------------------------------------------
     def _dense_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool) -> torch.Tensor:
         """Dense causal attention of the new tokens with each query's row lse (`extend_attention`),
-        and the policy's observations of this layer. returns the output, shaped like q."""
+        and the policy's observations of this layer; in a sliding-window layer each query over
+        its window only (`sliding_window_attention`: SGLang's torch-native path attends the whole
+        sequence under an N x N mask), nothing observed. returns the output, shaped like q."""
         self._save_kv(layer, forward_batch, k, v, save_kv_cache)
         q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o = torch.empty_like(q)
-        lses = extend_attention(
+        args = (
             q3,
             o.view_as(q3),
             self.token_to_kv_pool.get_key_buffer(layer.layer_id),
@@ -425,7 +427,10 @@ class PolicyHost:
             forward_batch.extend_seq_lens,
             layer.scaling,
         )
-        self._observe_prefill(q3, layer, lses)
+        if self._policy_layer(layer) is None:
+            sliding_window_attention(*args, layer.sliding_window_size)
+        else:
+            self._observe_prefill(q3, layer, extend_attention(*args))
         return o
 
     def _observe_prefill(self, q3: torch.Tensor, layer, lses: list[torch.Tensor] | None) -> None:
