@@ -60,9 +60,10 @@ class PolicyHost:
     `init_forward_metadata`, `_observe_prefill` / `_observe_decode` from the forwards of every
     compressed layer, and `_finish_layer` last in each layer's forward.
 
-    A hybrid model's sliding-window layers are not compressed (hybrid_layers.py): the backend runs
-    SGLang's own attention there (`_policy_layer(layer)` is None). The policy counts the
-    compressed layers only; `_policy_layer` maps a model layer to its index there."""
+    A hybrid model's sliding-window layers are not compressed (hybrid_layers.py): the backend
+    attends over their window only there (`_dense_extend`, `DecodeStep.sliding`) and the policy
+    never sees them (`_policy_layer(layer)` is None). The policy counts the compressed layers
+    only; `_policy_layer` maps a model layer to its index there."""
 
     def _init_policy(self, model_runner, kv: KVConfig, make_sparse_attention) -> None:
         """make_sparse_attention(shape) -> (name, op): the op sparse decode steps attend with, of
@@ -332,6 +333,11 @@ class PolicyHost:
                 f"--kv {self.kv.policy} supports full-attention layers and the sliding-window layers of a "
                 f"model whose config lists them in layer_types; layer {layer.layer_id} "
                 + ("is sliding-window" if sliding else "has no window though layer_types says sliding_attention")
+            )
+        if sliding and layer.sliding_window_size + 1 != self._window:  # one window per step (DecodeStep.sliding)
+            raise ValueError(
+                f"--kv {self.kv.policy} supports one sliding window for all layers; layer {layer.layer_id} "
+                f"slides over {layer.sliding_window_size + 1} tokens, the model over {self._window}"
             )
         if (getattr(layer, "logit_cap", 0.0) or 0.0) > 0:  # Gemma 2: our attention ops do not soft-cap
             raise ValueError(

@@ -32,6 +32,7 @@ class Host(PolicyHost):
         self.kv = KVConfig("dynsplit")
         compressed = compressed_layers({"num_hidden_layers": 6, "layer_types": layer_types})
         self._layer_index = [compressed.index(i) if i in compressed else None for i in range(6)]
+        self._window = 512 if len(compressed) < 6 else 0
 
 
 @pytest.mark.parametrize(
@@ -69,6 +70,8 @@ def test_a_hybrid_models_sliding_layers_pass_and_its_global_layers_are_compresse
     assert host._policy_layer(layer(layer_id=5)) == 0 and host._policy_layer(layer(layer_id=2)) is None
     with pytest.raises(ValueError, match="layer 3 has no window though layer_types says sliding_attention"):
         host._check_layer(layer())
+    with pytest.raises(ValueError, match="one sliding window for all layers; layer 2 slides over 1024 tokens"):
+        host._check_layer(layer(layer_id=2, sliding_window_size=1023))
 
 
 @pytest.mark.parametrize(
