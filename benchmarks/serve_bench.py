@@ -360,10 +360,15 @@ def max_batch(pool_tokens: int, context: int) -> int:
     return max(1, int(0.95 * int(pool_tokens)) // context)
 
 
-def server_args(setting: str, budget: int) -> list[str]:
+def server_args(setting: str, budget: int, context_length: int) -> list[str]:
     """Server flags for a --kv entry: POLICY[:ATTENTION_BACKEND[:DECODE_GRAPHS]] (e.g.
-    dynsplit:dynsplit_flashinfer:breakable for SGLang's breakable decode CUDA graphs)."""
+    dynsplit:dynsplit_flashinfer:breakable for SGLang's breakable decode CUDA graphs). POLICY
+    `dense`: our backend with a budget of the whole context, so every request attends densely
+    (what our attention path costs without compression; on a hybrid model, its windowed
+    sliding layers without compression)."""
     policy, backend, graphs = (setting.split(":") + ["", ""])[:3]
+    if policy == "dense":
+        policy, budget = "dynsplit", context_length
     flags = ["--load-format", "dummy", "--skip-tokenizer-init", "--disable-radix-cache", "--kv", policy]
     if policy != "full":
         flags += ["--kv-budget", str(budget)]
@@ -380,7 +385,8 @@ def main(argv=None):
     p.add_argument(
         "--kv",
         default="full,dynsplit,dynsplit::breakable,dynsplit:dynsplit_flashinfer,dynsplit:dynsplit_flashinfer:breakable",
-        help="policies, one server each, in this order; POLICY:BACKEND picks the attention backend "
+        help="policies, one server each, in this order (dense: our backend, every request dense); "
+        "POLICY:BACKEND picks the attention backend "
         "(dynsplit: the torch backend, dynsplit_flashinfer: the FlashInfer subclass), "
         "POLICY:BACKEND:breakable (BACKEND may be empty) adds breakable decode CUDA graphs",
     )
@@ -454,7 +460,8 @@ def main(argv=None):
     for policy in policies:
         log = os.path.join(log_dir, f"{policy.replace(':', '_')}.log")
         print(f"[{policy}] starting the server (log: {log})", flush=True)
-        extra = server_args(policy, budget) + args.server_args.split()
+        extra = server_args(policy, budget, config.get("text_config", config)["max_position_embeddings"])
+        extra += args.server_args.split()
         if not on_gpu and policy == "full":
             extra += ["--attention-backend", "torch_native"]  # SGLang's CPU attention
         with start_server(model, *extra, device_args=device_args, timeout=1800, log_path=log) as (url, proc):

@@ -84,10 +84,12 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
 
 
 def test_server_flags_per_kv_entry():
-    assert serve_bench.server_args("full", 4096)[-2:] == ["--kv", "full"]
-    flags = serve_bench.server_args("dynsplit:dynsplit_flashinfer", 2048)
+    assert serve_bench.server_args("full", 4096, 8192)[-2:] == ["--kv", "full"]
+    flags = serve_bench.server_args("dynsplit:dynsplit_flashinfer", 2048, 8192)
     assert flags[-6:] == ["--kv", "dynsplit", "--kv-budget", "2048", "--attention-backend", "dynsplit_flashinfer"]
-    flags = serve_bench.server_args("dynsplit:dynsplit_flashinfer:breakable", 2048)
+    flags = serve_bench.server_args("dynsplit:dynsplit_flashinfer:breakable", 2048, 8192)
     assert flags[-4:] == ["--attention-backend", "dynsplit_flashinfer", "--cuda-graph-backend-decode", "breakable"]
-    flags = serve_bench.server_args("dynsplit::breakable", 2048)
+    flags = serve_bench.server_args("dynsplit::breakable", 2048, 8192)
     assert "--attention-backend" not in flags and flags[-2:] == ["--cuda-graph-backend-decode", "breakable"]
+    flags = serve_bench.server_args("dense", 2048, 32768)  # our backend, every request dense
+    assert flags[-4:] == ["--kv", "dynsplit", "--kv-budget", "32768"]
