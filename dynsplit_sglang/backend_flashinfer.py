@@ -30,6 +30,7 @@ from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 from sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph.breakable_cuda_graph import eager_on_graph
 
 from dynsplit_sglang.config import KVConfig
+from dynsplit_sglang.hybrid_layers import refuse_sliding_layers_on_flashinfer
 from dynsplit_sglang.policy_host import PolicyHost
 from dynsplit_sglang.sparse_decode_flashinfer import LN2, FlashInferSparseAttention, flashinfer_wrapper
 
@@ -61,13 +62,8 @@ class SparseFlashInferAttnBackend(PolicyHost, FlashInferAttnBackend):
             return "flashinfer", op
 
         self._init_policy(model_runner, kv, make_sparse_attention)
-        if self._window:
-            # decode runs the folded sparse op for every layer and skips SGLang's decode plan,
-            # which is what its sliding-window wrapper would need
-            raise ValueError(
-                f"--attention-backend {BACKEND_NAME} does not support sliding-window layers yet "
-                f"(this model's layers other than {list(self._compressed)}); drop the flag (torch backend)"
-            )
+        if self._window:  # kv_cli refuses it at startup where it can read the config
+            refuse_sliding_layers_on_flashinfer(self._compressed)
 
     def init_forward_metadata(self, forward_batch):
         # Decode attends through the folded sparse decode only: SGLang's decode plan (a gather of

@@ -39,3 +39,13 @@ def compressed_layers(config, num_layers: int | None = None) -> tuple[int, ...]:
             "--kv: every layer of this model is sliding-window; there is no full-attention KV to compress"
         )
     return layers
+
+
+def refuse_sliding_layers_on_flashinfer(compressed: tuple[int, ...]) -> None:
+    """--attention-backend dynsplit_flashinfer serves models without sliding layers only: its
+    decode runs the folded sparse op in every layer and skips SGLang's decode plan, which the
+    sliding-window wrapper would need."""
+    raise KVConfigError(
+        "--attention-backend dynsplit_flashinfer does not support sliding-window layers yet (this "
+        f"model's layers other than {list(compressed)}); drop the flag (torch backend)"
+    )

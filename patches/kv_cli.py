@@ -25,7 +25,7 @@ from dynsplit_sglang.config import (
     parse_json_object,
     parse_variants,
 )
-from dynsplit_sglang.hybrid_layers import compressed_layers
+from dynsplit_sglang.hybrid_layers import compressed_layers, refuse_sliding_layers_on_flashinfer
 from dynsplit_sglang.policies import POLICIES, POLICY_OPTIONS
 
 BACKEND = "dynsplit"  # the attention backend every compressing policy runs on; full: untouched
@@ -139,10 +139,7 @@ def check_server_args(server_args, kv: KVConfig) -> None:
         # a model with no layer to compress, or a kind of layer we cannot run
         compressed = compressed_layers(config)
         if len(compressed) < config["num_hidden_layers"] and server_args.attention_backend == "dynsplit_flashinfer":
-            raise KVConfigError(
-                "--attention-backend dynsplit_flashinfer does not support sliding-window layers yet (this "
-                f"model's layers other than {list(compressed)}); drop the flag (torch backend)"
-            )
+            refuse_sliding_layers_on_flashinfer(compressed)
     for label, options in kv.policies.items():
         options.check_model(config, "--kv-config" if label == kv.policy else f"--kv-variants {label!r}")
     unsupported = {
