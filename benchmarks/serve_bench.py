@@ -379,6 +379,12 @@ def server_args(setting: str, budget: int, context_length: int) -> list[str]:
     )
 
 
+def row_budget(setting: str, budget: int) -> int | None:
+    """The budget a result row is labelled with: none for `full` and `dense`, which attend to
+    every token (dense's server budget is the whole context, not --kv-budget)."""
+    return None if setting.split(":")[0] in ("full", "dense") else budget
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-path", default=None, help="model folder (default: a Llama-3.1-8B-shaped config)")
@@ -477,7 +483,7 @@ def main(argv=None):
                     measured = run_setting(url, s.context, batch, new_tokens, vocab, seed=1 + i)
                 row = {
                     "policy": policy,
-                    "budget": None if policy.startswith("full") else budget,
+                    "budget": row_budget(policy, budget),
                     "context": s.context,
                     "batch": batch,
                     "new_tokens": new_tokens,

@@ -93,3 +93,6 @@ def test_server_flags_per_kv_entry():
     assert "--attention-backend" not in flags and flags[-2:] == ["--cuda-graph-backend-decode", "breakable"]
     flags = serve_bench.server_args("dense", 2048, 32768)  # our backend, every request dense
     assert flags[-4:] == ["--kv", "dynsplit", "--kv-budget", "32768"]
+    # rows label dense and full without --kv-budget: both attend to every token
+    assert serve_bench.row_budget("dense", 2048) is None and serve_bench.row_budget("full", 2048) is None
+    assert serve_bench.row_budget("dynsplit:dynsplit_flashinfer", 2048) == 2048
