@@ -7,6 +7,7 @@
     python -m benchmarks.accuracy --replot [--out X.json.gz]
     python -m benchmarks.accuracy --progress [--tasks niah_single]   # the tables of the saved answers
     python -m benchmarks.accuracy --summary     # one table: accuracy per policy and budget
+    python -m benchmarks.accuracy.sweep         # DynSplit-KV's options on development seeds (sweep.py)
 
 Runs SGLang in process on the embedded SmolLM2-135M-Instruct (or --model), greedy, chat template
 applied; by default one engine runs every policy (--kv-variants) and each prompt is prefilled
@@ -59,6 +60,12 @@ def parse_args(argv):
     )
     p.add_argument("--lengths", default="2048,4096,8192", help="length settings in tokens (prompt + answer)")
     p.add_argument("--samples", type=int, default=30, help="prompts per task and length (seeds 0..N-1)")
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="the prompts' seeds instead of 0..N-1: A-B (inclusive) or a comma-separated list; "
+        "e.g. 1000-1019 for development prompts that a validation on the suite's own 0..29 never sees",
+    )
     p.add_argument("--tasks", default=None, help="'all', or task / family / scenario names, comma-separated")
     p.add_argument(
         "--ablation",
@@ -128,6 +135,21 @@ def select_tasks(text: str | None, default) -> list[str]:
     return chosen
 
 
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds`: "A-B" (both ends included) or "a,b,c"; distinct non-negative integers."""
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            seeds = list(range(lo, hi + 1))
+        else:
+            seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--seeds: {text!r} is neither A-B nor a comma-separated list of integers") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds: {text!r} must name at least one seed, none negative or repeated")
+    return seeds
+
+
 def parse_budgets(text: str) -> tuple[float, ...]:
     values = []
     for x in text.split(","):
@@ -173,12 +195,13 @@ def main(argv=None):
     info = run_info()  # the commit that runs, taken before anything can change
     info["command"] = " ".join(shlex.quote(a) for a in ["python", "-m", "benchmarks.accuracy", *argv])
     if args.quick:
-        model, lengths, samples, budgets = tiny_model_path(), QUICK["lengths"], QUICK["samples"], QUICK["budgets"]
+        model, lengths, seeds, budgets = tiny_model_path(), QUICK["lengths"], range(QUICK["samples"]), QUICK["budgets"]
         tasks, kv = select_tasks(args.tasks, QUICK["tasks"]), args.kv or QUICK["kv"]
     else:
         model = model_path(args.model)
         lengths = [int(x) for x in args.lengths.split(",")]
-        samples, budgets = args.samples, parse_budgets(args.budgets)
+        seeds = parse_seeds(args.seeds) if args.seeds else range(args.samples)
+        budgets = parse_budgets(args.budgets)
         tasks = select_tasks(args.tasks, ABLATION_TASKS if args.ablation else TASKS)
         kv = args.kv or ",".join(ABLATION if args.ablation else (*POLICIES, *VARIANTS))
     try:
@@ -189,7 +212,7 @@ def main(argv=None):
     settings = Settings(str(model), tuple(budgets), device, args.engines)
     tokenizer = AutoTokenizer.from_pretrained(str(model))
 
-    prompts = [(t, n, s) for n in lengths for t in tasks for s in range(samples)]
+    prompts = [(t, n, s) for n in lengths for t in tasks for s in seeds]
     data = [make_sample(tokenizer, t, n, s) for t, n, s in tqdm(prompts, desc="prompts", unit="prompt", leave=False)]
     for sample in data:
         check(sample)  # the scorer gives 1 to the gold answers and 0 to an empty answer, on every prompt
@@ -242,7 +265,8 @@ def main(argv=None):
             "policies": [vars(p) for p in policies],
             "budgets": list(budgets),
             "lengths": lengths,
-            "samples": samples,
+            "samples": len(seeds),
+            "seeds": list(seeds),
             "tasks": tasks,
             "group": group,
             "engines": args.engines,
