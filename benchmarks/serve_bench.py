@@ -32,6 +32,7 @@ import gzip
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -360,29 +361,88 @@ def max_batch(pool_tokens: int, context: int) -> int:
     return max(1, int(0.95 * int(pool_tokens)) // context)
 
 
-def server_args(setting: str, budget: int, context_length: int) -> list[str]:
-    """Server flags for a --kv entry: POLICY[:ATTENTION_BACKEND[:DECODE_GRAPHS]] (e.g.
-    dynsplit:dynsplit_flashinfer:breakable for SGLang's breakable decode CUDA graphs). POLICY
-    `dense`: our backend with a budget of the whole context, so every request attends densely
-    (what our attention path costs without compression; on a hybrid model, its windowed
-    sliding layers without compression)."""
-    policy, backend, graphs = (setting.split(":") + ["", ""])[:3]
+@dataclass(frozen=True)
+class KvEntry:
+    """One --kv entry: [LABEL=]POLICY[{JSON options}][:ATTENTION_BACKEND[:DECODE_GRAPHS]], e.g.
+    `dynsplit:dynsplit_flashinfer:breakable` (SGLang's breakable decode CUDA graphs) or
+    `C8=dynsplit{"block_size": 8}` (options as --kv-config; rows are named by LABEL, else by the
+    entry as written). POLICY `dense`: our backend with a budget of the whole context, so every
+    request attends densely (what our attention path costs without compression; on a hybrid
+    model, its windowed sliding layers without compression)."""
+
+    label: str
+    policy: str
+    options: dict = field(default_factory=dict)
+    backend: str = ""
+    graphs: str = ""
+
+    @property
+    def on_cpu(self) -> bool:
+        """Whether the CPU runs it (no FlashInfer backend, no CUDA graphs)."""
+        return not (self.backend or self.graphs)
+
+
+def parse_entry(text: str) -> KvEntry:
+    """A --kv entry (see KvEntry); a malformed one is one clear error."""
+    from dynsplit_sglang.config import parse_json_object
+
+    label, rest = None, text.strip()
+    if "=" in rest.split("{", 1)[0].split(":", 1)[0]:
+        label, rest = rest.split("=", 1)
+        if not label.strip():
+            raise SystemExit(f"--kv: entry {text!r} has an empty label before '='")
+    options = {}
+    if "{" in rest:
+        start, end = rest.index("{"), rest.rfind("}")
+        if end < start:
+            raise SystemExit(f"--kv: entry {text!r}: its options do not close with '}}'")
+        try:
+            options = parse_json_object(rest[start : end + 1], f"the options of --kv entry {text!r}")
+        except ValueError as e:
+            raise SystemExit(f"--kv: {e}") from None
+        rest = rest[:start] + rest[end + 1 :]
+    policy, backend, graphs = (rest.split(":") + ["", ""])[:3]
+    if not policy:
+        raise SystemExit(f"--kv: entry {text!r} names no policy")
+    if policy == "full" and options:
+        raise SystemExit(f"--kv: entry {text!r}: full takes no options")
+    return KvEntry(label or text.strip(), policy, options, backend, graphs)
+
+
+def parse_entries(text: str) -> list[KvEntry]:
+    """The --kv list: entries split at commas outside options; labels must differ."""
+    from benchmarks.accuracy.policies import split_top_level
+
+    entries = [parse_entry(e) for e in split_top_level(text)]
+    labels = [e.label for e in entries]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"--kv: two entries have the same label ({', '.join(labels)})")
+    return entries
+
+
+def server_args(setting: str | KvEntry, budget: int, context_length: int) -> list[str]:
+    """Server flags for a --kv entry (see KvEntry)."""
+    entry = parse_entry(setting) if isinstance(setting, str) else setting
+    policy = entry.policy
     if policy == "dense":
         policy, budget = "dynsplit", context_length
     flags = ["--load-format", "dummy", "--skip-tokenizer-init", "--disable-radix-cache", "--kv", policy]
     if policy != "full":
         flags += ["--kv-budget", str(budget)]
+    if entry.options:
+        flags += ["--kv-config", json.dumps(entry.options, separators=(",", ":"))]
     return (
         flags
-        + (["--attention-backend", backend] if backend else [])
-        + (["--cuda-graph-backend-decode", graphs] if graphs else [])
+        + (["--attention-backend", entry.backend] if entry.backend else [])
+        + (["--cuda-graph-backend-decode", entry.graphs] if entry.graphs else [])
     )
 
 
-def row_budget(setting: str, budget: int) -> int | None:
+def row_budget(setting: str | KvEntry, budget: int) -> int | None:
     """The budget a result row is labelled with: none for `full` and `dense`, which attend to
     every token (dense's server budget is the whole context, not --kv-budget)."""
-    return None if setting.split(":")[0] in ("full", "dense") else budget
+    entry = parse_entry(setting) if isinstance(setting, str) else setting
+    return None if entry.policy in ("full", "dense") else budget
 
 
 def main(argv=None):
@@ -394,7 +454,8 @@ def main(argv=None):
         help="policies, one server each, in this order (dense: our backend, every request dense); "
         "POLICY:BACKEND picks the attention backend "
         "(dynsplit: the torch backend, dynsplit_flashinfer: the FlashInfer subclass), "
-        "POLICY:BACKEND:breakable (BACKEND may be empty) adds breakable decode CUDA graphs",
+        "POLICY:BACKEND:breakable (BACKEND may be empty) adds breakable decode CUDA graphs; "
+        'LABEL=POLICY{"option": value} gives the policy options (--kv-config) and names its rows LABEL',
     )
     p.add_argument("--kv-budget", type=int, default=4096)
     p.add_argument(
@@ -429,16 +490,16 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     info = run_info()
-    policies = [x.strip() for x in args.kv.split(",") if x.strip()]
+    entries = parse_entries(args.kv)
     if args.smoke:
-        policies = [p for p in policies if ":" not in p]  # no FlashInfer on the CPU
+        entries = [e for e in entries if e.on_cpu]
         from dynsplit_sglang.default_model import tiny_model_path
 
         model, device_args = str(tiny_model_path()), cpu_args(4096)
         settings, new_tokens, budget = [Setting(512, 2), Setting(1024, None)], 16, 128
         args.profile = args.profile or "512x2"
     elif args.cpu:
-        policies = [p for p in policies if ":" not in p]  # no FlashInfer on the CPU
+        entries = [e for e in entries if e.on_cpu]
         from dynsplit_sglang.default_model import smollm2_path
 
         model, device_args = args.model_path or str(smollm2_path()), cpu_args(args.max_total_tokens or 32768)
@@ -463,12 +524,13 @@ def main(argv=None):
     on_gpu = not (args.smoke or args.cpu)
 
     rows, batches, profiles = [], {}, []
-    for policy in policies:
-        log = os.path.join(log_dir, f"{policy.replace(':', '_')}.log")
+    for entry in entries:
+        policy = entry.label
+        log = os.path.join(log_dir, re.sub(r"[^\w.-]+", "_", policy) + ".log")
         print(f"[{policy}] starting the server (log: {log})", flush=True)
-        extra = server_args(policy, budget, config.get("text_config", config)["max_position_embeddings"])
+        extra = server_args(entry, budget, config.get("text_config", config)["max_position_embeddings"])
         extra += args.server_args.split()
-        if not on_gpu and policy == "full":
+        if not on_gpu and entry.policy == "full":
             extra += ["--attention-backend", "torch_native"]  # SGLang's CPU attention
         with start_server(model, *extra, device_args=device_args, timeout=1800, log_path=log) as (url, proc):
             memory = server_memory(url)
@@ -483,7 +545,7 @@ def main(argv=None):
                     measured = run_setting(url, s.context, batch, new_tokens, vocab, seed=1 + i)
                 row = {
                     "policy": policy,
-                    "budget": row_budget(policy, budget),
+                    "budget": row_budget(entry, budget),
                     "context": s.context,
                     "batch": batch,
                     "new_tokens": new_tokens,
@@ -497,9 +559,9 @@ def main(argv=None):
                     f"peak {row['peak_memory_gib']} GiB",
                     flush=True,
                 )
-            if profile is not None and not policy.startswith("full"):  # full runs SGLang's own backend: no labels
+            if profile is not None and entry.policy != "full":  # full runs SGLang's own backend: no labels
                 print(f"[{policy}] profiling decode steps of {profile.context} x {profile.batch} ...", flush=True)
-                trace_dir = os.path.join(log_dir, f"trace_{policy.replace(':', '_')}")
+                trace_dir = os.path.join(log_dir, "trace_" + re.sub(r"[^\w.-]+", "_", policy))
                 breakdown = profile_setting(url, profile.context, profile.batch, vocab, 99, trace_dir)
                 profiles.append({"policy": policy, "context": profile.context, "batch": profile.batch, **breakdown})
                 print(f"[{policy}]   {breakdown}", flush=True)

@@ -97,6 +97,22 @@ def test_ranking_orders_by_mean_accuracy_and_counts_prompts_won_against_the_defa
     assert '| 1 | C8 | `{"block_size":8}` |' in table and "(defaults)" in table
 
 
+def test_speed_runs_serve_bench_with_full_and_the_defaults_and_joins_the_ranking(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(
+        sweep.subprocess, "run", lambda argv, check: calls.append(argv) or sweep.subprocess.CompletedProcess(argv, 0)
+    )
+    sweep.run_speed([("C8", {"block_size": 8})], str(tmp_path / "s.json.gz"), None)
+    argv = calls[0]
+    assert argv[1:3] == ["-m", "benchmarks.serve_bench"] and "7048x4" in argv
+    assert argv[argv.index("--kv") + 1] == 'full,dynsplit,C8=dynsplit{"block_size":8}'
+    assert argv[argv.index("--out") + 1] == str(tmp_path / "s_speed.json")
+    rows = [{"label": "dynsplit", "accuracy": {"0.25": 0.5}}, {"label": "C8", "accuracy": {"0.25": 0.6}}]
+    speed = {"rows": [{"policy": "dynsplit", "decode_step_ms": 100.0}, {"policy": "C8", "decode_step_ms": 125.0}]}
+    sweep.add_speed(rows, speed)
+    assert rows[1]["speed_vs_defaults"] == 0.8 and rows[0]["speed_vs_defaults"] == 1.0
+
+
 def test_validation_compares_each_candidate_with_equally_fine_fixed_splits_and_quest():
     kv = sweep.validation_kv([("C8-d2", {"block_size": 8, "delta": 2}), ("d2", {"delta": 2})])
     entries = kv.split(",")

@@ -96,3 +96,26 @@ def test_server_flags_per_kv_entry():
     # rows label dense and full without --kv-budget: both attend to every token
     assert serve_bench.row_budget("dense", 2048) is None and serve_bench.row_budget("full", 2048) is None
     assert serve_bench.row_budget("dynsplit:dynsplit_flashinfer", 2048) == 2048
+
+
+def test_kv_entries_with_options_and_labels():
+    entries = serve_bench.parse_entries('full,C8=dynsplit{"block_size": 8, "delta": 2},dense,quest{"page_size":8}:x')
+    assert [e.label for e in entries] == ["full", "C8", "dense", 'quest{"page_size":8}:x']
+    c8 = entries[1]
+    assert (c8.policy, c8.options, c8.on_cpu) == ("dynsplit", {"block_size": 8, "delta": 2}, True)
+    assert serve_bench.server_args(c8, 1024, 8192)[-4:] == [
+        "--kv-budget",
+        "1024",
+        "--kv-config",
+        '{"block_size":8,"delta":2}',
+    ]
+    assert (entries[3].backend, entries[3].on_cpu) == ("x", False)  # a backend: not a CPU entry
+    for bad, why in (
+        ('full{"a": 1}', "full takes no options"),
+        ("C8=dynsplit{1}", "options"),
+        ("dynsplit,dynsplit", "same label"),
+        ("=dynsplit", "empty label"),
+        ("x={}", "names no policy"),
+    ):
+        with pytest.raises(SystemExit, match=why):
+            serve_bench.parse_entries(bad)

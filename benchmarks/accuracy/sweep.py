@@ -4,6 +4,7 @@
     python -m benchmarks.accuracy.sweep --grid "block_size=8,16 delta=2,4" --seeds 1000-1004
     python -m benchmarks.accuracy.sweep --rank          # the ranking of the saved sweep at --out
     python -m benchmarks.accuracy.sweep --validate C8-d2-la4    # fresh prompts: the suite's seeds 0-29, 2k-8k
+    python -m benchmarks.accuracy.sweep --speed         # decode speed of every configuration (4 x 7k, serve_bench)
     python -m benchmarks.accuracy.sweep --quick         # pipeline check on the tiny random model
 
 A sweep is one run of the accuracy suite (`python -m benchmarks.accuracy`) in which every
@@ -23,7 +24,10 @@ on which it beats or loses to the defaults (summed over budgets and lengths) wit
 that split, and the tokens every decode step keeps whatever the scores (`always_kept`: sink, the
 open block tail and the recent window; the part of a small budget that no selection can spend).
 `--validate LABEL,...` then runs the suite on its own seeds with each candidate against the
-defaults, `dynsplit-fixed` of the same block size and Quest with pages of that size.
+defaults, `dynsplit-fixed` of the same block size and Quest with pages of that size. `--speed`
+measures what each configuration costs: the speed benchmark's 4 x 7k load (`serve_bench --cpu`,
+one server per configuration, `full` and the defaults in the same run); once that result exists
+(`<out>_speed.json`) the ranking shows each configuration's decode speed against the defaults.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import itertools
 import json
 import os
 import shlex
+import subprocess
 import sys
 
 from benchmarks.accuracy.run import find_result, load_result, run_base, write_result
@@ -60,6 +65,9 @@ SHORT = {
 }
 LAYER_SETS = ("middle", "all", "last_half")
 QUICK_GRID = "block_size=8,16 delta=2,4"
+# the speed benchmark's CPU load (README: 4 requests of 7k tokens, budget 1024)
+SPEED_ARGS = ("--cpu", "--kv-budget", "1024", "--settings", "7048x4", "--new-tokens", "48")
+SPEED_ARGS += ("--max-total-tokens", "65536", "--compare", "dynsplit")
 
 
 def parse_grid(text: str) -> list[dict]:
@@ -184,16 +192,31 @@ def rank(result: dict, reference: str = "dynsplit") -> list[dict]:
     return rows
 
 
+def add_speed(rows: list[dict], speed: dict, reference: str = "dynsplit") -> None:
+    """Each ranking row gets its decode step time from a `--speed` result (serve_bench JSON) and its
+    speed against the defaults (> 1: faster)."""
+    steps = {r["policy"]: r["decode_step_ms"] for r in speed["rows"] if r["decode_step_ms"]}
+    for r in rows:
+        r["decode_step_ms"] = steps.get(r["label"])
+        base = steps.get(reference)
+        r["speed_vs_defaults"] = round(base / r["decode_step_ms"], 3) if base and r["decode_step_ms"] else None
+
+
 def ranking_markdown(rows: list[dict], reference: str = "dynsplit") -> str:
     budgets = list(rows[0]["accuracy"]) if rows else []
+    speed = any(r.get("decode_step_ms") for r in rows)
     lines = [
         f"**configurations ranked by mean accuracy over budgets** (wins / losses: prompts on which it "
         f"scores higher / lower than `{reference}`, the shipped defaults; two-sided sign test)",
         "",
         "| rank | label | options | kept | "
         + " | ".join(f"budget {float(b):g}" for b in budgets)
-        + " | mean | vs defaults | wins / losses | p |",
-        "| ---: | --- | --- | ---: |" + " ---: |" * len(budgets) + " ---: | ---: | --- | ---: |",
+        + " | mean | vs defaults | wins / losses | p |"
+        + (" step ms | speed vs defaults |" if speed else ""),
+        "| ---: | --- | --- | ---: |"
+        + " ---: |" * len(budgets)
+        + " ---: | ---: | --- | ---: |"
+        + (" ---: | ---: |" if speed else ""),
     ]
     for r in rows:
         options = json.dumps(r["config"], separators=(",", ":")) if r["config"] else "(defaults)"
@@ -204,6 +227,7 @@ def ranking_markdown(rows: list[dict], reference: str = "dynsplit") -> str:
             f"| {r['rank']} | {r['label']} | `{options}` | {r['always_kept']} | "
             + " | ".join(f"{r['accuracy'].get(b, float('nan')):.3f}" for b in budgets)
             + f" | {r['mean']:.3f} | {vs} | {duel} | {p} |"
+            + (f" {r.get('decode_step_ms') or '-'} | {r.get('speed_vs_defaults') or '-'} |" if speed else "")
         )
     return "\n".join(lines)
 
@@ -243,6 +267,9 @@ def plot_ranking(rows: list[dict], path: str, title: str, full: float | None, re
 
 def finish(result: dict, out: str, reference: str = "dynsplit") -> list[dict]:
     rows = rank(result, reference)
+    if os.path.exists(speed := run_base(out) + "_speed.json"):
+        with open(speed) as f:
+            add_speed(rows, json.load(f), reference)
     result["ranking"] = rows
     write_result(result, out)
     lengths = ",".join(str(n) for n in result["settings"]["lengths"])
@@ -278,6 +305,18 @@ def validation_kv(candidates: list[tuple[str, dict]]) -> str:
     return ",".join(entries)
 
 
+def run_speed(candidates: list[tuple[str, dict]], out: str, model: str | None) -> int:
+    """serve_bench on the speed benchmark's CPU load, one server per configuration (see SPEED_ARGS)."""
+    from dynsplit_sglang.default_model import model_path
+
+    kv = ",".join(["full", "dynsplit"] + [f"{n}=dynsplit{json.dumps(c, separators=(',', ':'))}" for n, c in candidates])
+    argv = ["-m", "benchmarks.serve_bench", *SPEED_ARGS, "--kv", kv, "--out", run_base(out) + "_speed.json"]
+    if model:
+        argv += ["--model-path", str(model_path(model))]
+    print("sweep:", shlex.join(["python", *argv]), flush=True)
+    return subprocess.run([sys.executable, *argv], check=True).returncode
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy.sweep", description=__doc__.splitlines()[0])
     p.add_argument("--grid", action="append", help="OPTION=v1,v2 ... (repeatable; default: the grids of DEFAULT_GRIDS)")
@@ -296,6 +335,14 @@ def parse_args(argv):
     )
     p.add_argument("--validation-lengths", default="2048,4096,8192")
     p.add_argument("--validation-samples", type=int, default=30)
+    p.add_argument(
+        "--speed",
+        nargs="?",
+        const="all",
+        metavar="LABEL,...",
+        help="decode speed of the saved sweep's configurations (all, or these) on the speed benchmark's "
+        "4 x 7k load, with full and the defaults: python -m benchmarks.serve_bench, written to <out>_speed.json",
+    )
     p.add_argument("--quick", action="store_true", help="tiny random model, 512 tokens, 1 seed, 2 tasks, a small grid")
     return p.parse_args(argv)
 
@@ -306,18 +353,24 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     out = args.out or os.path.join(RESULTS, "sweep_dynsplit" + ("_quick" if args.quick else "") + ".json.gz")
-    if args.rank or args.validate:
+    if args.rank or args.validate or args.speed:
         if (saved := find_result(out)) is None:
             raise SystemExit(f"python -m benchmarks.accuracy.sweep: error: no saved sweep at {out}; run it first")
         result = load_result(saved)
         if args.rank:
             return finish(result, out)
         configs = {p["label"]: p["config"] for p in result["settings"]["policies"] if p["kv"] == "dynsplit"}
-        chosen = [x.strip() for x in args.validate.split(",") if x.strip()]
+        flag, names = ("--speed", args.speed) if args.speed else ("--validate", args.validate)
+        chosen = [x for x in configs if x != "dynsplit"] if names == "all" else [x.strip() for x in names.split(",")]
         missing = [x for x in chosen if x not in configs]
-        if missing:
+        if missing or not chosen:
             known = ", ".join(configs)
-            raise SystemExit(f"--validate: {', '.join(missing)} not in the sweep at {out}; its labels: {known}")
+            raise SystemExit(
+                f"{flag}: {', '.join(missing) or 'nothing'} not in the sweep at {out}; its labels: {known}"
+            )
+        if args.speed:
+            run_speed([(x, configs[x]) for x in chosen if x != "dynsplit"], out, args.model)
+            return finish(result, out)  # the ranking again, now with each configuration's speed
         validation = run_base(out) + "_validation.json.gz"
         return suite.main(
             [
