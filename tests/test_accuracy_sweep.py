@@ -122,15 +122,16 @@ def test_validation_compares_each_candidate_with_equally_fine_fixed_splits_and_q
     assert "quest-16" not in kv  # C=16 is the defaults' own size: quest and dynsplit-fixed already
 
 
+def _sweep(*args: str) -> subprocess.CompletedProcess:
+    """`python -m benchmarks.accuracy.sweep ARGS` in a child process (the engine spawns workers)."""
+    cmd = [sys.executable, "-m", "benchmarks.accuracy.sweep", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
 @pytest.mark.server
 def test_quick_sweep_end_to_end(tmp_path, tiny_model):
     out = tmp_path / "sweep.json.gz"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.accuracy.sweep", "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = _sweep("--quick", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = load_result(str(out))
     labels = [p["label"] for p in result["settings"]["policies"]]
@@ -140,17 +141,7 @@ def test_quick_sweep_end_to_end(tmp_path, tiny_model):
     assert len(result["samples"]) == 2 * (1 + 4)  # 2 prompts x (full + 4 configurations at one budget)
     assert (tmp_path / "sweep_ranking.png").read_bytes()[:4] == b"\x89PNG"
     assert "| rank | label |" in proc.stdout
-    ranked = subprocess.run(
-        [sys.executable, "-m", "benchmarks.accuracy.sweep", "--rank", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    ranked = _sweep("--rank", "--out", str(out))
     assert ranked.returncode == 0 and "| rank | label |" in ranked.stdout
-    missing = subprocess.run(
-        [sys.executable, "-m", "benchmarks.accuracy.sweep", "--validate", "C99", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    missing = _sweep("--validate", "C99", "--out", str(out))
     assert missing.returncode != 0 and "C99 not in the sweep" in missing.stderr
