@@ -122,6 +122,26 @@ def test_validation_compares_each_candidate_with_equally_fine_fixed_splits_and_q
     assert "quest-16" not in kv  # C=16 is the defaults' own size: quest and dynsplit-fixed already
 
 
+def test_validate_runs_the_suite_on_its_own_seeds_with_the_saved_configurations(monkeypatch, tmp_path):
+    from benchmarks.accuracy import __main__ as suite
+    from benchmarks.accuracy.run import write_result
+
+    policies = [
+        {"label": "dynsplit", "kv": "dynsplit", "config": {}},
+        {"label": "C8", "kv": "dynsplit", "config": {"block_size": 8}},
+    ]
+    write_result({"settings": {"policies": policies}}, str(tmp_path / "s.json.gz"))
+    calls = []
+    monkeypatch.setattr(suite, "main", lambda argv: calls.append(argv))
+    sweep.main(["--validate", "C8", "--out", str(tmp_path / "s.json.gz")])
+    argv = calls[0]
+    value = dict(zip(argv[::2], argv[1::2]))
+    assert value["--kv"] == sweep.validation_kv([("C8", {"block_size": 8})])
+    assert (value["--lengths"], value["--samples"], value["--paired-with"]) == ("2048,4096,8192", "30", "C8")
+    assert value["--tasks"] == sweep.DEFAULT_TASKS and "--seeds" not in value  # the suite's own seeds 0-29
+    assert value["--out"] == str(tmp_path / "s_validation.json.gz")
+
+
 def _sweep(*args: str) -> subprocess.CompletedProcess:
     """`python -m benchmarks.accuracy.sweep ARGS` in a child process (the engine spawns workers)."""
     cmd = [sys.executable, "-m", "benchmarks.accuracy.sweep", *args]

@@ -4,6 +4,7 @@
     python -m benchmarks.accuracy.sweep --grid "block_size=8,16 delta=2,4" --seeds 1000-1004
     python -m benchmarks.accuracy.sweep --rank          # the ranking of the saved sweep at --out
     python -m benchmarks.accuracy.sweep --validate C8-d2-la4    # fresh prompts: the suite's seeds 0-29, 2k-8k
+    python -m benchmarks.accuracy.sweep --validate C8-d2-la4 --tasks all         # ... on every task
     python -m benchmarks.accuracy.sweep --speed         # decode speed of every configuration (4 x 7k, serve_bench)
     python -m benchmarks.accuracy.sweep --quick         # pipeline check on the tiny random model
 
@@ -330,7 +331,7 @@ def parse_args(argv):
     p.add_argument(
         "--validate",
         metavar="LABEL,...",
-        help="run the suite on its own seeds (--validation-samples, 2k-8k, every task) with these "
+        help="run the suite on its own seeds (--validation-samples, 2k-8k, the --tasks) with these "
         "configurations of the saved sweep against the defaults, dynsplit-fixed and Quest of the same block size",
     )
     p.add_argument("--validation-lengths", default="2048,4096,8192")
@@ -383,7 +384,7 @@ def main(argv=None):
                 "--budgets",
                 args.budgets,
                 "--tasks",
-                "all",
+                args.tasks,
                 "--paired-with",
                 chosen[0],
                 "--out",
