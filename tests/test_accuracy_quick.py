@@ -205,3 +205,13 @@ def test_answer_cut_and_summary_row():
     two = blocks.summary_row("dynsplit", prompts, seen, steps=2)  # b's second step keeps nothing
     assert two["whole answer"] == pytest.approx(4 / 12) and two["whole answer by layer"] == "51"
     assert "answer kept" not in blocks.summary_row("dynsplit", prompts, seen, steps=0)
+
+
+def test_split_rule_variants_show_in_the_policy_table_unless_the_whole_ablation_ran():
+    from benchmarks.accuracy.__main__ import views
+    from benchmarks.accuracy.policies import ABLATION
+
+    alone = views(["full", "dynsplit", "quest", "dynsplit-fixed"], "family")
+    assert alone == [("", ["full", "dynsplit", "quest", "dynsplit-fixed"], "family")]
+    both = views([*ABLATION, "quest"], "family")
+    assert both[0][1] == ["full", "dynsplit", "quest"] and both[1] == ("_split_rule", list(ABLATION), "scenario")

@@ -281,13 +281,14 @@ def main(argv=None):
 
 def views(labels: list[str], group: str) -> list[tuple[str, list[str], str]]:
     """The tables of a run: (plot file suffix, policy labels in it, grouping). A run grouped by
-    family shows its policies, and the split-rule ablation per scenario if all its rows ran."""
+    family shows its policies, and the split-rule ablation per scenario if all its rows ran (then
+    the split-rule variants appear there only; a run without the whole ablation keeps them in the
+    policy table, where they are the only place they show)."""
     if group == "scenario":
         return [("", labels, group)]
-    out = [("", [p for p in labels if p not in VARIANTS], group)]
-    if all(p in labels for p in ABLATION):
-        out.append(("_split_rule", list(ABLATION), "scenario"))
-    return out
+    if not all(p in labels for p in ABLATION):
+        return [("", labels, group)]
+    return [("", [p for p in labels if p not in VARIANTS], group), ("_split_rule", list(ABLATION), "scenario")]
 
 
 def progress(
