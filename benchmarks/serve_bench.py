@@ -491,15 +491,15 @@ def main(argv=None):
 
     info = run_info()
     entries = parse_entries(args.kv)
-    if args.smoke:
+    if args.smoke or args.cpu:
         entries = [e for e in entries if e.on_cpu]
+    if args.smoke:
         from dynsplit_sglang.default_model import tiny_model_path
 
         model, device_args = str(tiny_model_path()), cpu_args(4096)
         settings, new_tokens, budget = [Setting(512, 2), Setting(1024, None)], 16, 128
         args.profile = args.profile or "512x2"
     elif args.cpu:
-        entries = [e for e in entries if e.on_cpu]
         from dynsplit_sglang.default_model import smollm2_path
 
         model, device_args = args.model_path or str(smollm2_path()), cpu_args(args.max_total_tokens or 32768)
@@ -526,7 +526,8 @@ def main(argv=None):
     rows, batches, profiles = [], {}, []
     for entry in entries:
         policy = entry.label
-        log = os.path.join(log_dir, re.sub(r"[^\w.-]+", "_", policy) + ".log")
+        file_name = re.sub(r"[^\w.-]+", "_", policy)  # a label may hold JSON options
+        log = os.path.join(log_dir, file_name + ".log")
         print(f"[{policy}] starting the server (log: {log})", flush=True)
         extra = server_args(entry, budget, config.get("text_config", config)["max_position_embeddings"])
         extra += args.server_args.split()
@@ -561,7 +562,7 @@ def main(argv=None):
                 )
             if profile is not None and entry.policy != "full":  # full runs SGLang's own backend: no labels
                 print(f"[{policy}] profiling decode steps of {profile.context} x {profile.batch} ...", flush=True)
-                trace_dir = os.path.join(log_dir, "trace_" + re.sub(r"[^\w.-]+", "_", policy))
+                trace_dir = os.path.join(log_dir, "trace_" + file_name)
                 breakdown = profile_setting(url, profile.context, profile.batch, vocab, 99, trace_dir)
                 profiles.append({"policy": policy, "context": profile.context, "batch": profile.batch, **breakdown})
                 print(f"[{policy}]   {breakdown}", flush=True)

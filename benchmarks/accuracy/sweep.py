@@ -71,6 +71,11 @@ SPEED_ARGS = ("--cpu", "--kv-budget", "1024", "--settings", "7048x4", "--new-tok
 SPEED_ARGS += ("--max-total-tokens", "65536", "--compare", "dynsplit")
 
 
+def compact(config: dict) -> str:
+    """A configuration as the JSON a --kv entry carries (no spaces: one shell word)."""
+    return json.dumps(config, separators=(",", ":"))
+
+
 def parse_grid(text: str) -> list[dict]:
     """One `--grid`: every combination of its values, as option dicts (names as written)."""
     axes = []
@@ -220,7 +225,7 @@ def ranking_markdown(rows: list[dict], reference: str = "dynsplit") -> str:
         + (" ---: | ---: |" if speed else ""),
     ]
     for r in rows:
-        options = json.dumps(r["config"], separators=(",", ":")) if r["config"] else "(defaults)"
+        options = compact(r["config"]) if r["config"] else "(defaults)"
         vs = "" if r["vs_defaults"] is None or r["label"] == reference else f"{r['vs_defaults']:+.3f}"
         duel = "" if r["label"] == reference else f"{r['wins']} / {r['losses']}"
         p = "" if r["label"] == reference else f"{r['p']:.2g}"
@@ -296,12 +301,12 @@ def validation_kv(candidates: list[tuple[str, dict]]) -> str:
     entries = ["full", "dynsplit", "dynsplit-fixed", "quest"]
     sizes = {DynSplitOptions().block_size}
     for name, config in candidates:
-        entries.append(f"{name}=dynsplit:{json.dumps(config, separators=(',', ':'))}")
+        entries.append(f"{name}=dynsplit:{compact(config)}")
         size = config.get("block_size", DynSplitOptions().block_size)
         if size not in sizes:
             sizes.add(size)
             fixed = {"split": "fixed_interval", "block_size": size}
-            entries.append(f"dynsplit-fixed-C{size}=dynsplit:{json.dumps(fixed, separators=(',', ':'))}")
+            entries.append(f"dynsplit-fixed-C{size}=dynsplit:{compact(fixed)}")
             entries.append(f"quest-{size}=quest:{json.dumps({'page_size': size})}")
     return ",".join(entries)
 
@@ -310,7 +315,7 @@ def run_speed(candidates: list[tuple[str, dict]], out: str, model: str | None) -
     """serve_bench on the speed benchmark's CPU load, one server per configuration (see SPEED_ARGS)."""
     from dynsplit_sglang.default_model import model_path
 
-    kv = ",".join(["full", "dynsplit"] + [f"{n}=dynsplit{json.dumps(c, separators=(',', ':'))}" for n, c in candidates])
+    kv = ",".join(["full", "dynsplit"] + [f"{n}=dynsplit{compact(c)}" for n, c in candidates])
     argv = ["-m", "benchmarks.serve_bench", *SPEED_ARGS, "--kv", kv, "--out", run_base(out) + "_speed.json"]
     if model:
         argv += ["--model-path", str(model_path(model))]
@@ -400,10 +405,10 @@ def main(argv=None):
     with open(os.path.join(model, "config.json")) as f:
         hf_config = json.load(f)
     hf_config = hf_config.get("text_config", hf_config)
-    layers = len(compressed_layers(hf_config, hf_config["num_hidden_layers"]))
+    layers = len(compressed_layers(hf_config))
     grids = [QUICK_GRID] if args.quick and not args.grid else (args.grid or list(DEFAULT_GRIDS))
     configs = configurations(grids, layers)
-    kv = ["full", "dynsplit"] + [f"{name}=dynsplit:{json.dumps(c, separators=(',', ':'))}" for name, c in configs]
+    kv = ["full", "dynsplit"] + [f"{name}=dynsplit:{compact(c)}" for name, c in configs]
     print(f"sweep: {len(configs)} configurations besides the defaults", flush=True)
     suite_argv = ["--kv", ",".join(kv), "--budgets", args.budgets, "--out", out]
     if args.quick:
