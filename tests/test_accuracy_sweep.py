@@ -117,8 +117,8 @@ def test_validation_compares_each_candidate_with_equally_fine_fixed_splits_and_q
     kv = sweep.validation_kv([("C8-d2", {"block_size": 8, "delta": 2}), ("d2", {"delta": 2})])
     entries = kv.split(",")
     assert entries[:4] == ["full", "dynsplit", "dynsplit-fixed", "quest"]  # the shipped defaults' rows
-    assert 'quest-8=quest:{"page_size": 8}' in kv
-    assert 'dynsplit-fixed-C8=dynsplit:{"split":"fixed_interval","block_size":8}' in kv
+    assert 'quest-8=quest{"page_size":8}' in kv
+    assert 'dynsplit-fixed-C8=dynsplit{"split":"fixed_interval","block_size":8}' in kv
     assert "quest-16" not in kv  # C=16 is the defaults' own size: quest and dynsplit-fixed already
 
 
@@ -140,6 +140,9 @@ def test_validate_runs_the_suite_on_its_own_seeds_with_the_saved_configurations(
     assert (value["--lengths"], value["--samples"], value["--paired-with"]) == ("2048,4096,8192", "30", "C8")
     assert value["--tasks"] == sweep.DEFAULT_TASKS and "--seeds" not in value  # the suite's own seeds 0-29
     assert value["--out"] == str(tmp_path / "s_validation.json.gz")
+    with pytest.raises(SystemExit, match="dynsplit is the shipped defaults"):  # not a duplicate-label error
+        sweep.main(["--validate", "dynsplit,C8", "--out", str(tmp_path / "s.json.gz")])
+    assert len(calls) == 1
 
 
 def _sweep(*args: str) -> subprocess.CompletedProcess:

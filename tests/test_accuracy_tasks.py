@@ -135,7 +135,10 @@ def test_parse_policies_and_budgets():
     assert ps[2].config == {"alpha": 2.0, "block_size": 32, "delta": 8}
     assert ps[3].config == {"alpha": 2.0, "split": "fixed_interval"}
     assert parse_policies('dynsplit:{"delta": 2}')[0].label == 'dynsplit:{"delta":2}'
-    for bad in ["full,full", 'full:{"a": 1}', "dynsplit:{oops}"]:
+    # serve_bench's form (no colon before the options) means the same
+    assert parse_policies('big=dynsplit{"block_size": 32, "delta": 8}', {"alpha": 2.0})[0] == ps[2]
+    assert parse_policies('dynsplit{"delta": 2}')[0] == parse_policies('dynsplit:{"delta": 2}')[0]
+    for bad in ["full,full", 'full:{"a": 1}', 'full{"a": 1}', "dynsplit:{oops}", '{"a": 1}']:
         with pytest.raises(ValueError):
             parse_policies(bad)
     assert {p.config.get("split") for p in VARIANTS.values()} == {"fixed_interval", "punctuation", "dd_select"}

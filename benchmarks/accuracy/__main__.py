@@ -49,7 +49,7 @@ def parse_args(argv):
     p.add_argument(
         "--kv",
         default=None,
-        help="comma-separated policies: NAME, NAME:{json options}, LABEL=NAME:{...}, "
+        help="comma-separated policies: NAME, NAME{json options}, LABEL=NAME{...} (NAME:{...} too), "
         "or a split-rule variant (dynsplit-fixed, dynsplit-punct, dynsplit-type); default: every policy and split rule",
     )
     p.add_argument(

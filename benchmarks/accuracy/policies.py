@@ -3,8 +3,9 @@
 `--kv` takes a comma-separated list; each entry is one of
 
     full | dynsplit | quest | ...      a `--kv` policy with its defaults
-    POLICY:{"key": value, ...}         that policy with options (passed as `kv_config`)
-    LABEL=POLICY:{...}                 the same, named LABEL in tables and plots
+    POLICY{"key": value, ...}          that policy with options (passed as `kv_config`), as
+                                       in serve_bench's --kv; POLICY:{...} means the same
+    LABEL=POLICY{...}                  the same, named LABEL in tables and plots
     dynsplit-fixed | dynsplit-punct | dynsplit-type
                                        the split-rule ablation variants (`VARIANTS`; `dynsplit`
                                        itself is DD-Select with per-position weighting)
@@ -78,9 +79,12 @@ def parse_policy(entry: str) -> Policy:
     if entry in VARIANTS:
         return VARIANTS[entry]
     label = None
-    if "=" in entry.split(":", 1)[0]:
+    if "=" in entry.split("{", 1)[0].split(":", 1)[0]:
         label, entry = entry.split("=", 1)
-    kv, _, options = entry.partition(":")
+    if "{" in entry:  # POLICY{...} (serve_bench's form) or POLICY:{...}
+        kv, options = entry[: entry.index("{")].removesuffix(":"), entry[entry.index("{") :]
+    else:
+        kv, _, options = entry.partition(":")
     config = parse_json_object(options, f"the options of --kv entry {entry!r}")
     if kv == "full" and config:
         raise ValueError("--kv full takes no options")

@@ -301,13 +301,13 @@ def validation_kv(candidates: list[tuple[str, dict]]) -> str:
     entries = ["full", "dynsplit", "dynsplit-fixed", "quest"]
     sizes = {DynSplitOptions().block_size}
     for name, config in candidates:
-        entries.append(f"{name}=dynsplit:{compact(config)}")
+        entries.append(f"{name}=dynsplit{compact(config)}")
         size = config.get("block_size", DynSplitOptions().block_size)
         if size not in sizes:
             sizes.add(size)
             fixed = {"split": "fixed_interval", "block_size": size}
-            entries.append(f"dynsplit-fixed-C{size}=dynsplit:{compact(fixed)}")
-            entries.append(f"quest-{size}=quest:{json.dumps({'page_size': size})}")
+            entries.append(f"dynsplit-fixed-C{size}=dynsplit{compact(fixed)}")
+            entries.append(f"quest-{size}=quest{compact({'page_size': size})}")
     return ",".join(entries)
 
 
@@ -368,6 +368,11 @@ def main(argv=None):
         configs = {p["label"]: p["config"] for p in result["settings"]["policies"] if p["kv"] == "dynsplit"}
         flag, names = ("--speed", args.speed) if args.speed else ("--validate", args.validate)
         chosen = [x for x in configs if x != "dynsplit"] if names == "all" else [x.strip() for x in names.split(",")]
+        if args.validate and "dynsplit" in chosen:
+            raise SystemExit(
+                "--validate: dynsplit is the shipped defaults, which every validation runs; "
+                "name configurations of the sweep to validate against them"
+            )
         missing = [x for x in chosen if x not in configs]
         if missing or not chosen:
             known = ", ".join(configs)
@@ -408,7 +413,7 @@ def main(argv=None):
     layers = len(compressed_layers(hf_config))
     grids = [QUICK_GRID] if args.quick and not args.grid else (args.grid or list(DEFAULT_GRIDS))
     configs = configurations(grids, layers)
-    kv = ["full", "dynsplit"] + [f"{name}=dynsplit:{compact(c)}" for name, c in configs]
+    kv = ["full", "dynsplit"] + [f"{name}=dynsplit{compact(c)}" for name, c in configs]
     print(f"sweep: {len(configs)} configurations besides the defaults", flush=True)
     suite_argv = ["--kv", ",".join(kv), "--budgets", args.budgets, "--out", out]
     if args.quick:
