@@ -273,3 +273,36 @@ def test_per_head_ranking_keeps_what_one_head_needs():
     mass[:, 0:10] = 0.04  # block 0: a little less than block 1 everywhere
     assert block_order(mass, starts, ends, "sum").tolist()[:2] == [1, 0]
     assert block_order(mass, starts, ends, "per_head").tolist()[:2] == [1, 3]
+
+
+def test_a_follower_reads_the_hit_in_place_and_copies_only_the_moved_blocks():
+    """A member of a PolicySet follows another member's compaction of a request it does not
+    answer: the hit's blocks stay the records its slots own (no copies: 27 variants x 52 requests
+    on one 4k prompt once copied ~20 GB of key bounds), and only the blocks of the private prompt
+    that moved get row-owned copies, returned when the request leaves."""
+    options = DynSplitOptions(evict=True, resident=1.0, split="fixed_interval", block_size=12, delta=0)
+    budget, n, prefix = 64, 200, 150
+    torch.manual_seed(3)
+    keys, queries = window_pattern(n, [5, 90, 150])
+    leader, follower = make_policy(options, budget), make_policy(options, budget)
+    for p in (leader, follower):
+        r = prefill(p, keys, n, budget, queries, evict=True)
+    kept = leader.kept_positions(0, r, prefix)
+    moved = eviction.compacted_positions(kept, prefix, n - kept.shape[-1], n)
+    hit = set(follower.table.slot_record[:prefix].tolist()) - {-1}
+    before = follower.table.records_in_use
+    follower.follow_compaction(0, r, prefix, kept, moved)
+    rows = follower._row_records[0]
+    assert hit and hit <= set(rows.records.tolist())  # read in place
+    assert not hit & set(rows.owned.tolist())
+    assert follower.table.records_in_use <= before  # the copies replace the moved blocks' records
+    # fixed blocks are decided at their last token: the copies are exactly the kept blocks that
+    # end in the private prompt (one straddles the hit's end)
+    private = set(kept[0, 0].tolist())
+    kept_private = [e for e in range(11, n, 12) if e >= prefix and set(range(max(e - 11, prefix), e + 1)) <= private]
+    assert rows.owned.numel() == len(kept_private)
+    stats = follower.stats()
+    assert stats["records_in_use"] == stats["records_owned"]
+    follower.release_rows({0})
+    stats = follower.stats()
+    assert stats["records_in_use"] == stats["records_owned"]

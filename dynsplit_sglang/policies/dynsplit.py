@@ -275,6 +275,22 @@ def closed_up(positions: torch.Tensor, prefix: int, kept: torch.Tensor) -> torch
 
 
 @dataclass(frozen=True)
+class RowRecords:
+    """The blocks a compacted request reads, kept from its prompt (until it leaves its row).
+
+    records:   [nb] int64 record ids in position order: the hit's own (owned by its slots) and
+               copies at closed-up positions of the others.
+    owned:     [k] the copies: no slot owns them; back to the pool when the request leaves.
+    open_from: where blocks closed later start (the open block's first position, closed up).
+    """
+
+    rid: str | None
+    records: torch.Tensor
+    owned: torch.Tensor
+    open_from: int
+
+
+@dataclass(frozen=True)
 class BlockStep:
     """What every layer's selection reads of a decode step's R requests, built once per step.
 
@@ -375,12 +391,11 @@ class DynSplitPolicy(KVPolicy):
         self.queries = PromptQueries(window) if window else None
         self._layer_budgets: dict[int, tuple[str | None, list[int]]] = {}  # row -> (rid, budgets)
         # Eviction. row -> (rid, [n] fp32 attention of the prompt's last queries on each prompt
-        # token), from the prompt's last forward until the backend compacts it; row -> (rid,
-        # records) of a compacted request's blocks that no slot owns any more (its private prompt
-        # moved), returned to the pool when the request leaves the row.
+        # token), from the prompt's last forward until the backend compacts it; row -> RowRecords
+        # of a compacted request's blocks.
         self._window_mass: dict[int, tuple[str | None, torch.Tensor]] = {}
         self._resident: dict[int, tuple[str | None, torch.Tensor]] = {}  # row -> (rid, [n] bool) until compacted
-        self._row_records: dict[int, tuple[str | None, torch.Tensor, int]] = {}  # + where blocks closed later start
+        self._row_records: dict[int, RowRecords] = {}
         self._trace = open(blocks.trace_path, "a", buffering=1) if blocks.trace_path else None
         self._reqs: list[RequestView] = []
         self._is_decode = False
@@ -531,16 +546,16 @@ class DynSplitPolicy(KVPolicy):
         order: those their decision slots own; after a compaction, the resident ones the row
         owns, then those closed since (decided by slots of the open tail or generated tokens)."""
         recs = self.table.blocks_of(row_slots)
-        rid, kept, open_from = self._row_records.get(r.row, (None, None, 0))
-        if kept is None or rid != r.rid:
+        kept = self._row_records.get(r.row)
+        if kept is None or kept.rid != r.rid:
             return recs
-        return torch.cat([kept, recs[self.table.rec_start[recs] >= open_from]])
+        return torch.cat([kept.records, recs[self.table.rec_start[recs] >= kept.open_from]])
 
     def _row_open_from(self, r: RequestView) -> int:
         """Where a compacted request's open block started (0 if it is not compacted). Read in
         place, its last resident block may end before that: the blocks between are not resident."""
-        rid, kept, open_from = self._row_records.get(r.row, (None, None, 0))
-        return open_from if kept is not None and rid == r.rid else 0
+        kept = self._row_records.get(r.row)
+        return kept.open_from if kept is not None and kept.rid == r.rid else 0
 
     def _open_start(self, r: RequestView, recs: torch.Tensor) -> int:
         """First position of request r's open block, after its closed blocks recs (`_blocks_of`)."""
@@ -691,16 +706,17 @@ class DynSplitPolicy(KVPolicy):
 
     def compacted(self, req_index, r, prefix, kept, moved):
         """kept, moved: [L, KvH, K], the same for every layer and head (private positions before
-        and after). The resident blocks get row-owned copies of their records at their new
-        positions, the hit's ones too: from now on the request reads those, and the blocks it
-        closes later, not what slots own in its hit (the non-resident blocks of the hit stay in
-        the tree for others, unread by this request)."""
+        and after). From now on the request reads its resident blocks (RowRecords) and the blocks
+        it closes later, not every block its slots own (the non-resident blocks of the hit stay
+        in the tree for others, unread by this request)."""
         _, resident = self._resident.pop(r.row)
         self._take_blocks(r, prefix, kept[0, 0], moved[0, 0], resident)
 
     def follow_compaction(self, req_index, r, prefix, kept, moved):
         """Another policy of a PolicySet compacted the request (a decode-time one: its tokens are
-        the same for every layer and head): this one keeps its blocks that stayed whole."""
+        the same for every layer and head): this one keeps its blocks that stayed whole. The
+        whole hit stays, read in place (no copies: with many variants and requests sharing one
+        prompt, copying every member's hit records per request filled the host memory)."""
         held = torch.zeros(r.prompt_end, dtype=torch.bool, device=kept.device)
         held[:prefix] = True
         held[kept[0, 0]] = True
@@ -711,7 +727,10 @@ class DynSplitPolicy(KVPolicy):
         prompt positions the request keeps. The moved tokens' slot-keyed state (DD rows,
         candidate flags, token ids) moves with them into [new[0], n); the records the overwritten
         slots own are freed (no other request holds those slots); a record a slot in
-        [prefix, new[0]) owns stays as it is (that KV goes to the radix tree untouched)."""
+        [prefix, new[0]) owns stays as it is (that KV goes to the radix tree untouched).
+        The kept blocks that a slot of the hit owns are read in place (their positions do not
+        move, and the hit stays locked while the request runs); the other kept blocks get
+        row-owned copies of their records at their closed-up positions."""
         t, row, n = self.table, r.row_slots, r.prompt_end
         t.band[row[new]] = t.band[row[old]]
         t.is_candidate[row[new]] = t.is_candidate[row[old]]
@@ -720,13 +739,17 @@ class DynSplitPolicy(KVPolicy):
         recs = self._blocks_of(r, row[:n])
         starts, ends = t.rec_start[recs], t.rec_end[recs]
         whole = held[starts] & held[ends]  # blocks are kept whole or not at all
-        copies = t.copy_records(recs[whole])
-        t.rec_start[copies] = closed_up(starts[whole], prefix, old)
-        t.rec_end[copies] = closed_up(ends[whole], prefix, old)
+        in_hit = torch.isin(recs, t.slot_record[row[:prefix]])
+        kept = recs[whole]
+        copy = ~in_hit[whole]
+        copies = t.copy_records(kept[copy])
+        t.rec_start[copies] = closed_up(starts[whole][copy], prefix, old)
+        t.rec_end[copies] = closed_up(ends[whole][copy], prefix, old)
+        kept[copy] = copies
         open_from = torch.tensor([t.open_start(recs)], device=old.device)
         open_from = int(closed_up(open_from, prefix, old))
         t.release_slots(row[n - old.numel() : n])
-        self._row_records[r.row] = (r.rid, copies, open_from)
+        self._row_records[r.row] = RowRecords(r.rid, kept, copies, open_from)
 
     # --- slot lifetime ------------------------------------------------------------------------
     def release_slots(self, slots: torch.Tensor) -> None:
@@ -737,7 +760,7 @@ class DynSplitPolicy(KVPolicy):
         forget_rows(self._window_mass, free_rows)
         forget_rows(self._resident, free_rows)
         for row in [row for row in self._row_records if row in free_rows]:
-            self.table.free_records.extend(self._row_records.pop(row)[1].tolist())
+            self.table.free_records.extend(self._row_records.pop(row).owned.tolist())
         if self.queries is not None:
             self.queries.release(free_rows)
 
@@ -759,7 +782,7 @@ class DynSplitPolicy(KVPolicy):
         )
         return {
             "records_in_use": t.records_in_use,
-            "records_owned": t.records_owned() + sum(recs.numel() for _, recs, _ in self._row_records.values()),
+            "records_owned": t.records_owned() + sum(kept.owned.numel() for kept in self._row_records.values()),
             "records_capacity": t.capacity,
             "resident_sets": len(self._resident),
             "window_masses": len(self._window_mass),
