@@ -75,6 +75,15 @@ def save_result(out: str, result: dict, table: str) -> None:
     print(f"wrote {out}")
 
 
+def main_module() -> str:
+    """The module `python -m` ran: `benchmarks.accuracy.head_budgets`, `benchmarks.accuracy` for a
+    package's __main__ (not only the file's name: the subpackages' modules were misnamed)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return spec.name.removesuffix(".__main__")
+    return "benchmarks." + os.path.basename(sys.argv[0]).removesuffix(".py")
+
+
 def run_info() -> dict:
     return {
         "commit": git_commit(),
@@ -85,7 +94,7 @@ def run_info() -> dict:
             for a in [
                 os.path.basename(sys.executable),
                 "-m",
-                "benchmarks." + os.path.basename(sys.argv[0]).removesuffix(".py"),
+                main_module(),
                 *sys.argv[1:],
             ]
         ),

@@ -27,3 +27,19 @@ def test_sharing_moves_blocks_to_the_head_whose_attention_is_spread():
     assert shared_blocks > own_blocks and share == pytest.approx(0.75)
     same = recalls(kept, blocks[1].repeat(2, 1), k=2)  # identical heads: sharing changes nothing
     assert same[0] == pytest.approx(same[1]) and same[2] == pytest.approx(same[3])
+
+
+def test_results_name_the_module_that_ran(monkeypatch):
+    """run_info's command names a subpackage's module in full (it once wrote benchmarks.head_budgets)."""
+    import sys
+    import types
+
+    from benchmarks.common import main_module
+
+    for name, shown in [
+        ("benchmarks.accuracy.head_budgets", None),
+        ("benchmarks.accuracy.__main__", "benchmarks.accuracy"),
+    ]:
+        fake = types.SimpleNamespace(__spec__=types.SimpleNamespace(name=name))
+        monkeypatch.setitem(sys.modules, "__main__", fake)
+        assert main_module() == (shown or name)
